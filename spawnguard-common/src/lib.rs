@@ -1,0 +1,233 @@
+//! Types shared by the eBPF programs and the `spawnguard` binary: map keys and values, events,
+//! kernel offsets. Layout only: the decision logic lives in `spawnguard-ebpf`'s library.
+#![no_std]
+
+/// Most agent types a policy may define (size of the per-type arrays).
+pub const MAX_TYPES: u32 = 64;
+/// Most distinct cgroup levels that type directories may sit at. Each fork looks at each level
+/// once, so this bounds the per-fork cost.
+pub const MAX_TYPE_LEVELS: usize = 4;
+/// Bytes kept of a type's name in the kernel (names are validated against this).
+pub const TYPE_NAME_LEN: usize = 32;
+pub const TASK_COMM_LEN: usize = 16;
+
+/// Map names, shared so the loader and `status` never disagree with the programs.
+pub mod maps {
+    pub const TYPE_DIRS: &str = "TYPE_DIRS";
+    pub const TYPE_POLICY: &str = "TYPE_POLICY";
+    pub const TYPE_LEVELS: &str = "TYPE_LEVELS";
+    pub const INSTANCES: &str = "INSTANCES";
+    pub const PROCESSES: &str = "PROCESSES";
+    pub const DOOMED: &str = "DOOMED";
+    pub const EVENTS: &str = "EVENTS";
+    pub const TYPE_COUNTERS: &str = "TYPE_COUNTERS";
+    pub const GLOBAL_COUNTERS: &str = "GLOBAL_COUNTERS";
+    pub const ALL: [&str; 9] = [
+        TYPE_DIRS,
+        TYPE_POLICY,
+        TYPE_LEVELS,
+        INSTANCES,
+        PROCESSES,
+        DOOMED,
+        EVENTS,
+        TYPE_COUNTERS,
+        GLOBAL_COUNTERS,
+    ];
+}
+
+/// Default map capacities (the loader may override them).
+pub const MAX_INSTANCES: u32 = 16_384;
+pub const MAX_PROCESSES: u32 = 65_536;
+pub const MAX_DOOMED: u32 = 8_192;
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+pub const MODE_AUDIT: u32 = 0;
+pub const MODE_ENFORCE: u32 = 1;
+
+/// How a denied task is stopped. The `lsm` backend (fork fails with EAGAIN) slots in here.
+pub const BACKEND_KILL: u32 = 1;
+pub const BACKEND_KILL_COMPAT: u32 = 2;
+
+/// Struct member offsets of the running kernel, read from its BTF by the loader and written into
+/// the programs' read-only globals before load. Never hard-coded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    pub task_cgroups: u32,
+    pub task_signal: u32,
+    pub css_set_dfl_cgrp: u32,
+    pub cgroup_level: u32,
+    pub cgroup_kn: u32,
+    /// `cgroup.ancestors[]` (pointers, kernel >= 5.19) or `cgroup.ancestor_ids[]` (u64 ids).
+    pub cgroup_ancestors: u32,
+    /// 1 when `cgroup_ancestors` points at `ancestor_ids[]` (ids, not pointers).
+    pub ancestors_are_ids: u32,
+    pub kernfs_node_id: u32,
+    pub signal_nr_threads: u32,
+    pub _pad: u32,
+}
+
+/// Value of `TYPE_DIRS` (key: cgroup id of a type's directory).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TypeDir {
+    pub type_idx: u32,
+    pub level: u32,
+}
+
+/// Distinct levels of the type directories; element 0 of `TYPE_LEVELS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TypeLevels {
+    pub count: u32,
+    pub levels: [u32; MAX_TYPE_LEVELS],
+}
+
+/// Per-instance budget of one type; element `type_idx` of `TYPE_POLICY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InstanceBudget {
+    pub max_tasks: u64,
+    pub max_threads: u64,
+    /// Nanoseconds per fork-rate token; 0 disables the rate limit.
+    pub rate_interval_ns: u64,
+    pub rate_burst: u64,
+    /// `rate_interval_ns * rate_burst`, precomputed (BPF has no 128-bit multiply).
+    pub rate_window_ns: u64,
+    pub mode: u32,
+    /// 1 when this slot holds a type.
+    pub active: u32,
+    /// NUL-padded type name, so pinned state describes itself.
+    pub name: [u8; TYPE_NAME_LEN],
+}
+
+impl Default for InstanceBudget {
+    fn default() -> Self {
+        Self {
+            max_tasks: 0,
+            max_threads: 0,
+            rate_interval_ns: 0,
+            rate_burst: 0,
+            rate_window_ns: 0,
+            mode: MODE_AUDIT,
+            active: 0,
+            name: [0; TYPE_NAME_LEN],
+        }
+    }
+}
+
+/// Value of `INSTANCES` (key: cgroup id of the instance). Counters are updated with atomics in
+/// place by every CPU; the map is allocated without preallocation so entries are RCU-freed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InstanceState {
+    /// Live tasks: processes + threads.
+    pub tasks: u64,
+    pub processes: u64,
+    /// Live tasks that are not counted as their process (tasks - processes).
+    pub threads: u64,
+    /// GCRA theoretical arrival time of the fork-rate limiter, in `bpf_ktime_get_ns` time.
+    pub rate_tat_ns: u64,
+    pub created_ns: u64,
+    pub type_idx: u32,
+    pub _pad: u32,
+}
+
+/// Value of `PROCESSES` (key: tgid): which instance a counted process is counted in, and how many
+/// of its tasks are live. A process without a record is not counted anywhere.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessRecord {
+    pub instance: u64,
+    pub live: u64,
+}
+
+pub const REASON_MAX_TASKS: u32 = 0;
+pub const REASON_MAX_THREADS: u32 = 1;
+pub const REASON_FORK_RATE: u32 = 2;
+pub const REASONS: usize = 3;
+
+/// Per-CPU counters per type; element `type_idx` of `TYPE_COUNTERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TypeCounters {
+    pub forks_allowed: u64,
+    pub threads_allowed: u64,
+    pub denied: [u64; REASONS],
+    pub audit_denied: [u64; REASONS],
+    pub migrations_in: u64,
+    pub migrations_denied: u64,
+}
+
+/// Per-CPU counters for the whole host; element 0 of `GLOBAL_COUNTERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalCounters {
+    pub events_dropped: u64,
+    /// Fail-open cases: the task was let through uncounted.
+    pub instances_full: u64,
+    pub processes_full: u64,
+    pub doomed_full: u64,
+    pub read_errors: u64,
+    pub rate_contended: u64,
+}
+
+pub const EVENT_DENIED: u32 = 1;
+pub const EVENT_AUDIT_DENIED: u32 = 2;
+pub const EVENT_FAIL_OPEN: u32 = 3;
+
+pub const CAUSE_FORK: u32 = 1;
+pub const CAUSE_THREAD: u32 = 2;
+pub const CAUSE_MIGRATION: u32 = 3;
+
+pub const FAIL_INSTANCES_FULL: u32 = 1;
+pub const FAIL_PROCESSES_FULL: u32 = 2;
+pub const FAIL_DOOMED_FULL: u32 = 3;
+pub const FAIL_READ_ERROR: u32 = 4;
+
+/// One record of the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub ts_ns: u64,
+    pub instance: u64,
+    pub usage: u64,
+    pub limit: u64,
+    pub kind: u32,
+    /// `REASON_*` for denials, `FAIL_*` for fail-open events.
+    pub reason: u32,
+    pub cause: u32,
+    pub type_idx: u32,
+    /// The task that asked (the forking parent, or the migrated process).
+    pub pid: u32,
+    pub tgid: u32,
+    /// The task that was stopped (the new child, or the migrated process).
+    pub target_pid: u32,
+    pub backend: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], Copy, made only of integers, with explicit padding.
+    unsafe impl aya::Pod for KernelOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TypeDir {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TypeLevels {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for InstanceBudget {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for InstanceState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ProcessRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TypeCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for GlobalCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Event {}
+}

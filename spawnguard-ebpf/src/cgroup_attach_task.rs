@@ -1,0 +1,99 @@
+//! A process moved between cgroups (`cgroup.procs` writes, `docker exec`): its count moves with
+//! it. Entering an instance is checked against the budget like a fork; the pids controller
+//! never refuses a migration, spawnguard does.
+
+use aya_ebpf::{bindings::BPF_ANY, macros::btf_tracepoint, programs::BtfTracePointContext};
+use spawnguard_common::{
+    CAUSE_MIGRATION, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL, FAIL_PROCESSES_FULL,
+    FAIL_READ_ERROR, ProcessRecord,
+};
+use spawnguard_ebpf::{admit, process_left};
+
+use crate::{
+    kernel::{self, Cgroup, Task},
+    state::{
+        INSTANCES, PROCESSES, Report, budget, counters, doom, fail_open, instance, needs_doom,
+        now, place, record, stop_process, type_counters,
+    },
+};
+
+/// Fires after the whole thread group (or one thread, in threaded subtrees) has moved. A process
+/// is counted in one instance as a whole.
+#[btf_tracepoint(function = "cgroup_attach_task")]
+pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
+    let dst: Cgroup = ctx.arg(0);
+    let task: Task = ctx.arg(2);
+    let mut report = Report {
+        cause: CAUSE_MIGRATION,
+        type_idx: 0,
+        instance: 0,
+        target_pid: 0,
+    };
+    let Ok((pid, tgid)) = kernel::task_ids(task) else {
+        fail_open(FAIL_READ_ERROR, &report);
+        return 0;
+    };
+    report.target_pid = pid;
+    let target = match place(dst) {
+        Ok(p) => p,
+        Err(_) => {
+            fail_open(FAIL_READ_ERROR, &report);
+            return 0;
+        }
+    };
+    let rec = PROCESSES.get_ptr_mut(&tgid);
+    // SAFETY: live map value, plain copy.
+    let counted = rec.map(|r| unsafe { *r });
+    if counted.map(|r| r.instance) == target.map(|p| p.instance) {
+        return 0;
+    }
+    let live = match counted {
+        Some(r) => r.live,
+        None => match kernel::task_nr_threads(task) {
+            Ok(n) if n > 0 => n as u64,
+            _ => 1,
+        },
+    };
+    if let Some(r) = counted {
+        if let Some(state) = INSTANCES.get_ptr_mut(&r.instance) {
+            process_left(&counters(state), live);
+        }
+        let _ = PROCESSES.remove(&tgid);
+    }
+    let Some(p) = target else {
+        return 0;
+    };
+    report.type_idx = p.type_idx;
+    report.instance = p.instance;
+    let Some(b) = budget(p.type_idx) else {
+        return 0;
+    };
+    let Some(state) = instance(p) else {
+        fail_open(FAIL_INSTANCES_FULL, &report);
+        return 0;
+    };
+    let c = counters(state);
+    let adm = admit(&c, &b, live, live - 1, 1, false, now());
+    if adm.counted {
+        let rec = ProcessRecord {
+            instance: p.instance,
+            live,
+        };
+        if PROCESSES.insert(&tgid, &rec, BPF_ANY as u64).is_err() {
+            process_left(&c, live);
+            fail_open(FAIL_PROCESSES_FULL, &report);
+            return 0;
+        }
+        if let Some(tc) = type_counters(p.type_idx) {
+            tc.migrations_in += 1;
+        }
+    } else if needs_doom(false) && !doom(pid) {
+        fail_open(FAIL_DOOMED_FULL, &report);
+        return 0;
+    }
+    record(&adm, &b, state, &report);
+    if !adm.counted {
+        stop_process(task);
+    }
+    0
+}

@@ -1,0 +1,86 @@
+//! Reading kernel structures at offsets the loader took from the running kernel's BTF.
+
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+use spawnguard_common::KernelOffsets;
+
+/// Written by the loader before load (`EbpfLoader::override_global`); read-only in the kernel.
+#[unsafe(no_mangle)]
+static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+    task_pid: 0,
+    task_tgid: 0,
+    task_cgroups: 0,
+    task_signal: 0,
+    css_set_dfl_cgrp: 0,
+    cgroup_level: 0,
+    cgroup_kn: 0,
+    cgroup_ancestors: 0,
+    ancestors_are_ids: 0,
+    kernfs_node_id: 0,
+    signal_nr_threads: 0,
+    _pad: 0,
+};
+
+#[inline(always)]
+fn offsets() -> KernelOffsets {
+    // SAFETY: a plain read of our own read-only global; volatile so the compiler does not fold
+    // the zero placeholder the loader replaces.
+    unsafe { core::ptr::read_volatile(&raw const KERNEL_OFFSETS) }
+}
+
+pub type Task = *const u8;
+pub type Cgroup = *const u8;
+
+#[inline(always)]
+fn read<T>(base: *const u8, offset: u32) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel copies through the kernel's fault-checked accessor; a bad
+    // address is an error, not a crash.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }
+}
+
+/// (pid, tgid) of a task.
+#[inline(always)]
+pub fn task_ids(task: Task) -> Result<(u32, u32), i32> {
+    let o = offsets();
+    Ok((read::<u32>(task, o.task_pid)?, read::<u32>(task, o.task_tgid)?))
+}
+
+/// The task's cgroup on the cgroup2 hierarchy (`task->cgroups->dfl_cgrp`).
+#[inline(always)]
+pub fn task_cgroup(task: Task) -> Result<Cgroup, i32> {
+    let o = offsets();
+    let css_set = read::<*const u8>(task, o.task_cgroups)?;
+    read::<*const u8>(css_set, o.css_set_dfl_cgrp)
+}
+
+#[inline(always)]
+pub fn task_nr_threads(task: Task) -> Result<u32, i32> {
+    let o = offsets();
+    let signal = read::<*const u8>(task, o.task_signal)?;
+    read::<u32>(signal, o.signal_nr_threads)
+}
+
+#[inline(always)]
+pub fn cgroup_level(cgrp: Cgroup) -> Result<u32, i32> {
+    read::<u32>(cgrp, offsets().cgroup_level)
+}
+
+#[inline(always)]
+pub fn cgroup_id(cgrp: Cgroup) -> Result<u64, i32> {
+    let o = offsets();
+    let kn = read::<*const u8>(cgrp, o.cgroup_kn)?;
+    read::<u64>(kn, o.kernfs_node_id)
+}
+
+/// Id of the cgroup's ancestor at `level` (itself at its own level). O(1): the kernel keeps the
+/// ancestor array in every cgroup.
+#[inline(always)]
+pub fn cgroup_ancestor_id(cgrp: Cgroup, level: u32) -> Result<u64, i32> {
+    let o = offsets();
+    let slot = o.cgroup_ancestors + level * 8;
+    if o.ancestors_are_ids != 0 {
+        read::<u64>(cgrp, slot)
+    } else {
+        let ancestor = read::<*const u8>(cgrp, slot)?;
+        cgroup_id(ancestor)
+    }
+}

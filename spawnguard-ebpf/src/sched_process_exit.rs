@@ -1,0 +1,31 @@
+//! Every exiting task: uncount it where it was counted. A process stops counting when its last
+//! live task exits, whichever thread that is.
+
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext};
+
+use crate::state::{DOOMED, INSTANCES, PROCESSES, counters, process_live};
+use spawnguard_ebpf::task_exited;
+
+/// Fires in `do_exit` of the exiting task itself, before it leaves its cgroup.
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
+    let id = bpf_get_current_pid_tgid();
+    let (pid, tgid) = (id as u32, (id >> 32) as u32);
+    if DOOMED.remove(&pid).is_ok() {
+        // A denied task: never counted.
+        return 0;
+    }
+    let Some(rec) = PROCESSES.get_ptr_mut(&tgid) else {
+        return 0;
+    };
+    // SAFETY: live map value, plain read.
+    let inst = unsafe { (*rec).instance };
+    let last = process_live(rec).fetch_sub(1) <= 1;
+    if let Some(state) = INSTANCES.get_ptr_mut(&inst) {
+        task_exited(&counters(state), last);
+    }
+    if last {
+        let _ = PROCESSES.remove(&tgid);
+    }
+    0
+}

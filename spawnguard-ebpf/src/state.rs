@@ -1,0 +1,313 @@
+//! The maps, and the steps every hook shares: placing a cgroup in its instance, finding an
+//! instance's state, counting, reporting and stopping a task.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+};
+use spawnguard_common::{
+    BACKEND_KILL, CAUSE_MIGRATION, EVENT_AUDIT_DENIED, EVENT_DENIED, EVENT_FAIL_OPEN, Event,
+    EVENTS_BYTES, GlobalCounters, InstanceBudget, InstanceState, MAX_DOOMED, MAX_INSTANCES,
+    MAX_PROCESSES, MAX_TYPE_LEVELS, MAX_TYPES, MODE_ENFORCE, ProcessRecord, REASON_FORK_RATE,
+    REASON_MAX_TASKS, REASON_MAX_THREADS, TypeCounters, TypeDir, TypeLevels,
+};
+use spawnguard_ebpf::{Admission, AtomicU64, Budget, Counters, Refusal};
+
+use crate::kernel::{self, Cgroup, Task};
+
+#[map]
+pub static TYPE_DIRS: HashMap<u64, TypeDir> = HashMap::with_max_entries(MAX_TYPES, 0);
+#[map]
+pub static TYPE_POLICY: Array<InstanceBudget> = Array::with_max_entries(MAX_TYPES, 0);
+#[map]
+pub static TYPE_LEVELS: Array<TypeLevels> = Array::with_max_entries(1, 0);
+// Counters are updated in place with atomics; without preallocation a removed entry is freed
+// after an RCU grace period instead of being reused under a concurrent writer.
+#[map]
+pub static INSTANCES: HashMap<u64, InstanceState> =
+    HashMap::with_max_entries(MAX_INSTANCES, BPF_F_NO_PREALLOC);
+#[map]
+pub static PROCESSES: HashMap<u32, ProcessRecord> =
+    HashMap::with_max_entries(MAX_PROCESSES, BPF_F_NO_PREALLOC);
+/// Tasks that were denied and are being stopped (key: pid). They were never counted, so their
+/// exit must not be uncounted; the kill-compat backend kills them at their next syscall exit.
+#[map]
+pub static DOOMED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DOOMED, 0);
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+#[map]
+pub static TYPE_COUNTERS: PerCpuArray<TypeCounters> = PerCpuArray::with_max_entries(MAX_TYPES, 0);
+#[map]
+pub static GLOBAL_COUNTERS: PerCpuArray<GlobalCounters> = PerCpuArray::with_max_entries(1, 0);
+
+/// The enforcement backend (`BACKEND_*`), written by the loader before load.
+#[unsafe(no_mangle)]
+static BACKEND: u32 = 0;
+
+#[inline(always)]
+pub fn backend() -> u32 {
+    // SAFETY: a plain read of our own read-only global (volatile: the loader replaces it).
+    unsafe { core::ptr::read_volatile(&raw const BACKEND) }
+}
+
+const SIGKILL: i32 = 9;
+const PIDTYPE_PID: u32 = 0;
+const PIDTYPE_TGID: u32 = 1;
+
+unsafe extern "C" {
+    /// kfunc (kernel >= 6.13). The loader resolves its BTF id, or turns the call into `r0 = 0`
+    /// on kernels without it (the kill backend is then never selected).
+    fn bpf_send_signal_task(task: *mut c_void, sig: i32, pid_type: u32, value: u64) -> i32;
+}
+
+/// Where a cgroup sits: the instance it belongs to and the instance's type.
+#[derive(Clone, Copy)]
+pub struct Placement {
+    pub instance: u64,
+    pub type_idx: u32,
+}
+
+/// Finds the instance a cgroup belongs to: the child of a type directory that contains it. At
+/// most `MAX_TYPE_LEVELS` ancestor lookups, no walk.
+#[inline(always)]
+pub fn place(cgrp: Cgroup) -> Result<Option<Placement>, i32> {
+    let Some(levels) = TYPE_LEVELS.get(0) else {
+        return Ok(None);
+    };
+    let count = levels.count;
+    if count == 0 {
+        return Ok(None);
+    }
+    let level = kernel::cgroup_level(cgrp)?;
+    for i in 0..MAX_TYPE_LEVELS {
+        if i as u32 >= count {
+            break;
+        }
+        let type_level = levels.levels[i];
+        if level <= type_level {
+            continue;
+        }
+        let type_dir = kernel::cgroup_ancestor_id(cgrp, type_level)?;
+        // SAFETY: TYPE_DIRS values are plain data copied out immediately.
+        if let Some(dir) = unsafe { TYPE_DIRS.get(&type_dir) } {
+            let type_idx = dir.type_idx;
+            let instance = kernel::cgroup_ancestor_id(cgrp, type_level + 1)?;
+            return Ok(Some(Placement { instance, type_idx }));
+        }
+    }
+    Ok(None)
+}
+
+/// The state of an instance, created on its first sight. `None` means the map is full.
+#[inline(always)]
+pub fn instance(p: Placement) -> Option<*mut InstanceState> {
+    if let Some(state) = INSTANCES.get_ptr_mut(&p.instance) {
+        return Some(state);
+    }
+    let fresh = InstanceState {
+        created_ns: now(),
+        type_idx: p.type_idx,
+        ..InstanceState::default()
+    };
+    // Losing the race to another CPU is fine: the lookup below finds its entry.
+    let _ = INSTANCES.insert(&p.instance, &fresh, BPF_NOEXIST as u64);
+    INSTANCES.get_ptr_mut(&p.instance)
+}
+
+#[inline(always)]
+pub fn counters<'a>(state: *mut InstanceState) -> Counters<'a> {
+    // SAFETY: `state` points into a map value that stays valid for this program run (maps are
+    // RCU-protected); the fields are u64, naturally aligned, and only ever updated atomically.
+    unsafe {
+        Counters {
+            tasks: AtomicU64::from_ptr(&raw mut (*state).tasks),
+            processes: AtomicU64::from_ptr(&raw mut (*state).processes),
+            threads: AtomicU64::from_ptr(&raw mut (*state).threads),
+            rate_tat: AtomicU64::from_ptr(&raw mut (*state).rate_tat_ns),
+        }
+    }
+}
+
+#[inline(always)]
+pub fn process_live<'a>(record: *mut ProcessRecord) -> &'a AtomicU64 {
+    // SAFETY: as for `counters`.
+    unsafe { AtomicU64::from_ptr(&raw mut (*record).live) }
+}
+
+/// The budget of a type, or `None` when the slot is empty (the type was removed by a policy
+/// change): such tasks are not enforced.
+#[inline(always)]
+pub fn budget(type_idx: u32) -> Option<Budget> {
+    let policy = TYPE_POLICY.get(type_idx)?;
+    if policy.active == 0 {
+        return None;
+    }
+    Some(Budget {
+        max_tasks: policy.max_tasks,
+        max_threads: policy.max_threads,
+        rate_interval_ns: policy.rate_interval_ns,
+        rate_window_ns: policy.rate_window_ns,
+        enforce: policy.mode == MODE_ENFORCE,
+    })
+}
+
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+pub fn type_counters(type_idx: u32) -> Option<&'static mut TypeCounters> {
+    // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+    TYPE_COUNTERS.get_ptr_mut(type_idx).map(|p| unsafe { &mut *p })
+}
+
+#[inline(always)]
+pub fn global_counters() -> Option<&'static mut GlobalCounters> {
+    // SAFETY: per-CPU slot, as above.
+    GLOBAL_COUNTERS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// Describes a decision for the event stream.
+pub struct Report {
+    pub cause: u32,
+    pub type_idx: u32,
+    pub instance: u64,
+    pub target_pid: u32,
+}
+
+#[inline(always)]
+fn reason_code(r: Refusal) -> u32 {
+    match r {
+        Refusal::MaxTasks => REASON_MAX_TASKS,
+        Refusal::MaxThreads => REASON_MAX_THREADS,
+        Refusal::ForkRate => REASON_FORK_RATE,
+    }
+}
+
+/// Counts a decision and sends an event for every refusal (enforced or audited).
+#[inline(always)]
+pub fn record(adm: &Admission, budget: &Budget, state: *mut InstanceState, r: &Report) {
+    if adm.rate_contended {
+        if let Some(g) = global_counters() {
+            g.rate_contended += 1;
+        }
+    }
+    let Some(refusal) = adm.refusal else {
+        return;
+    };
+    let reason = reason_code(refusal);
+    if let Some(c) = type_counters(r.type_idx) {
+        let slot = reason as usize;
+        if slot < c.denied.len() {
+            if adm.counted {
+                c.audit_denied[slot] += 1;
+            } else {
+                c.denied[slot] += 1;
+            }
+        }
+        if r.cause == CAUSE_MIGRATION && !adm.counted {
+            c.migrations_denied += 1;
+        }
+    }
+    // SAFETY: plain reads of a live map value, for reporting only.
+    let (usage, limit) = unsafe {
+        match refusal {
+            Refusal::MaxTasks => ((*state).tasks, budget.max_tasks),
+            Refusal::MaxThreads => ((*state).threads, budget.max_threads),
+            Refusal::ForkRate => (0, 0),
+        }
+    };
+    let kind = if adm.counted {
+        EVENT_AUDIT_DENIED
+    } else {
+        EVENT_DENIED
+    };
+    emit(kind, reason, r, usage, limit);
+}
+
+/// Reports a task let through uncounted because the kernel side could not account for it.
+#[inline(always)]
+pub fn fail_open(reason: u32, r: &Report) {
+    if let Some(g) = global_counters() {
+        match reason {
+            spawnguard_common::FAIL_INSTANCES_FULL => g.instances_full += 1,
+            spawnguard_common::FAIL_PROCESSES_FULL => g.processes_full += 1,
+            spawnguard_common::FAIL_DOOMED_FULL => g.doomed_full += 1,
+            _ => g.read_errors += 1,
+        }
+    }
+    emit(EVENT_FAIL_OPEN, reason, r, 0, 0);
+}
+
+#[inline(always)]
+fn emit(kind: u32, reason: u32, r: &Report, usage: u64, limit: u64) {
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        if let Some(g) = global_counters() {
+            g.events_dropped += 1;
+        }
+        return;
+    };
+    let id = bpf_get_current_pid_tgid();
+    entry.write(Event {
+        ts_ns: now(),
+        instance: r.instance,
+        usage,
+        limit,
+        kind,
+        reason,
+        cause: r.cause,
+        type_idx: r.type_idx,
+        pid: id as u32,
+        tgid: (id >> 32) as u32,
+        target_pid: r.target_pid,
+        backend: backend(),
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    });
+    entry.submit(0);
+}
+
+/// Marks a denied task so its exit is not uncounted (and, for kill-compat, so it is killed at
+/// its next syscall exit). Fails when the map is full.
+#[inline(always)]
+pub fn doom(pid: u32) -> bool {
+    DOOMED.insert(&pid, &1, BPF_ANY as u64).is_ok()
+}
+
+/// Stops a new task that was refused. A new thread cannot die alone (SIGKILL takes its whole
+/// thread group), so with the kill backends a refused thread ends its process; the lsm backend
+/// will fail the clone instead. Under kill-compat the caller has doomed the task and `sys_exit`
+/// kills it before it returns to user code.
+#[inline(always)]
+pub fn stop_new_task(task: Task) {
+    if backend() == BACKEND_KILL {
+        // SAFETY: `task` is the tracepoint's own trusted task pointer, passed unchanged.
+        unsafe {
+            bpf_send_signal_task(task as *mut c_void, SIGKILL, PIDTYPE_PID, 0);
+        }
+    }
+}
+
+/// Stops a whole process that migrated into an instance over its budget (kill-compat: doomed by
+/// the caller, killed at its next syscall exit).
+#[inline(always)]
+pub fn stop_process(task: Task) {
+    if backend() == BACKEND_KILL {
+        // SAFETY: `task` is the tracepoint's own trusted task pointer, passed unchanged.
+        unsafe {
+            bpf_send_signal_task(task as *mut c_void, SIGKILL, PIDTYPE_TGID, 0);
+        }
+    }
+}
+
+/// Whether a refused task must be in DOOMED before it is stopped: threads always (their exit
+/// must not be uncounted), processes when kill-compat does the killing.
+#[inline(always)]
+pub fn needs_doom(thread: bool) -> bool {
+    thread || backend() != BACKEND_KILL
+}

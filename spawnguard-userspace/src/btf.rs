@@ -1,0 +1,267 @@
+//! A small reader of the kernel's BTF (`/sys/kernel/btf/vmlinux`): struct member offsets and
+//! function ids. aya 0.14 keeps its member lookup private, and spawnguard needs nothing else.
+
+use std::{collections::HashMap, path::Path};
+
+use spawnguard_common::KernelOffsets;
+
+pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("cannot read {path}: {source} (the kernel needs CONFIG_DEBUG_INFO_BTF=y)")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0} is not valid BTF")]
+    Malformed(String),
+    #[error("the kernel's BTF has no struct {0}")]
+    NoStruct(String),
+    #[error("the kernel's BTF has no member {1} in struct {0}")]
+    NoMember(String, String),
+}
+
+const KIND_INT: u32 = 1;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_FUNC: u32 = 12;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_ENUM64: u32 = 19;
+
+struct Member {
+    name: u32,
+    type_id: u32,
+    bit_offset: u32,
+}
+
+struct Type {
+    name: u32,
+    kind: u32,
+    members: Vec<Member>,
+}
+
+/// The parsed type section, indexed by type id (id 0 is `void`).
+pub struct Btf {
+    strings: Vec<u8>,
+    types: Vec<Type>,
+    by_name: HashMap<(String, u32), u32>,
+}
+
+fn u32_at(data: &[u8], at: usize) -> Option<u32> {
+    data.get(at..at + 4)
+        .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+}
+
+impl Btf {
+    pub fn from_sys_fs() -> Result<Self, BtfError> {
+        Self::from_file(Path::new(VMLINUX))
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, BtfError> {
+        let data = std::fs::read(path).map_err(|source| BtfError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&data).ok_or_else(|| BtfError::Malformed(path.display().to_string()))
+    }
+
+    pub fn parse(data: &[u8]) -> Option<Self> {
+        if data.get(0..2)? != [0x9f, 0xeb] {
+            return None;
+        }
+        let hdr_len = u32_at(data, 4)? as usize;
+        let type_off = u32_at(data, 8)? as usize;
+        let type_len = u32_at(data, 12)? as usize;
+        let str_off = u32_at(data, 16)? as usize;
+        let str_len = u32_at(data, 20)? as usize;
+        let types_raw = data.get(hdr_len + type_off..hdr_len + type_off + type_len)?;
+        let strings = data
+            .get(hdr_len + str_off..hdr_len + str_off + str_len)?
+            .to_vec();
+        let mut types = vec![Type {
+            name: 0,
+            kind: 0,
+            members: Vec::new(),
+        }];
+        let mut at = 0;
+        while at < types_raw.len() {
+            let name = u32_at(types_raw, at)?;
+            let info = u32_at(types_raw, at + 4)?;
+            let kind = (info >> 24) & 0x1f;
+            let vlen = (info & 0xffff) as usize;
+            let kind_flag = info >> 31 == 1;
+            at += 12;
+            let mut members = Vec::new();
+            match kind {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => at += 4,
+                KIND_ARRAY => at += 12,
+                KIND_STRUCT | KIND_UNION => {
+                    for _ in 0..vlen {
+                        let offset = u32_at(types_raw, at + 8)?;
+                        members.push(Member {
+                            name: u32_at(types_raw, at)?,
+                            type_id: u32_at(types_raw, at + 4)?,
+                            bit_offset: if kind_flag { offset & 0xff_ffff } else { offset },
+                        });
+                        at += 12;
+                    }
+                }
+                KIND_ENUM | KIND_FUNC_PROTO => at += 8 * vlen,
+                KIND_DATASEC | KIND_ENUM64 => at += 12 * vlen,
+                _ => {}
+            }
+            types.push(Type {
+                name,
+                kind,
+                members,
+            });
+        }
+        let mut btf = Self {
+            strings,
+            types,
+            by_name: HashMap::new(),
+        };
+        for (id, t) in btf.types.iter().enumerate().skip(1) {
+            if t.name != 0 {
+                let key = (btf.string(t.name).to_owned(), t.kind);
+                btf.by_name.entry(key).or_insert(id as u32);
+            }
+        }
+        Some(btf)
+    }
+
+    fn string(&self, off: u32) -> &str {
+        let rest = self.strings.get(off as usize..).unwrap_or_default();
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        std::str::from_utf8(&rest[..end]).unwrap_or("")
+    }
+
+    /// BTF id of a kernel function (for kfunc calls).
+    pub fn func_id(&self, name: &str) -> Option<u32> {
+        self.by_name.get(&(name.to_owned(), KIND_FUNC)).copied()
+    }
+
+    /// Byte offset of `member` in `struct name`, looking through anonymous structs and unions.
+    pub fn member_offset(&self, name: &str, member: &str) -> Result<u32, BtfError> {
+        let id = *self
+            .by_name
+            .get(&(name.to_owned(), KIND_STRUCT))
+            .ok_or_else(|| BtfError::NoStruct(name.to_owned()))?;
+        self.find_member(id, member, 0)
+            .map(|bits| bits / 8)
+            .ok_or_else(|| BtfError::NoMember(name.to_owned(), member.to_owned()))
+    }
+
+    fn find_member(&self, id: u32, member: &str, base_bits: u32) -> Option<u32> {
+        let t = self.types.get(id as usize)?;
+        for m in &t.members {
+            if m.name != 0 && self.string(m.name) == member {
+                return Some(base_bits + m.bit_offset);
+            }
+        }
+        for m in &t.members {
+            if m.name == 0 {
+                if let Some(found) = self.find_member(m.type_id, member, base_bits + m.bit_offset)
+                {
+                    return Some(found);
+                }
+            }
+        }
+        None
+    }
+
+    /// The offsets the programs need, from this kernel.
+    pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
+        let (cgroup_ancestors, ancestors_are_ids) = match self.member_offset("cgroup", "ancestors")
+        {
+            Ok(off) => (off, 0),
+            Err(_) => (self.member_offset("cgroup", "ancestor_ids")?, 1),
+        };
+        Ok(KernelOffsets {
+            task_pid: self.member_offset("task_struct", "pid")?,
+            task_tgid: self.member_offset("task_struct", "tgid")?,
+            task_cgroups: self.member_offset("task_struct", "cgroups")?,
+            task_signal: self.member_offset("task_struct", "signal")?,
+            css_set_dfl_cgrp: self.member_offset("css_set", "dfl_cgrp")?,
+            cgroup_level: self.member_offset("cgroup", "level")?,
+            cgroup_kn: self.member_offset("cgroup", "kn")?,
+            cgroup_ancestors,
+            ancestors_are_ids,
+            kernfs_node_id: self.member_offset("kernfs_node", "id")?,
+            signal_nr_threads: self.member_offset("signal_struct", "nr_threads")?,
+            _pad: 0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a tiny BTF blob: struct outer { int a; union { int b; int c; }; } and func f.
+    fn blob() -> Vec<u8> {
+        let strings = b"\0outer\0a\0b\0c\0int\0f\0".to_vec();
+        let s = |name: &str| {
+            let pos = strings
+                .windows(name.len() + 2)
+                .position(|w| w[0] == 0 && &w[1..=name.len()] == name.as_bytes() && w[name.len() + 1] == 0)
+                .unwrap();
+            (pos + 1) as u32
+        };
+        let mut types = Vec::new();
+        let mut push = |words: &[u32]| {
+            for w in words {
+                types.extend_from_slice(&w.to_le_bytes());
+            }
+        };
+        // 1: int
+        push(&[s("int"), KIND_INT << 24, 4, 32]);
+        // 2: anonymous union { int b; int c; }
+        push(&[0, KIND_UNION << 24 | 2, 4, s("b"), 1, 0, s("c"), 1, 0]);
+        // 3: struct outer { int a; union; } with the union at byte 8
+        push(&[s("outer"), KIND_STRUCT << 24 | 2, 12, s("a"), 1, 0, 0, 2, 64]);
+        // 4: func f
+        push(&[s("f"), KIND_FUNC << 24, 0]);
+        let mut out = Vec::new();
+        out.extend_from_slice(&[0x9f, 0xeb, 1, 0]);
+        for w in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out.extend_from_slice(&types);
+        out.extend_from_slice(&strings);
+        out
+    }
+
+    #[test]
+    fn finds_members_through_anonymous_unions() {
+        let btf = Btf::parse(&blob()).unwrap();
+        assert_eq!(btf.member_offset("outer", "a").unwrap(), 0);
+        assert_eq!(btf.member_offset("outer", "c").unwrap(), 8);
+        assert!(btf.member_offset("outer", "zz").is_err());
+        assert!(btf.member_offset("nope", "a").is_err());
+        assert_eq!(btf.func_id("f"), Some(4));
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(Btf::parse(b"not btf at all").is_none());
+    }
+
+    #[test]
+    fn reads_the_running_kernel_when_present() {
+        if !Path::new(VMLINUX).exists() {
+            assert!(std::env::var("CI").is_err(), "CI hosts have kernel BTF");
+            return;
+        }
+        let btf = Btf::from_sys_fs().unwrap();
+        let o = btf.kernel_offsets().unwrap();
+        assert!(o.task_tgid > o.task_pid || o.task_tgid == o.task_pid + 4);
+        assert_ne!(o.cgroup_kn, 0);
+    }
+}

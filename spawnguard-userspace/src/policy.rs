@@ -1,0 +1,369 @@
+//! The policy file (TOML): parsing, validation with file/line/column errors, and the default
+//! policy embedded in the binary.
+
+use std::{collections::HashSet, fmt, ops::Range, path::Path};
+
+use serde::{Deserialize, Serialize};
+use spawnguard_common::{MAX_TYPES, TYPE_NAME_LEN};
+use toml::Spanned;
+
+pub const DEFAULT_POLICY: &str = include_str!("default-policy.toml");
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Audit,
+    #[default]
+    Enforce,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Audit => "audit",
+            Mode::Enforce => "enforce",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRate {
+    /// New tasks an idle instance may start at once.
+    pub burst: u64,
+    /// Tokens added per second.
+    pub per_sec: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    mode: Option<Spanned<Mode>>,
+    #[serde(rename = "type", default)]
+    types: Vec<Spanned<RawType>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawType {
+    name: Spanned<String>,
+    path: Spanned<String>,
+    max_tasks: Spanned<i64>,
+    max_threads: Option<Spanned<i64>>,
+    fork_rate: Option<Spanned<ForkRate>>,
+    mode: Option<Mode>,
+}
+
+/// One agent type, validated.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct TypePolicy {
+    pub name: String,
+    /// Relative to the cgroup2 mount.
+    pub path: String,
+    pub max_tasks: u64,
+    pub max_threads: u64,
+    pub fork_rate: Option<ForkRate>,
+    pub mode: Mode,
+}
+
+/// A validated policy.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Policy {
+    pub mode: Mode,
+    pub types: Vec<TypePolicy>,
+}
+
+/// A policy that did not validate: where, which field, what is wrong.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct PolicyError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// Largest fork rate accepted (tokens per second); more is no limit at all.
+const MAX_PER_SEC: f64 = 1_000_000.0;
+
+impl Policy {
+    pub fn from_file(path: &Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyError {
+            file: path.display().to_string(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read the policy file: {e}"),
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    pub fn default_policy() -> Self {
+        Self::parse(DEFAULT_POLICY, "<embedded default policy>")
+            .expect("the embedded default policy is valid")
+    }
+
+    /// Parses and validates `text`; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, PolicyError> {
+        let err = |span: Option<Range<usize>>, message: String| {
+            let (line, column) = line_col(text, span.map_or(0, |s| s.start));
+            PolicyError {
+                file: file.to_owned(),
+                line,
+                column,
+                message,
+            }
+        };
+        if text.trim().is_empty() {
+            return Err(err(
+                None,
+                "the policy is empty: it needs at least one [[type]]".into(),
+            ));
+        }
+        let raw: RawPolicy =
+            toml::from_str(text).map_err(|e| err(e.span(), e.message().trim().to_owned()))?;
+        let mode = raw.mode.map(|m| *m.get_ref()).unwrap_or_default();
+        if raw.types.is_empty() {
+            return Err(err(None, "no [[type]] defined: the policy guards nothing".into()));
+        }
+        if raw.types.len() > MAX_TYPES as usize {
+            return Err(err(
+                Some(raw.types[MAX_TYPES as usize].span()),
+                format!("at most {MAX_TYPES} types are supported"),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut types: Vec<TypePolicy> = Vec::new();
+        for t in &raw.types {
+            let t = t.get_ref();
+            let name = t.name.get_ref().clone();
+            let field = |f: &str| format!("type \"{name}\" field {f}");
+            let valid_name = !name.is_empty()
+                && name.len() < TYPE_NAME_LEN
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !valid_name {
+                return Err(err(
+                    Some(t.name.span()),
+                    format!(
+                        "{}: must be 1 to {} characters of a-z, A-Z, 0-9, '-' and '_'",
+                        field("name"),
+                        TYPE_NAME_LEN - 1
+                    ),
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return Err(err(
+                    Some(t.name.span()),
+                    format!("{}: duplicate type name", field("name")),
+                ));
+            }
+            let path = normalize_path(t.path.get_ref())
+                .map_err(|m| err(Some(t.path.span()), format!("{}: {m}", field("path"))))?;
+            for other in &types {
+                if overlaps(&path, &other.path) {
+                    return Err(err(
+                        Some(t.path.span()),
+                        format!(
+                            "{}: \"{path}\" overlaps type \"{}\" at \"{}\"; type directories \
+                             must not contain each other",
+                            field("path"),
+                            other.name,
+                            other.path
+                        ),
+                    ));
+                }
+            }
+            let max_tasks = positive(&t.max_tasks)
+                .map_err(|m| err(Some(t.max_tasks.span()), format!("{}: {m}", field("max_tasks"))))?;
+            let max_threads = match &t.max_threads {
+                None => max_tasks,
+                Some(v) => {
+                    let n = non_negative(v).map_err(|m| {
+                        err(Some(v.span()), format!("{}: {m}", field("max_threads")))
+                    })?;
+                    if n > max_tasks {
+                        return Err(err(
+                            Some(v.span()),
+                            format!(
+                                "{}: {n} exceeds max_tasks ({max_tasks}); threads are tasks",
+                                field("max_threads")
+                            ),
+                        ));
+                    }
+                    n
+                }
+            };
+            let fork_rate = match &t.fork_rate {
+                None => None,
+                Some(r) => {
+                    let rate = *r.get_ref();
+                    if rate.burst == 0 {
+                        return Err(err(
+                            Some(r.span()),
+                            format!("{}: burst must be at least 1", field("fork_rate")),
+                        ));
+                    }
+                    if !(rate.per_sec.is_finite() && rate.per_sec > 0.0 && rate.per_sec <= MAX_PER_SEC)
+                    {
+                        return Err(err(
+                            Some(r.span()),
+                            format!(
+                                "{}: per_sec must be above 0 and at most {MAX_PER_SEC}",
+                                field("fork_rate")
+                            ),
+                        ));
+                    }
+                    Some(rate)
+                }
+            };
+            types.push(TypePolicy {
+                name,
+                path,
+                max_tasks,
+                max_threads,
+                fork_rate,
+                mode: t.mode.unwrap_or(mode),
+            });
+        }
+        Ok(Self { mode, types })
+    }
+
+    pub fn type_named(&self, name: &str) -> Option<&TypePolicy> {
+        self.types.iter().find(|t| t.name == name)
+    }
+}
+
+fn positive(v: &Spanned<i64>) -> Result<u64, String> {
+    match *v.get_ref() {
+        n if n >= 1 => Ok(n as u64),
+        n => Err(format!("must be at least 1, got {n}")),
+    }
+}
+
+fn non_negative(v: &Spanned<i64>) -> Result<u64, String> {
+    match *v.get_ref() {
+        n if n >= 0 => Ok(n as u64),
+        n => Err(format!("must not be negative, got {n}")),
+    }
+}
+
+/// A type path: relative to the cgroup2 mount, no `.`/`..`, no empty components.
+fn normalize_path(p: &str) -> Result<String, String> {
+    if p.starts_with('/') {
+        return Err(format!(
+            "\"{p}\" must be relative to the cgroup2 mount (drop the leading '/')"
+        ));
+    }
+    let parts: Vec<&str> = p.split('/').filter(|c| !c.is_empty()).collect();
+    if parts.is_empty() {
+        return Err("must name a directory under the cgroup2 mount".into());
+    }
+    for c in &parts {
+        if *c == "." || *c == ".." || c.starts_with("cgroup.") || c.contains(char::is_whitespace)
+        {
+            return Err(format!("component \"{c}\" is not allowed"));
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+fn overlaps(a: &str, b: &str) -> bool {
+    let within = |inner: &str, outer: &str| inner == outer || inner.starts_with(&format!("{outer}/"));
+    within(a, b) || within(b, a)
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Policy, PolicyError> {
+        Policy::parse(text, "p.toml")
+    }
+
+    const GOOD: &str = r#"
+mode = "enforce"
+
+[[type]]
+name = "devsecops"
+path = "agents/devsecops"
+max_tasks = 64
+max_threads = 48
+fork_rate = { burst = 20, per_sec = 2.0 }
+mode = "audit"
+
+[[type]]
+name = "social"
+path = "agents/social/"
+max_tasks = 10
+"#;
+
+    #[test]
+    fn parses_the_documented_fields() {
+        let p = parse(GOOD).unwrap();
+        assert_eq!(p.types.len(), 2);
+        let d = &p.types[0];
+        assert_eq!((d.max_tasks, d.max_threads, d.mode), (64, 48, Mode::Audit));
+        assert_eq!(d.fork_rate.unwrap().burst, 20);
+        let s = &p.types[1];
+        assert_eq!(s.path, "agents/social");
+        assert_eq!((s.max_threads, s.mode, s.fork_rate), (10, Mode::Enforce, None));
+    }
+
+    #[test]
+    fn default_policy_is_valid() {
+        let p = Policy::default_policy();
+        assert_eq!(p.types[0].name, "agents");
+        assert_eq!(p.types[0].path, "spawnguard/agents");
+    }
+
+    fn error(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_line_column_and_field() {
+        let bad = GOOD.replace("max_tasks = 10", "max_tasks = 0");
+        assert_eq!(
+            error(&bad),
+            "p.toml:16:13: type \"social\" field max_tasks: must be at least 1, got 0"
+        );
+        let e = error(&GOOD.replace("max_threads = 48", "max_threads = 48\nmax_thread = 4"));
+        assert!(e.starts_with("p.toml:9:1: unknown field `max_thread`"), "{e}");
+        let e = error(&GOOD.replace("\"agents/social/\"", "\"agents/devsecops/x\""));
+        assert!(e.contains("overlaps type \"devsecops\""), "{e}");
+        let e = error(&GOOD.replace("\"social\"", "\"devsecops\""));
+        assert!(e.contains("duplicate type name"), "{e}");
+        let e = error(&GOOD.replace("max_threads = 48", "max_threads = 65"));
+        assert!(e.contains("exceeds max_tasks (64)"), "{e}");
+        let e = error(&GOOD.replace("per_sec = 2.0", "per_sec = 0.0"));
+        assert!(e.contains("field fork_rate: per_sec"), "{e}");
+        let e = error(&GOOD.replace("burst = 20", "burst = 0"));
+        assert!(e.contains("burst must be at least 1"), "{e}");
+        let e = error(&GOOD.replace("mode = \"audit\"", "mode = \"block\""));
+        assert!(e.contains("unknown variant `block`"), "{e}");
+        let e = error(&GOOD.replace("\"agents/social/\"", "\"/sys/fs/cgroup/x\""));
+        assert!(e.contains("must be relative"), "{e}");
+        let e = error(&GOOD.replace("\"agents/social/\"", "\"agents/../x\""));
+        assert!(e.contains("component \"..\""), "{e}");
+        assert!(error("").contains("empty"));
+        assert!(error("mode = \"audit\"").contains("no [[type]]"));
+        assert!(error("[[type]\n").starts_with("p.toml:1:"));
+        let e = error(&GOOD.replace("max_tasks = 64", "max_tasks = \"64\""));
+        assert!(e.contains("invalid type"), "{e}");
+    }
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("ab\ncd", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+    }
+}

@@ -1,0 +1,393 @@
+//! Helpers for the privileged end-to-end tests: a real daemon with a test policy, throw-away
+//! cgroups that are killed and removed even when a test fails, and exact task counts read from
+//! the kernel's own cgroup files.
+
+use std::{
+    fs,
+    io::Read,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+pub const BACKENDS: [&str; 2] = ["kill", "kill-compat"];
+
+/// Whether privileged tests can run here. Under `CI=true` they must: not being able to is a
+/// failure, not a skip.
+pub fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let can = root && Path::new("/sys/kernel/btf/vmlinux").exists();
+    if !can {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "privileged end-to-end tests cannot run (need root and kernel BTF), and CI=true"
+        );
+        eprintln!("skipped: needs root and kernel BTF");
+    }
+    can
+}
+
+fn workspace_target() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join("target/release")
+}
+
+pub fn spawnguard_bin() -> PathBuf {
+    std::env::var_os("SPAWNGUARD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_target().join("spawnguard"))
+}
+
+pub fn bomb_bin() -> PathBuf {
+    workspace_target().join("sg-bomb")
+}
+
+/// The cgroup2 mount point, from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> PathBuf {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap()))
+        })
+        .expect("a cgroup2 mount")
+}
+
+/// A cgroup subtree owned by a test: on drop every process in it is killed (`cgroup.kill`, or
+/// SIGKILL by pid where that file is missing) and every directory removed, deepest first.
+pub struct CgroupTree {
+    pub root: PathBuf,
+}
+
+impl CgroupTree {
+    pub fn new(root: PathBuf) -> Self {
+        let tree = Self { root };
+        tree.clean();
+        tree
+    }
+
+    fn dirs(&self) -> Vec<PathBuf> {
+        fn walk(d: &Path, out: &mut Vec<PathBuf>) {
+            if let Ok(entries) = fs::read_dir(d) {
+                for e in entries.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        walk(&e.path(), out);
+                    }
+                }
+            }
+            out.push(d.to_path_buf());
+        }
+        let mut out = Vec::new();
+        if self.root.exists() {
+            walk(&self.root, &mut out);
+        }
+        out
+    }
+
+    pub fn clean(&self) {
+        for d in self.dirs() {
+            kill_cgroup(&d);
+        }
+        for d in self.dirs() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while fs::remove_dir(&d).is_err() && d.exists() && Instant::now() < deadline {
+                kill_cgroup(&d);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for CgroupTree {
+    fn drop(&mut self) {
+        self.clean();
+    }
+}
+
+/// Kills everything in one cgroup (processes we started: the cgroup is ours).
+pub fn kill_cgroup(dir: &Path) {
+    if fs::write(dir.join("cgroup.kill"), "1").is_err() {
+        for pid in read_ids(&dir.join("cgroup.procs")) {
+            // SAFETY: plain kill(2) of a pid in a cgroup only our test created.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+pub fn read_ids(file: &Path) -> Vec<u32> {
+    fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Every thread id in a cgroup subtree (nested cgroups included), as the kernel lists them.
+pub fn subtree_threads(dir: &Path) -> Vec<u32> {
+    let mut out = read_ids(&dir.join("cgroup.threads"));
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(subtree_threads(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+/// Every process id in a cgroup subtree.
+pub fn subtree_procs(dir: &Path) -> Vec<u32> {
+    let mut out = read_ids(&dir.join("cgroup.procs"));
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(subtree_procs(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+/// Whether a task can still run user code: not exiting (PF_EXITING) and no SIGKILL pending. A
+/// child that the kill backend stopped sits in `cgroup.threads` for a few microseconds with
+/// SIGKILL pending; it never runs, so it does not count as held by the instance.
+pub fn runnable(tid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{tid}/stat")) else {
+        return false;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first().copied().unwrap_or("X");
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    const PF_EXITING: u64 = 0x4;
+    if matches!(state, "Z" | "X" | "x") || flags & PF_EXITING != 0 {
+        return false;
+    }
+    let Ok(status) = fs::read_to_string(format!("/proc/{tid}/status")) else {
+        return false;
+    };
+    const SIGKILL_BIT: u64 = 1 << 8;
+    !status.lines().any(|l| {
+        (l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
+            && u64::from_str_radix(l.split_whitespace().nth(1).unwrap_or("0"), 16)
+                .is_ok_and(|m| m & SIGKILL_BIT != 0)
+    })
+}
+
+/// Tasks of a subtree that hold a slot: runnable now and, when there seem to be more than
+/// `limit`, still runnable a moment later. A refused child is visible in `cgroup.threads` from
+/// the moment the kernel links it in until it dies; with kill-compat it dies on its first return
+/// towards user space, so it can look runnable while it waits for a CPU. Such a child never runs
+/// user code and is gone (or has SIGKILL pending) on the second look; a task that was admitted
+/// is not (the bombs' admitted tasks live until their hold ends).
+pub fn held_tasks(dir: &Path, limit: usize, threads_only: bool) -> usize {
+    let mut tids: Vec<u32> = subtree_threads(dir)
+        .into_iter()
+        .filter(|&t| runnable(t))
+        .collect();
+    let procs = if threads_only {
+        subtree_procs(dir).len()
+    } else {
+        0
+    };
+    let deadline = Instant::now() + Duration::from_millis(100);
+    while tids.len().saturating_sub(procs) > limit && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+        tids.retain(|&t| runnable(t));
+    }
+    tids.len().saturating_sub(procs)
+}
+
+/// Live tasks of a subtree that can still run user code.
+pub fn live_tasks(dir: &Path) -> usize {
+    subtree_threads(dir)
+        .into_iter()
+        .filter(|&t| runnable(t))
+        .count()
+}
+
+/// Threads of a subtree beyond each process's first (spawnguard's "threads").
+pub fn live_threads(dir: &Path) -> usize {
+    live_tasks(dir).saturating_sub(subtree_procs(dir).len())
+}
+
+/// A running `spawnguard run` with a test policy; stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(policy: &str, backend: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("spawnguard-test-{}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        let policy_file = dir.join("policy.toml");
+        fs::write(&policy_file, policy)?;
+        let log = dir.join("daemon.log");
+        let child = Command::new(spawnguard_bin())
+            .args(["run", "--backend", backend, "--policy"])
+            .arg(&policy_file)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log)?)
+            .stderr(fs::File::create(dir.join("daemon.err"))?)
+            .env("RUST_LOG", "info")
+            .spawn()
+            .with_context(|| format!("starting {}", spawnguard_bin().display()))?;
+        let mut daemon = Self {
+            child: Some(child),
+            log: dir.join("daemon.err"),
+        };
+        let pid = daemon.pid();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let state = fs::read_to_string("/run/spawnguard/state.json").unwrap_or_default();
+            if serde_json::from_str::<Value>(&state)
+                .is_ok_and(|v| v["pid"].as_u64() == Some(pid as u64))
+            {
+                return Ok(daemon);
+            }
+            if let Some(status) = daemon.child.as_mut().unwrap().try_wait()? {
+                bail!("the daemon exited ({status}): {}", daemon.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!("the daemon did not become ready: {}", daemon.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// SIGTERM and wait: the daemon detaches.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("the daemon did not stop on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// `spawnguard status --output json`.
+pub fn status() -> Value {
+    let out = Command::new(spawnguard_bin())
+        .args(["status", "--output", "json"])
+        .output()
+        .expect("run spawnguard status");
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status JSON")
+}
+
+/// The counts spawnguard holds for the instance at `dir` (zeros when it has no entry).
+pub fn instance_counts(dir: &Path) -> (u64, u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let id = fs::metadata(dir).map(|m| m.ino()).unwrap_or(0);
+    let s = status();
+    s["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"].as_u64() == Some(id))
+        .map_or((0, 0, 0), |i| {
+            (
+                i["tasks"].as_u64().unwrap(),
+                i["processes"].as_u64().unwrap(),
+                i["threads"].as_u64().unwrap(),
+            )
+        })
+}
+
+/// The status entry of one type.
+pub fn type_status(name: &str) -> Value {
+    status()["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("type {name} in status"))
+}
+
+/// `spawnguard exec --type T --instance I -- sg-bomb ARGS...`, with output captured.
+pub fn exec_bomb(type_name: &str, instance: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(spawnguard_bin());
+    cmd.args(["exec", "--type", type_name, "--instance", instance, "--"])
+        .arg(bomb_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Parses `key=value` words of a bomb's report.
+pub fn report_value(out: &str, key: &str) -> u64 {
+    out.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {out:?}"))
+}
+
+/// Polls `f` until it holds or `timeout` passes; returns whether it held.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+/// A unique test type directory (relative to the cgroup2 mount) and its guard.
+pub fn test_type(name: &str) -> (String, CgroupTree) {
+    let rel = format!("spawnguard-test/{name}");
+    let tree = CgroupTree::new(cgroup2_mount().join(&rel));
+    (rel, tree)
+}
+
+/// A policy with one enforced type.
+pub fn policy(name: &str, path: &str, extra: &str) -> String {
+    format!("[[type]]\nname = \"{name}\"\npath = \"{path}\"\n{extra}\n")
+}

@@ -1,0 +1,333 @@
+//! Privileged end-to-end tests: the real eBPF programs in the running kernel, real cgroups, real
+//! fork bombs, thread bombs and fork loops. Each test runs once per backend.
+
+use std::{
+    fs,
+    os::unix::process::CommandExt,
+    path::Path,
+    process::{Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use spawnguard_tests::*;
+
+/// Runs `body` for each backend (`kill`, `kill-compat`) unless privileged tests cannot run.
+macro_rules! per_backend {
+    ($($name:ident),* $(,)?) => {
+        mod kill {
+            $(#[test] fn $name() { if super::privileged() { super::$name("kill"); } })*
+        }
+        mod kill_compat {
+            $(#[test] fn $name() { if super::privileged() { super::$name("kill-compat"); } })*
+        }
+    };
+}
+
+per_backend!(
+    fork_bomb_is_held_at_max_tasks,
+    thread_bomb_is_held_at_max_threads,
+    fork_rate_gives_burst_plus_rate,
+    audit_mode_reports_but_never_denies,
+    nested_cgroups_and_migration_move_counts,
+    clone_into_cgroup_counts_where_born,
+    outside_processes_are_untouched,
+);
+
+/// Samples `dir` every ~3 ms for `span`, returning the most tasks seen that could run user code
+/// (see `held_tasks`).
+fn max_held(dir: &Path, span: Duration, limit: usize, threads_only: bool) -> usize {
+    let end = Instant::now() + span;
+    let mut most = 0;
+    while Instant::now() < end {
+        most = most.max(held_tasks(dir, limit, threads_only));
+        sleep(Duration::from_millis(3));
+    }
+    most
+}
+
+fn fork_bomb_is_held_at_max_tasks(backend: &str) {
+    let (rel, tree) = test_type(&format!("forkbomb-{backend}"));
+    let _daemon = Daemon::start(&policy("fb", &rel, "max_tasks = 40"), backend).unwrap();
+    let inst = tree.root.join("i1");
+    // Fork for 3 s (at most 20,000 attempts in all), then hold 3 s, then exit.
+    let bomb = exec_bomb("fb", "i1", &["fork", "3000", "20000", "3000"])
+        .spawn()
+        .unwrap();
+    let most = max_held(&inst, Duration::from_millis(2800), 40, false);
+    assert!(most <= 40, "the instance held {most} tasks, budget 40");
+    assert!(most >= 39, "the bomb never filled its budget ({most}): did it run?");
+
+    // Bomb stopped forking, still holding: the daemon's count is the cgroup's count.
+    sleep(Duration::from_millis(700));
+    let real = subtree_threads(&inst).len() as u64;
+    let (tasks, processes, threads) = instance_counts(&inst);
+    assert_eq!(tasks, real, "spawnguard counts {tasks}, cgroup.threads lists {real}");
+    assert_eq!((processes, threads), (real, 0));
+    assert!(real <= 40);
+    let t = type_status("fb");
+    assert!(t["denied"]["max_tasks"].as_u64().unwrap() > 0, "{t}");
+
+    let out = bomb.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report_value(&report, "attempts") > 40, "{report}");
+    assert!(wait_for(Duration::from_secs(10), || subtree_threads(&inst).is_empty()));
+    assert!(
+        wait_for(Duration::from_secs(5), || instance_counts(&inst) == (0, 0, 0)),
+        "counts back to zero once the cgroup is empty: {:?}",
+        instance_counts(&inst)
+    );
+    let log = _daemon.log_text();
+    assert!(log.contains("denied new process in"), "{log}");
+}
+
+fn thread_bomb_is_held_at_max_threads(backend: &str) {
+    let (rel, tree) = test_type(&format!("threadbomb-{backend}"));
+    let _daemon = Daemon::start(
+        &policy("tb", &rel, "max_tasks = 64\nmax_threads = 16"),
+        backend,
+    )
+    .unwrap();
+
+    // Under the budget: every thread counted, exactly.
+    let inst = tree.root.join("under");
+    let bomb = exec_bomb("tb", "under", &["threads", "1000", "10", "2000"])
+        .spawn()
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(5), || live_threads(&inst) == 10));
+    assert_eq!(instance_counts(&inst), (11, 1, 10));
+    let out = bomb.wait_with_output().unwrap();
+    assert_eq!(
+        report_value(&String::from_utf8_lossy(&out.stdout), "created"),
+        10
+    );
+    assert!(wait_for(Duration::from_secs(5), || instance_counts(&inst) == (0, 0, 0)));
+
+    // Over the budget: never more than 16 threads. With the kill backends a refused thread
+    // takes its process with it (SIGKILL is fatal to the whole thread group).
+    let inst = tree.root.join("over");
+    let bomb = exec_bomb("tb", "over", &["threads", "2000", "500", "1500"])
+        .spawn()
+        .unwrap();
+    let most = max_held(&inst, Duration::from_millis(2000), 16, true);
+    assert!(most <= 16, "the instance held {most} threads, budget 16");
+    let status = bomb.wait_with_output().unwrap().status;
+    assert!(!status.success(), "the over-budget thread bomb was stopped");
+    let t = type_status("tb");
+    // 10 threads in the first run, then exactly the 16 the budget allows: the bomb filled it
+    // (too fast to be sampled: the refused 17th thread ends the process within microseconds).
+    assert_eq!(t["threads_allowed"], 26, "{t}");
+    assert!(t["denied"]["max_threads"].as_u64().unwrap() >= 1, "{t}");
+    assert!(wait_for(Duration::from_secs(5), || instance_counts(&inst) == (0, 0, 0)));
+}
+
+fn fork_rate_gives_burst_plus_rate(backend: &str) {
+    let (rel, tree) = test_type(&format!("rate-{backend}"));
+    let _daemon = Daemon::start(
+        &policy(
+            "rt",
+            &rel,
+            "max_tasks = 1000\nfork_rate = { burst = 20, per_sec = 10.0 }",
+        ),
+        backend,
+    )
+    .unwrap();
+    let out = exec_bomb("rt", "r1", &["rate", "10000", "1000000"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ran = report_value(&report, "ran") as f64;
+    let elapsed = report_value(&report, "elapsed_ms") as f64 / 1000.0;
+    let expected = 20.0 + 10.0 * elapsed;
+    assert!(
+        (ran - expected).abs() <= expected * 0.05,
+        "{ran} children ran in {elapsed:.2} s; burst + rate allows {expected:.0} (±5 %): {report}"
+    );
+    assert!(report_value(&report, "killed") > 0, "{report}");
+    let t = type_status("rt");
+    assert!(t["denied"]["fork_rate"].as_u64().unwrap() > 0, "{t}");
+    drop(tree);
+}
+
+fn audit_mode_reports_but_never_denies(backend: &str) {
+    let (rel, tree) = test_type(&format!("audit-{backend}"));
+    let _daemon = Daemon::start(
+        &format!("mode = \"audit\"\n{}", policy("au", &rel, "max_tasks = 20")),
+        backend,
+    )
+    .unwrap();
+    let inst = tree.root.join("a1");
+    let bomb = exec_bomb("au", "a1", &["fork", "1500", "59", "1500"])
+        .spawn()
+        .unwrap();
+    let most = max_held(&inst, Duration::from_millis(2200), usize::MAX, false);
+    let out = bomb.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(report_value(&report, "failed"), 0, "{report}");
+    // 59 forks + the bomb itself, all alive: nothing was denied.
+    assert_eq!(most, 60, "audit mode held the bomb at {most}");
+    let t = type_status("au");
+    assert_eq!(t["denied"]["max_tasks"], 0, "{t}");
+    assert_eq!(t["audit_denied"]["max_tasks"], 40, "{t}");
+    assert!(_daemon.log_text().contains("audit: would deny new process"));
+}
+
+fn spawn_outside(args: &[&str]) -> std::process::Child {
+    Command::new(bomb_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn move_to(dir: &Path, pid: u32) {
+    fs::write(dir.join("cgroup.procs"), pid.to_string()).unwrap();
+}
+
+fn nested_cgroups_and_migration_move_counts(backend: &str) {
+    let (rel, tree) = test_type(&format!("migrate-{backend}"));
+    let _daemon = Daemon::start(&policy("mg", &rel, "max_tasks = 8"), backend).unwrap();
+    let (a, b) = (tree.root.join("a"), tree.root.join("b"));
+    let nested = a.join("inner/deeper");
+    fs::create_dir_all(&nested).unwrap();
+    fs::create_dir_all(&b).unwrap();
+    let home = cgroup2_mount().join("spawnguard-test/home");
+    let _home = CgroupTree::new(home.clone());
+    fs::create_dir_all(&home).unwrap();
+
+    // A process with 3 extra threads, started outside every instance.
+    let mut p = spawn_outside(&["threads", "200", "3", "8000"]);
+    assert!(wait_for(Duration::from_secs(5), || {
+        fs::read_dir(format!("/proc/{}/task", p.id())).map_or(0, |d| d.count()) == 4
+    }));
+    move_to(&nested, p.id());
+    assert_eq!(instance_counts(&a), (4, 1, 3), "nested cgroups count to the instance");
+    move_to(&b, p.id());
+    assert_eq!(instance_counts(&a), (0, 0, 0));
+    assert_eq!(instance_counts(&b), (4, 1, 3));
+    move_to(&home, p.id());
+    assert_eq!(instance_counts(&b), (0, 0, 0), "moving out uncounts");
+
+    // Into an instance at its budget: stopped like an over-budget child.
+    move_to(&a, p.id());
+    let mut q = spawn_outside(&["threads", "200", "7", "1500"]);
+    sleep(Duration::from_millis(300));
+    move_to(&b, q.id());
+    assert_eq!(instance_counts(&b), (8, 1, 7));
+    let mut r = spawn_outside(&["hold", "1000"]);
+    move_to(&b, r.id());
+    let r_status = r.wait().unwrap();
+    assert!(!r_status.success(), "a process pushing b past 8 tasks was stopped");
+    assert_eq!(instance_counts(&b), (8, 1, 7), "the refused process never counted");
+    let t = type_status("mg");
+    assert!(t["migrations_denied"].as_u64().unwrap() >= 1, "{t}");
+    q.wait().unwrap();
+    let _ = p.kill();
+    p.wait().unwrap();
+    assert!(wait_for(Duration::from_secs(5), || {
+        instance_counts(&a) == (0, 0, 0) && instance_counts(&b) == (0, 0, 0)
+    }));
+}
+
+fn clone_into_cgroup_counts_where_born(backend: &str) {
+    let (rel, tree) = test_type(&format!("clone3-{backend}"));
+    let _daemon = Daemon::start(&policy("cl", &rel, "max_tasks = 8"), backend).unwrap();
+    let (a, b) = (tree.root.join("a"), tree.root.join("b"));
+    fs::create_dir_all(&b).unwrap();
+
+    // Parent outside every instance, child born in b.
+    let mut outside = spawn_outside(&["clone-into", b.to_str().unwrap(), "1500"]);
+    assert!(wait_for(Duration::from_secs(3), || instance_counts(&b) == (1, 1, 0)));
+    assert!(outside.wait().unwrap().success());
+    assert!(wait_for(Duration::from_secs(3), || instance_counts(&b) == (0, 0, 0)));
+
+    // Parent in instance a, child born in b: counted in b, not a.
+    let mut inside = exec_bomb("cl", "a", &["clone-into", b.to_str().unwrap(), "1500"])
+        .spawn()
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(3), || instance_counts(&b) == (1, 1, 0)));
+    assert_eq!(instance_counts(&a), (1, 1, 0));
+    assert!(inside.wait().unwrap().success());
+}
+
+fn outside_processes_are_untouched(backend: &str) {
+    let (rel, _tree) = test_type(&format!("outside-{backend}"));
+    let _daemon = Daemon::start(&policy("ob", &rel, "max_tasks = 40"), backend).unwrap();
+    let bomb = exec_bomb("ob", "i1", &["fork", "3000", "20000", "500"])
+        .spawn()
+        .unwrap();
+    sleep(Duration::from_millis(300));
+    let out = Command::new(bomb_bin())
+        .args(["rate", "10000", "300"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(report_value(&report, "ran"), 300, "{report}");
+    assert_eq!(report_value(&report, "killed"), 0, "{report}");
+    assert_eq!(report_value(&report, "failed"), 0, "{report}");
+    let t = type_status("ob");
+    assert!(t["denied"]["max_tasks"].as_u64().unwrap() > 0, "the bomb was running: {t}");
+    bomb.wait_with_output().unwrap();
+}
+
+#[test]
+fn daemon_detaches_cleanly_on_sigterm() {
+    if !privileged() {
+        return;
+    }
+    let (rel, _tree) = test_type("detach");
+    let mut daemon = Daemon::start(&policy("dt", &rel, "max_tasks = 4"), "kill").unwrap();
+    assert!(Path::new("/sys/fs/bpf/spawnguard/INSTANCES").exists());
+    let second = Command::new(spawnguard_bin())
+        .args(["run"])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("already running"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(daemon.stop().unwrap().success());
+    assert!(!Path::new("/sys/fs/bpf/spawnguard").exists(), "pins removed");
+    // Nothing enforces any more: 10 processes in a 4-task instance all run.
+    let out = Command::new(spawnguard_bin())
+        .args(["exec", "--type", "dt", "--instance", "i1", "--policy"])
+        .arg(write_policy(&policy("dt", &rel, "max_tasks = 4")))
+        .arg("--")
+        .arg(bomb_bin())
+        .args(["fork", "500", "9", "300"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(report_value(&report, "failed"), 0, "{report}");
+}
+
+fn write_policy(text: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("sg-policy-{}.toml", std::process::id()));
+    fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn run_refuses_non_root_with_one_sentence() {
+    if !privileged() {
+        return;
+    }
+    let mut cmd = Command::new(spawnguard_bin());
+    cmd.arg("run");
+    // SAFETY: setuid in the forked child before exec; nothing else runs there.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must run as root"), "{err}");
+}

@@ -1,0 +1,192 @@
+//! `cargo xtask setup | build | run | test | bench`: the toolchain and the build live here.
+//!
+//! The eBPF programs need Debian's rustc + rust-src (rustup cannot fetch rust-src here) and
+//! bpf-linker built against LLVM 22; `setup` installs them when missing and is a quick check
+//! otherwise. See shared/TOOLCHAIN.md for why.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "clang-22",
+    "libpolly-22-dev",
+];
+const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
+const RUST_SRC: &str = "/usr/lib/rustlib/src/rust/library/core";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: Debian's rustc and rust-src, LLVM 22, bpf-linker.
+    Setup,
+    /// setup, then build the eBPF object and the `spawnguard` binary (release).
+    Build,
+    /// build, then run the daemon in the foreground (arguments go to `spawnguard run`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// build, then every test: unit tests and the privileged end-to-end tests.
+    Test {
+        /// Extra arguments for the end-to-end test harness (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// build, then measure fork/thread/syscall overhead with and without spawnguard.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    env::set_current_dir(&root)?;
+    match cli.command {
+        Cmd::Setup => setup(),
+        Cmd::Build => build(),
+        Cmd::Run { args } => {
+            build()?;
+            let bin = root.join("target/release/spawnguard");
+            let mut cmd = Command::new(bin);
+            cmd.arg("run").args(args);
+            // Become the daemon: signals reach it directly.
+            Err(std::os::unix::process::CommandExt::exec(&mut cmd).into())
+        }
+        Cmd::Test { args } => test(&root, &args),
+        Cmd::Bench { args } => {
+            build()?;
+            run(Command::new(root.join("target/release/sg-bench"))
+                .args(args)
+                .env("SPAWNGUARD_BIN", root.join("target/release/spawnguard")))
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env::var_os("HOME").unwrap_or_default()).join(".cargo"))
+        .join("bin")
+}
+
+fn bpf_linker_installed() -> bool {
+    let in_path = env::var_os("PATH")
+        .map(|p| env::split_paths(&p).any(|d| d.join("bpf-linker").is_file()))
+        .unwrap_or(false);
+    in_path || cargo_bin_dir().join("bpf-linker").is_file()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn setup() -> Result<()> {
+    let have_toolchain = Path::new(DEBIAN_RUSTC).exists()
+        && Path::new(RUST_SRC).exists()
+        && Path::new("/usr/lib/llvm-22/bin/llvm-config").exists();
+    if !have_toolchain {
+        if !is_root() {
+            bail!(
+                "missing Debian packages ({}); run `cargo xtask setup` as root",
+                APT_PACKAGES.join(" ")
+            );
+        }
+        eprintln!("xtask: installing {}", APT_PACKAGES.join(" "));
+        run(Command::new("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(APT_PACKAGES)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if !bpf_linker_installed() {
+        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (LLVM 22)");
+        run(cargo()
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    setup()?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "spawnguard-userspace",
+        "--package",
+        "spawnguard-tests",
+        "--bins",
+    ]))
+}
+
+fn test(root: &Path, args: &[String]) -> Result<()> {
+    build()?;
+    // Unit tests (the decision logic, policy, BTF, ...): no privileges needed.
+    run(cargo().args([
+        "test",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "spawnguard-tests",
+    ]))?;
+    // End-to-end: real programs, real cgroups, real bombs. One daemon at a time, so serial.
+    run(cargo()
+        .args(["test", "--release", "--package", "spawnguard-tests", "--"])
+        .arg("--test-threads=1")
+        .args(args)
+        .env("SPAWNGUARD_BIN", root.join("target/release/spawnguard")))
+}
