@@ -12,7 +12,10 @@ fn main() {
     for dir in ["spawnguard-ebpf/src", "spawnguard-common/src"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
-    println!("cargo:rerun-if-changed={}", root.join("spawnguard-ebpf/Cargo.toml").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("spawnguard-ebpf/Cargo.toml").display()
+    );
     println!("cargo:rerun-if-env-changed=SPAWNGUARD_EBPF_OBJECT");
 
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
@@ -29,9 +32,9 @@ fn main() {
     }
     let target_dir = out.join("ebpf-target");
     let mut path = env::var_os("PATH").unwrap_or_default();
-    if let Some(home) = env::var_os("CARGO_HOME").or_else(|| {
-        env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo").into_os_string())
-    }) {
+    if let Some(home) = env::var_os("CARGO_HOME")
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo").into_os_string()))
+    {
         let mut paths: Vec<PathBuf> = env::split_paths(&path).collect();
         paths.push(PathBuf::from(home).join("bin"));
         path = env::join_paths(paths).unwrap();

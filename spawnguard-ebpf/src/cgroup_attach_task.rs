@@ -4,16 +4,16 @@
 
 use aya_ebpf::{bindings::BPF_ANY, macros::btf_tracepoint, programs::BtfTracePointContext};
 use spawnguard_common::{
-    CAUSE_MIGRATION, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL, FAIL_PROCESSES_FULL,
-    FAIL_READ_ERROR, ProcessRecord,
+    ProcessRecord, CAUSE_MIGRATION, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL, FAIL_PROCESSES_FULL,
+    FAIL_READ_ERROR,
 };
 use spawnguard_ebpf::{admit, process_left};
 
 use crate::{
     kernel::{self, Cgroup, Task},
     state::{
-        INSTANCES, PROCESSES, Report, budget, counters, doom, fail_open, instance, needs_doom,
-        now, place, record, stop_process, type_counters,
+        budget, counters, doom, fail_open, instance, needs_doom, now, place, record, stop_process,
+        type_counters, Report, INSTANCES, PROCESSES,
     },
 };
 

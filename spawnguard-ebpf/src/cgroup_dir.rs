@@ -5,7 +5,7 @@ use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 
 use crate::{
     kernel::{self, Cgroup},
-    state::{INSTANCES, instance, place},
+    state::{instance, place, INSTANCES},
 };
 
 #[btf_tracepoint(function = "cgroup_mkdir")]

@@ -41,7 +41,10 @@ fn read<T>(base: *const u8, offset: u32) -> Result<T, i32> {
 #[inline(always)]
 pub fn task_ids(task: Task) -> Result<(u32, u32), i32> {
     let o = offsets();
-    Ok((read::<u32>(task, o.task_pid)?, read::<u32>(task, o.task_tgid)?))
+    Ok((
+        read::<u32>(task, o.task_pid)?,
+        read::<u32>(task, o.task_tgid)?,
+    ))
 }
 
 /// The task's cgroup on the cgroup2 hierarchy (`task->cgroups->dfl_cgrp`).

@@ -4,7 +4,11 @@
 #![no_std]
 // The bpf target has no `AtomicU64::fetch_add` (rustc does not mark it as having atomic
 // read-modify-write), but the kernel does: use the intrinsics there, std atomics on the host.
-#![cfg_attr(target_arch = "bpf", feature(core_intrinsics), allow(internal_features))]
+#![cfg_attr(
+    target_arch = "bpf",
+    feature(core_intrinsics),
+    allow(internal_features)
+)]
 
 use core::cell::UnsafeCell;
 
@@ -16,9 +20,7 @@ pub struct AtomicU64(UnsafeCell<u64>);
 unsafe impl Sync for AtomicU64 {}
 
 #[cfg(target_arch = "bpf")]
-use core::intrinsics::{
-    AtomicOrdering::SeqCst, atomic_cxchg, atomic_xadd, atomic_xsub,
-};
+use core::intrinsics::{atomic_cxchg, atomic_xadd, atomic_xsub, AtomicOrdering::SeqCst};
 
 impl AtomicU64 {
     pub const fn new(v: u64) -> Self {
@@ -55,7 +57,8 @@ impl AtomicU64 {
         // SAFETY: valid aligned pointer owned by self.
         return unsafe { atomic_xadd::<u64, u64, { SeqCst }>(self.0.get(), n) };
         #[cfg(not(target_arch = "bpf"))]
-        self.std().fetch_add(n, core::sync::atomic::Ordering::SeqCst)
+        self.std()
+            .fetch_add(n, core::sync::atomic::Ordering::SeqCst)
     }
 
     #[inline(always)]
@@ -64,7 +67,8 @@ impl AtomicU64 {
         // SAFETY: valid aligned pointer owned by self.
         return unsafe { atomic_xsub::<u64, u64, { SeqCst }>(self.0.get(), n) };
         #[cfg(not(target_arch = "bpf"))]
-        self.std().fetch_sub(n, core::sync::atomic::Ordering::SeqCst)
+        self.std()
+            .fetch_sub(n, core::sync::atomic::Ordering::SeqCst)
     }
 
     /// Stores `new` if the value is still `current`; returns the value seen.
@@ -75,7 +79,11 @@ impl AtomicU64 {
             // SAFETY: valid aligned pointer owned by self.
             let (seen, ok) =
                 unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(self.0.get(), current, new) };
-            if ok { Ok(seen) } else { Err(seen) }
+            if ok {
+                Ok(seen)
+            } else {
+                Err(seen)
+            }
         }
         #[cfg(not(target_arch = "bpf"))]
         self.std().compare_exchange(
@@ -301,10 +309,9 @@ pub fn process_left(c: &Counters<'_>, live: u64) {
 
 /// Nanoseconds per token for a rate of `per_sec_milli` thousandths of a token per second.
 pub const fn rate_interval_ns(per_sec_milli: u64) -> u64 {
-    if per_sec_milli == 0 {
-        0
-    } else {
-        1_000_000_000_000 / per_sec_milli
+    match 1_000_000_000_000u64.checked_div(per_sec_milli) {
+        Some(ns) => ns,
+        None => 0,
     }
 }
 

@@ -1,9 +1,11 @@
 //! Every exiting task: uncount it where it was counted. A process stops counting when its last
 //! live task exits, whichever thread that is.
 
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext,
+};
 
-use crate::state::{DOOMED, INSTANCES, PROCESSES, counters, process_live};
+use crate::state::{counters, process_live, DOOMED, INSTANCES, PROCESSES};
 use spawnguard_ebpf::task_exited;
 
 /// Fires in `do_exit` of the exiting task itself, before it leaves its cgroup.

@@ -5,16 +5,16 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use spawnguard_common::{
-    CAUSE_FORK, CAUSE_THREAD, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL, FAIL_PROCESSES_FULL,
-    FAIL_READ_ERROR, ProcessRecord,
+    ProcessRecord, CAUSE_FORK, CAUSE_THREAD, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL,
+    FAIL_PROCESSES_FULL, FAIL_READ_ERROR,
 };
-use spawnguard_ebpf::{TaskKind, admit, classify, process_left};
+use spawnguard_ebpf::{admit, classify, process_left, TaskKind};
 
 use crate::{
     kernel::{self, Task},
     state::{
-        INSTANCES, PROCESSES, Report, budget, counters, doom, fail_open, instance, now,
-        needs_doom, process_live, record, stop_new_task, type_counters,
+        budget, counters, doom, fail_open, instance, needs_doom, now, process_live, record,
+        stop_new_task, type_counters, Report, INSTANCES, PROCESSES,
     },
 };
 
@@ -137,4 +137,3 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
         stop_new_task(child);
     }
 }
-

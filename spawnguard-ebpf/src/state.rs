@@ -10,10 +10,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use spawnguard_common::{
-    BACKEND_KILL, CAUSE_MIGRATION, EVENT_AUDIT_DENIED, EVENT_DENIED, EVENT_FAIL_OPEN, Event,
-    EVENTS_BYTES, GlobalCounters, InstanceBudget, InstanceState, MAX_DOOMED, MAX_INSTANCES,
-    MAX_PROCESSES, MAX_TYPE_LEVELS, MAX_TYPES, MODE_ENFORCE, ProcessRecord, REASON_FORK_RATE,
-    REASON_MAX_TASKS, REASON_MAX_THREADS, TypeCounters, TypeDir, TypeLevels,
+    Event, GlobalCounters, InstanceBudget, InstanceState, ProcessRecord, TypeCounters, TypeDir,
+    TypeLevels, BACKEND_KILL, CAUSE_MIGRATION, EVENTS_BYTES, EVENT_AUDIT_DENIED, EVENT_DENIED,
+    EVENT_FAIL_OPEN, MAX_DOOMED, MAX_INSTANCES, MAX_PROCESSES, MAX_TYPES, MAX_TYPE_LEVELS,
+    MODE_ENFORCE, REASON_FORK_RATE, REASON_MAX_TASKS, REASON_MAX_THREADS,
 };
 use spawnguard_ebpf::{Admission, AtomicU64, Budget, Counters, Refusal};
 
@@ -164,7 +164,9 @@ pub fn now() -> u64 {
 #[inline(always)]
 pub fn type_counters(type_idx: u32) -> Option<&'static mut TypeCounters> {
     // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
-    TYPE_COUNTERS.get_ptr_mut(type_idx).map(|p| unsafe { &mut *p })
+    TYPE_COUNTERS
+        .get_ptr_mut(type_idx)
+        .map(|p| unsafe { &mut *p })
 }
 
 #[inline(always)]

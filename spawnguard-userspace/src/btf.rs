@@ -107,7 +107,11 @@ impl Btf {
                         members.push(Member {
                             name: u32_at(types_raw, at)?,
                             type_id: u32_at(types_raw, at + 4)?,
-                            bit_offset: if kind_flag { offset & 0xff_ffff } else { offset },
+                            bit_offset: if kind_flag {
+                                offset & 0xff_ffff
+                            } else {
+                                offset
+                            },
                         });
                         at += 12;
                     }
@@ -167,8 +171,7 @@ impl Btf {
         }
         for m in &t.members {
             if m.name == 0 {
-                if let Some(found) = self.find_member(m.type_id, member, base_bits + m.bit_offset)
-                {
+                if let Some(found) = self.find_member(m.type_id, member, base_bits + m.bit_offset) {
                     return Some(found);
                 }
             }
@@ -210,7 +213,9 @@ mod tests {
         let s = |name: &str| {
             let pos = strings
                 .windows(name.len() + 2)
-                .position(|w| w[0] == 0 && &w[1..=name.len()] == name.as_bytes() && w[name.len() + 1] == 0)
+                .position(|w| {
+                    w[0] == 0 && &w[1..=name.len()] == name.as_bytes() && w[name.len() + 1] == 0
+                })
                 .unwrap();
             (pos + 1) as u32
         };
@@ -225,12 +230,28 @@ mod tests {
         // 2: anonymous union { int b; int c; }
         push(&[0, KIND_UNION << 24 | 2, 4, s("b"), 1, 0, s("c"), 1, 0]);
         // 3: struct outer { int a; union; } with the union at byte 8
-        push(&[s("outer"), KIND_STRUCT << 24 | 2, 12, s("a"), 1, 0, 0, 2, 64]);
+        push(&[
+            s("outer"),
+            KIND_STRUCT << 24 | 2,
+            12,
+            s("a"),
+            1,
+            0,
+            0,
+            2,
+            64,
+        ]);
         // 4: func f
         push(&[s("f"), KIND_FUNC << 24, 0]);
         let mut out = Vec::new();
         out.extend_from_slice(&[0x9f, 0xeb, 1, 0]);
-        for w in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+        for w in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
             out.extend_from_slice(&w.to_le_bytes());
         }
         out.extend_from_slice(&types);

@@ -5,9 +5,9 @@ use std::{collections::HashMap, path::PathBuf};
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use spawnguard_common::{
-    BACKEND_KILL, CAUSE_MIGRATION, CAUSE_THREAD, EVENT_AUDIT_DENIED, EVENT_DENIED,
-    EVENT_FAIL_OPEN, Event, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL, FAIL_PROCESSES_FULL,
-    REASON_FORK_RATE, REASON_MAX_TASKS, REASON_MAX_THREADS,
+    Event, BACKEND_KILL, CAUSE_MIGRATION, CAUSE_THREAD, EVENT_AUDIT_DENIED, EVENT_DENIED,
+    EVENT_FAIL_OPEN, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL, FAIL_PROCESSES_FULL, REASON_FORK_RATE,
+    REASON_MAX_TASKS, REASON_MAX_THREADS,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -62,7 +62,11 @@ pub fn reason_name(reason: u32) -> &'static str {
 }
 
 fn comm(ev: &Event) -> String {
-    let end = ev.comm.iter().position(|&b| b == 0).unwrap_or(ev.comm.len());
+    let end = ev
+        .comm
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(ev.comm.len());
     String::from_utf8_lossy(&ev.comm[..end]).into_owned()
 }
 

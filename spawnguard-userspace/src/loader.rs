@@ -6,23 +6,23 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf},
     programs::{BtfTracePoint, RawTracePoint},
+    Ebpf, EbpfLoader,
 };
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
-    BACKEND_KILL, BACKEND_KILL_COMPAT, InstanceBudget, MAX_TYPE_LEVELS, MAX_TYPES, MODE_AUDIT,
-    MODE_ENFORCE, TYPE_NAME_LEN, TypeDir, TypeLevels, maps,
+    maps, InstanceBudget, TypeDir, TypeLevels, BACKEND_KILL, BACKEND_KILL_COMPAT, MAX_TYPES,
+    MAX_TYPE_LEVELS, MODE_AUDIT, MODE_ENFORCE, TYPE_NAME_LEN,
 };
 use spawnguard_ebpf::{rate_interval_ns, rate_window_ns};
 
 use crate::{
     btf::Btf,
     cgroupfs::{self, Cgroup2},
-    kfunc::{KfuncPatch, patch_kfunc_calls},
+    kfunc::{patch_kfunc_calls, KfuncPatch},
     policy::{Mode, Policy},
 };
 

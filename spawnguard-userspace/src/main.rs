@@ -15,9 +15,9 @@ use std::{
     process::ExitCode,
 };
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     cgroupfs::Cgroup2,
@@ -91,8 +91,7 @@ enum PolicyCommand {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -155,11 +154,13 @@ async fn daemon(policy: Policy, backend: BackendChoice) -> Result<()> {
     }
     let types = loader::place_types(&policy, &cg)?;
     let mut enforcer = Enforcer::load(backend, &policy, &types)?;
-    tracing::info!(
-        "backend {}: {}",
-        enforcer.backend,
-        enforcer.backend_reason
-    );
+    tracing::info!("backend {}: {}", enforcer.backend, enforcer.backend_reason);
+    if !enforcer.kfuncs.missing.is_empty() {
+        tracing::info!(
+            "kfuncs this kernel lacks: {}",
+            enforcer.kfuncs.missing.join(", ")
+        );
+    }
     enforcer.pin_maps(Path::new(PIN_DIR))?;
     let ring = enforcer.take_events()?;
     let state = DaemonState {
@@ -205,7 +206,13 @@ fn single_daemon_lock() -> Result<std::fs::File> {
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: flock on a descriptor we own; released when the file is closed.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
         let holder = DaemonState::read().map_or_else(String::new, |s| format!(" (pid {})", s.pid));
         bail!("another spawnguard daemon is already running{holder}; stop it first");
     }
@@ -219,7 +226,12 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Only returns on error: on success the process becomes CMD.
-fn exec(type_name: &str, instance: &str, policy: Option<&Path>, command: &[OsString]) -> anyhow::Error {
+fn exec(
+    type_name: &str,
+    instance: &str,
+    policy: Option<&Path>,
+    command: &[OsString],
+) -> anyhow::Error {
     let attempt = || -> Result<std::io::Error> {
         if instance.is_empty() || instance.contains('/') || instance.starts_with('.') {
             bail!("--instance must be a plain directory name, got {instance:?}");

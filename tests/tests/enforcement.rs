@@ -56,13 +56,19 @@ fn fork_bomb_is_held_at_max_tasks(backend: &str) {
         .unwrap();
     let most = max_held(&inst, Duration::from_millis(2800), 40, false);
     assert!(most <= 40, "the instance held {most} tasks, budget 40");
-    assert!(most >= 39, "the bomb never filled its budget ({most}): did it run?");
+    assert!(
+        most >= 39,
+        "the bomb never filled its budget ({most}): did it run?"
+    );
 
     // Bomb stopped forking, still holding: the daemon's count is the cgroup's count.
     sleep(Duration::from_millis(700));
     let real = subtree_threads(&inst).len() as u64;
     let (tasks, processes, threads) = instance_counts(&inst);
-    assert_eq!(tasks, real, "spawnguard counts {tasks}, cgroup.threads lists {real}");
+    assert_eq!(
+        tasks, real,
+        "spawnguard counts {tasks}, cgroup.threads lists {real}"
+    );
     assert_eq!((processes, threads), (real, 0));
     assert!(real <= 40);
     let t = type_status("fb");
@@ -71,9 +77,11 @@ fn fork_bomb_is_held_at_max_tasks(backend: &str) {
     let out = bomb.wait_with_output().unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(report_value(&report, "attempts") > 40, "{report}");
-    assert!(wait_for(Duration::from_secs(10), || subtree_threads(&inst).is_empty()));
+    assert!(wait_for(Duration::from_secs(10), || subtree_threads(&inst)
+        .is_empty()));
     assert!(
-        wait_for(Duration::from_secs(5), || instance_counts(&inst) == (0, 0, 0)),
+        wait_for(Duration::from_secs(5), || instance_counts(&inst)
+            == (0, 0, 0)),
         "counts back to zero once the cgroup is empty: {:?}",
         instance_counts(&inst)
     );
@@ -101,7 +109,8 @@ fn thread_bomb_is_held_at_max_threads(backend: &str) {
         report_value(&String::from_utf8_lossy(&out.stdout), "created"),
         10
     );
-    assert!(wait_for(Duration::from_secs(5), || instance_counts(&inst) == (0, 0, 0)));
+    assert!(wait_for(Duration::from_secs(5), || instance_counts(&inst)
+        == (0, 0, 0)));
 
     // Over the budget: never more than 16 threads. With the kill backends a refused thread
     // takes its process with it (SIGKILL is fatal to the whole thread group).
@@ -118,7 +127,8 @@ fn thread_bomb_is_held_at_max_threads(backend: &str) {
     // (too fast to be sampled: the refused 17th thread ends the process within microseconds).
     assert_eq!(t["threads_allowed"], 26, "{t}");
     assert!(t["denied"]["max_threads"].as_u64().unwrap() >= 1, "{t}");
-    assert!(wait_for(Duration::from_secs(5), || instance_counts(&inst) == (0, 0, 0)));
+    assert!(wait_for(Duration::from_secs(5), || instance_counts(&inst)
+        == (0, 0, 0)));
 }
 
 fn fork_rate_gives_burst_plus_rate(backend: &str) {
@@ -202,7 +212,11 @@ fn nested_cgroups_and_migration_move_counts(backend: &str) {
         fs::read_dir(format!("/proc/{}/task", p.id())).map_or(0, |d| d.count()) == 4
     }));
     move_to(&nested, p.id());
-    assert_eq!(instance_counts(&a), (4, 1, 3), "nested cgroups count to the instance");
+    assert_eq!(
+        instance_counts(&a),
+        (4, 1, 3),
+        "nested cgroups count to the instance"
+    );
     move_to(&b, p.id());
     assert_eq!(instance_counts(&a), (0, 0, 0));
     assert_eq!(instance_counts(&b), (4, 1, 3));
@@ -218,8 +232,15 @@ fn nested_cgroups_and_migration_move_counts(backend: &str) {
     let mut r = spawn_outside(&["hold", "1000"]);
     move_to(&b, r.id());
     let r_status = r.wait().unwrap();
-    assert!(!r_status.success(), "a process pushing b past 8 tasks was stopped");
-    assert_eq!(instance_counts(&b), (8, 1, 7), "the refused process never counted");
+    assert!(
+        !r_status.success(),
+        "a process pushing b past 8 tasks was stopped"
+    );
+    assert_eq!(
+        instance_counts(&b),
+        (8, 1, 7),
+        "the refused process never counted"
+    );
     let t = type_status("mg");
     assert!(t["migrations_denied"].as_u64().unwrap() >= 1, "{t}");
     q.wait().unwrap();
@@ -267,7 +288,10 @@ fn outside_processes_are_untouched(backend: &str) {
     assert_eq!(report_value(&report, "killed"), 0, "{report}");
     assert_eq!(report_value(&report, "failed"), 0, "{report}");
     let t = type_status("ob");
-    assert!(t["denied"]["max_tasks"].as_u64().unwrap() > 0, "the bomb was running: {t}");
+    assert!(
+        t["denied"]["max_tasks"].as_u64().unwrap() > 0,
+        "the bomb was running: {t}"
+    );
     bomb.wait_with_output().unwrap();
 }
 
@@ -290,7 +314,10 @@ fn daemon_detaches_cleanly_on_sigterm() {
         String::from_utf8_lossy(&second.stderr)
     );
     assert!(daemon.stop().unwrap().success());
-    assert!(!Path::new("/sys/fs/bpf/spawnguard").exists(), "pins removed");
+    assert!(
+        !Path::new("/sys/fs/bpf/spawnguard").exists(),
+        "pins removed"
+    );
     // Nothing enforces any more: 10 processes in a 4-task instance all run.
     let out = Command::new(spawnguard_bin())
         .args(["exec", "--type", "dt", "--instance", "i1", "--policy"])
@@ -330,4 +357,32 @@ fn run_refuses_non_root_with_one_sentence() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("must run as root"), "{err}");
+}
+
+/// A full event ring buffer drops events and counts the drops; it never blocks the kernel side
+/// and never lets a denial through. The daemon is stopped (SIGSTOP) so nothing reads the ring.
+#[test]
+fn full_ring_buffer_drops_events_not_denials() {
+    if !privileged() {
+        return;
+    }
+    let (rel, tree) = test_type("ringfull");
+    let daemon = Daemon::start(&policy("rf", &rel, "max_tasks = 10"), "kill").unwrap();
+    // SAFETY: stopping and resuming our own child.
+    unsafe { libc::kill(daemon.pid() as i32, libc::SIGSTOP) };
+    let inst = tree.root.join("i1");
+    // 256 KiB of 88-byte events is under 3,000: 20,000 refused forks overflow it.
+    let bomb = exec_bomb("rf", "i1", &["fork", "4000", "20000", "500"])
+        .spawn()
+        .unwrap();
+    let most = max_held(&inst, Duration::from_millis(3500), 10, false);
+    let out = bomb.wait_with_output().unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(daemon.pid() as i32, libc::SIGCONT) };
+    assert!(most <= 10, "held {most} tasks with the event ring full, budget 10");
+    let s = status();
+    let denied = s["types"][0]["denied"]["max_tasks"].as_u64().unwrap();
+    let dropped = s["events_dropped"].as_u64().unwrap();
+    assert!(denied > 3000, "{denied} denials: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(dropped > 0 && dropped < denied, "dropped {dropped} of {denied} events");
 }

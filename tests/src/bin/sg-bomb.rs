@@ -63,12 +63,9 @@ fn fork_bomb(deadline_ms: u64, cap: u64, hold_ms: u64) {
     let mut failed = 0u64;
     while Instant::now() < deadline && attempts.fetch_add(1, Ordering::Relaxed) < cap {
         // SAFETY: single-threaded process; the child only continues this loop.
-        match unsafe { libc::fork() } {
-            -1 => {
-                failed += 1;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            _ => {}
+        if unsafe { libc::fork() } == -1 {
+            failed += 1;
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
     sleep_until(deadline + Duration::from_millis(hold_ms));
