@@ -22,7 +22,10 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     pub const TYPE_COUNTERS: &str = "TYPE_COUNTERS";
     pub const GLOBAL_COUNTERS: &str = "GLOBAL_COUNTERS";
-    pub const ALL: [&str; 9] = [
+    pub const TYPE_STATE: &str = "TYPE_STATE";
+    pub const HOST_LIMITS: &str = "HOST_LIMITS";
+    pub const HOST_STATE: &str = "HOST_STATE";
+    pub const ALL: [&str; 12] = [
         TYPE_DIRS,
         TYPE_POLICY,
         TYPE_LEVELS,
@@ -32,6 +35,9 @@ pub mod maps {
         EVENTS,
         TYPE_COUNTERS,
         GLOBAL_COUNTERS,
+        TYPE_STATE,
+        HOST_LIMITS,
+        HOST_STATE,
     ];
 }
 
@@ -85,10 +91,11 @@ pub struct TypeLevels {
     pub levels: [u32; MAX_TYPE_LEVELS],
 }
 
-/// Per-instance budget of one type; element `type_idx` of `TYPE_POLICY`.
+/// The limits of one type (per instance and for the whole type); element `type_idx` of
+/// `TYPE_POLICY`. `NO_LIMIT` disables a limit.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct InstanceBudget {
+pub struct TypeLimits {
     pub max_tasks: u64,
     pub max_threads: u64,
     /// Nanoseconds per fork-rate token; 0 disables the rate limit.
@@ -96,6 +103,13 @@ pub struct InstanceBudget {
     pub rate_burst: u64,
     /// `rate_interval_ns * rate_burst`, precomputed (BPF has no 128-bit multiply).
     pub rate_window_ns: u64,
+    pub max_instances: u64,
+    pub max_total_tasks: u64,
+    /// Usage at which a warning fires (`warn_at` of the matching limit).
+    pub warn_tasks: u64,
+    pub warn_total_tasks: u64,
+    pub warn_instances: u64,
+    /// `MODE_*`; an exempt type is loaded as audit.
     pub mode: u32,
     /// 1 when this slot holds a type.
     pub active: u32,
@@ -103,14 +117,21 @@ pub struct InstanceBudget {
     pub name: [u8; TYPE_NAME_LEN],
 }
 
-impl Default for InstanceBudget {
+pub const NO_LIMIT: u64 = u64::MAX;
+
+impl Default for TypeLimits {
     fn default() -> Self {
         Self {
-            max_tasks: 0,
-            max_threads: 0,
+            max_tasks: NO_LIMIT,
+            max_threads: NO_LIMIT,
             rate_interval_ns: 0,
             rate_burst: 0,
             rate_window_ns: 0,
+            max_instances: NO_LIMIT,
+            max_total_tasks: NO_LIMIT,
+            warn_tasks: NO_LIMIT,
+            warn_total_tasks: NO_LIMIT,
+            warn_instances: NO_LIMIT,
             mode: MODE_AUDIT,
             active: 0,
             name: [0; TYPE_NAME_LEN],
@@ -118,12 +139,51 @@ impl Default for InstanceBudget {
     }
 }
 
+/// Live usage of one type across its instances; element `type_idx` of `TYPE_STATE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TypeState {
+    /// Admitted instances (the ones holding a `max_instances` slot).
+    pub instances: u64,
+    pub tasks: u64,
+}
+
+/// The host budget; element 0 of `HOST_LIMITS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostLimits {
+    /// `[host] max_tasks`, for reporting.
+    pub max_tasks: u64,
+    /// Tasks above which new tasks are denied (`max_tasks * deny_at`).
+    pub deny_tasks: u64,
+    pub warn_tasks: u64,
+}
+
+impl Default for HostLimits {
+    fn default() -> Self {
+        Self {
+            max_tasks: NO_LIMIT,
+            deny_tasks: NO_LIMIT,
+            warn_tasks: NO_LIMIT,
+        }
+    }
+}
+
+/// Live tasks in all instances of all types; element 0 of `HOST_STATE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostState {
+    pub tasks: u64,
+}
+
 /// Value of `INSTANCES` (key: cgroup id of the instance). Counters are updated with atomics in
 /// place by every CPU; the map is allocated without preallocation so entries are RCU-freed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InstanceState {
-    /// Live tasks: processes + threads.
+    /// Live tasks (processes + threads) in the low 63 bits; the top bit says the instance is
+    /// admitted (holds one of its type's `max_instances` slots). One word, so both change
+    /// together.
     pub tasks: u64,
     pub processes: u64,
     /// Live tasks that are not counted as their process (tasks - processes).
@@ -147,7 +207,10 @@ pub struct ProcessRecord {
 pub const REASON_MAX_TASKS: u32 = 0;
 pub const REASON_MAX_THREADS: u32 = 1;
 pub const REASON_FORK_RATE: u32 = 2;
-pub const REASONS: usize = 3;
+pub const REASON_MAX_INSTANCES: u32 = 3;
+pub const REASON_TYPE_TASKS: u32 = 4;
+pub const REASON_HOST_TASKS: u32 = 5;
+pub const REASONS: usize = 6;
 
 /// Per-CPU counters per type; element `type_idx` of `TYPE_COUNTERS`.
 #[repr(C)]
@@ -159,6 +222,10 @@ pub struct TypeCounters {
     pub audit_denied: [u64; REASONS],
     pub migrations_in: u64,
     pub migrations_denied: u64,
+    /// Warning thresholds crossed (`warn_at`).
+    pub warnings: u64,
+    /// Instances admitted (took a `max_instances` slot).
+    pub instances_admitted: u64,
 }
 
 /// Per-CPU counters for the whole host; element 0 of `GLOBAL_COUNTERS`.
@@ -172,11 +239,16 @@ pub struct GlobalCounters {
     pub doomed_full: u64,
     pub read_errors: u64,
     pub rate_contended: u64,
+    /// Instance counts found below zero on exit (drift; clamped, never wrapped).
+    pub drift: u64,
+    pub contended: u64,
 }
 
 pub const EVENT_DENIED: u32 = 1;
 pub const EVENT_AUDIT_DENIED: u32 = 2;
 pub const EVENT_FAIL_OPEN: u32 = 3;
+/// A warning threshold was crossed; `reason` names the budget (`REASON_*`).
+pub const EVENT_WARN: u32 = 4;
 
 pub const CAUSE_FORK: u32 = 1;
 pub const CAUSE_THREAD: u32 = 2;
@@ -186,6 +258,8 @@ pub const FAIL_INSTANCES_FULL: u32 = 1;
 pub const FAIL_PROCESSES_FULL: u32 = 2;
 pub const FAIL_DOOMED_FULL: u32 = 3;
 pub const FAIL_READ_ERROR: u32 = 4;
+/// Other CPUs kept changing the instance's counters (bounded compare-and-swap gave up).
+pub const FAIL_CONTENDED: u32 = 5;
 
 /// One record of the `EVENTS` ring buffer.
 #[repr(C)]
@@ -196,7 +270,7 @@ pub struct Event {
     pub usage: u64,
     pub limit: u64,
     pub kind: u32,
-    /// `REASON_*` for denials, `FAIL_*` for fail-open events.
+    /// `REASON_*` for denials and warnings, `FAIL_*` for fail-open events.
     pub reason: u32,
     pub cause: u32,
     pub type_idx: u32,
@@ -219,7 +293,13 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for TypeLevels {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for InstanceBudget {}
+    unsafe impl aya::Pod for TypeLimits {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TypeState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for HostLimits {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for HostState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for InstanceState {}
     // SAFETY: as above.

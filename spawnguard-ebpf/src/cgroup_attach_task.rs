@@ -7,7 +7,7 @@ use spawnguard_common::{
     ProcessRecord, CAUSE_MIGRATION, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL, FAIL_PROCESSES_FULL,
     FAIL_READ_ERROR,
 };
-use spawnguard_ebpf::{admit, process_left};
+use spawnguard_ebpf::{admit, release_tasks, Request};
 
 use crate::{
     kernel::{self, Cgroup, Task},
@@ -56,7 +56,11 @@ pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
     };
     if let Some(r) = counted {
         if let Some(state) = INSTANCES.get_ptr_mut(&r.instance) {
-            process_left(&counters(state), live);
+            // SAFETY: live map value, plain read.
+            let type_idx = unsafe { (*state).type_idx };
+            if let Some(c) = counters(state, type_idx) {
+                release_tasks(&c, live, live - 1, 1);
+            }
         }
         let _ = PROCESSES.remove(&tgid);
     }
@@ -72,27 +76,36 @@ pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
         fail_open(FAIL_INSTANCES_FULL, &report);
         return 0;
     };
-    let c = counters(state);
-    let adm = admit(&c, &b, live, live - 1, 1, false, now());
+    let Some(c) = counters(state, p.type_idx) else {
+        return 0;
+    };
+    let request = Request {
+        tasks: live,
+        threads: live - 1,
+        processes: 1,
+        rate: false,
+        now: now(),
+    };
+    let adm = admit(&c, &b, &request);
     if adm.counted {
         let rec = ProcessRecord {
             instance: p.instance,
             live,
         };
         if PROCESSES.insert(&tgid, &rec, BPF_ANY as u64).is_err() {
-            process_left(&c, live);
+            release_tasks(&c, live, live - 1, 1);
             fail_open(FAIL_PROCESSES_FULL, &report);
             return 0;
         }
         if let Some(tc) = type_counters(p.type_idx) {
             tc.migrations_in += 1;
         }
-    } else if needs_doom(false) && !doom(pid) {
+    } else if !adm.contended && needs_doom(false) && !doom(pid) {
         fail_open(FAIL_DOOMED_FULL, &report);
         return 0;
     }
-    record(&adm, &b, state, &report);
-    if !adm.counted {
+    record(&adm, &b, &c, &report);
+    if !adm.counted && !adm.contended {
         stop_process(task);
     }
     0

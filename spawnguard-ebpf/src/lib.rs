@@ -165,7 +165,7 @@ pub const TOKEN_CAS_ATTEMPTS: usize = 8;
 #[inline(always)]
 pub fn take_token(tat: &AtomicU64, now: u64, interval_ns: u64, window_ns: u64) -> Token {
     let mut current = tat.load();
-    for _ in 0..TOKEN_CAS_ATTEMPTS {
+    for _ in 0..CAS_ATTEMPTS {
         let Some(next) = gcra_take(current, now, interval_ns, window_ns) else {
             return Token::Empty;
         };
@@ -180,20 +180,47 @@ pub fn take_token(tat: &AtomicU64, now: u64, interval_ns: u64, window_ns: u64) -
 /// Which budget refused a new task, in the order they are checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
+    /// The instance's own `max_tasks`.
     MaxTasks,
     MaxThreads,
     ForkRate,
+    /// The type already has `max_instances` live instances: this one is not admitted.
+    MaxInstances,
+    /// The type's `max_total_tasks` across all its instances.
+    TypeTasks,
+    /// The host budget (`[host] max_tasks * deny_at`).
+    HostTasks,
 }
 
-/// The live counters of one instance, as atomics.
+/// Bit of an instance's task word that says the instance holds one of its type's
+/// `max_instances` slots. Keeping it in the same word as the task count makes "admitted" and
+/// "has live tasks" change together, atomically.
+pub const ADMITTED: u64 = 1 << 63;
+pub const TASKS_MASK: u64 = ADMITTED - 1;
+
+/// Live tasks in an instance's task word.
+pub const fn word_tasks(word: u64) -> u64 {
+    word & TASKS_MASK
+}
+
+/// Bound on compare-and-swap retries, so the verifier accepts the loops and no CPU spins.
+pub const CAS_ATTEMPTS: usize = 8;
+
+/// The counters a new task is checked against and counted in, as atomics.
 pub struct Counters<'a> {
-    pub tasks: &'a AtomicU64,
+    /// `ADMITTED | live tasks` of the instance.
+    pub instance: &'a AtomicU64,
     pub processes: &'a AtomicU64,
     pub threads: &'a AtomicU64,
     pub rate_tat: &'a AtomicU64,
+    /// Live (admitted) instances of the type.
+    pub type_instances: &'a AtomicU64,
+    pub type_tasks: &'a AtomicU64,
+    pub host_tasks: &'a AtomicU64,
 }
 
-/// The budget a new task (or a migrating process of `n` tasks) is checked against.
+/// Every limit a new task (or a migrating process of `n` tasks) is checked against. A limit of
+/// `u64::MAX` is no limit.
 #[derive(Clone, Copy, Debug)]
 pub struct Budget {
     pub max_tasks: u64,
@@ -201,110 +228,260 @@ pub struct Budget {
     pub rate_interval_ns: u64,
     /// `rate_interval_ns * burst`.
     pub rate_window_ns: u64,
+    pub max_instances: u64,
+    pub max_type_tasks: u64,
+    /// Host tasks above which new tasks are denied (`max_tasks * deny_at`).
+    pub max_host_tasks: u64,
+    /// Warning thresholds (usage at which a warning fires once on the way up).
+    pub warn_tasks: u64,
+    pub warn_type_tasks: u64,
+    pub warn_host_tasks: u64,
     pub enforce: bool,
 }
+
+impl Budget {
+    pub const UNLIMITED: u64 = u64::MAX;
+}
+
+/// What a decision asks for: a fork is 1/0/1 (tasks/threads/processes), a thread 1/1/0, a
+/// migrating process of n tasks n/n-1/1. Only new tasks take fork-rate tokens.
+#[derive(Clone, Copy, Debug)]
+pub struct Request {
+    pub tasks: u64,
+    pub threads: u64,
+    pub processes: u64,
+    pub rate: bool,
+    pub now: u64,
+}
+
+pub const WARN_INSTANCE_TASKS: u32 = 1;
+pub const WARN_TYPE_TASKS: u32 = 2;
+pub const WARN_HOST_TASKS: u32 = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Admission {
     /// The first budget that did not hold, if any. In audit mode the task is admitted and
     /// counted anyway.
     pub refusal: Option<Refusal>,
-    /// The task is counted in the instance (false only for an enforced refusal).
+    /// The task is counted (false for an enforced refusal or a fail-open).
     pub counted: bool,
+    /// The task opened the instance: it took one of the type's `max_instances` slots.
+    pub opened: bool,
+    /// `WARN_*` thresholds this task crossed on the way up.
+    pub warnings: u32,
+    /// Compare-and-swap on the instance kept losing to other CPUs: let through uncounted
+    /// (fail open).
+    pub contended: bool,
+    /// The fork-rate bucket was too contended to update: let through (fail open).
     pub rate_contended: bool,
 }
 
-/// Admits `tasks` new tasks of which `threads` are threads, adding `processes` processes (a fork
-/// is 1/0/1, a thread 1/1/0, a migrating process of n tasks n/n-1/1). `rate` says whether the
-/// fork-rate bucket applies (new tasks do, migrations do not).
+impl Admission {
+    const fn refused(refusal: Refusal) -> Self {
+        Self {
+            refusal: Some(refusal),
+            counted: false,
+            opened: false,
+            warnings: 0,
+            contended: false,
+            rate_contended: false,
+        }
+    }
+}
+
 #[inline(always)]
-pub fn admit(
-    c: &Counters<'_>,
-    b: &Budget,
-    tasks: u64,
-    threads: u64,
-    processes: u64,
-    rate: bool,
-    now: u64,
-) -> Admission {
-    let keep = !b.enforce;
-    let mut refusal = None;
-    if !reserve(c.tasks, tasks, b.max_tasks, keep) {
-        refusal = Some(Refusal::MaxTasks);
-        if b.enforce {
-            return Admission {
-                refusal,
-                counted: false,
-                rate_contended: false,
-            };
+const fn crossed(previous: u64, n: u64, threshold: u64) -> bool {
+    previous < threshold && previous.saturating_add(n) >= threshold
+}
+
+enum Entry {
+    Entered { opened: bool, previous: u64 },
+    Refused(Refusal),
+    Contended,
+}
+
+/// Adds `n` tasks to an instance, admitting it (taking one of the type's instance slots) when
+/// it has none. Over-budget in audit mode is reported through `over`.
+#[inline(always)]
+fn enter_instance(c: &Counters<'_>, b: &Budget, n: u64, over: &mut Option<Refusal>) -> Entry {
+    let mut current = c.instance.load();
+    for _ in 0..CAS_ATTEMPTS {
+        let tasks = word_tasks(current);
+        if tasks.saturating_add(n) > b.max_tasks {
+            if b.enforce {
+                return Entry::Refused(Refusal::MaxTasks);
+            }
+            *over = Some(Refusal::MaxTasks);
         }
-    }
-    if threads > 0 && !reserve(c.threads, threads, b.max_threads, keep) {
-        if refusal.is_none() {
-            refusal = Some(Refusal::MaxThreads);
-        }
-        if b.enforce {
-            release(c.tasks, tasks);
-            return Admission {
-                refusal,
-                counted: false,
-                rate_contended: false,
-            };
-        }
-    }
-    let mut rate_contended = false;
-    if rate && b.rate_interval_ns != 0 {
-        match take_token(c.rate_tat, now, b.rate_interval_ns, b.rate_window_ns) {
-            Token::Taken => {}
-            Token::Contended => rate_contended = true,
-            Token::Empty => {
-                if refusal.is_none() {
-                    refusal = Some(Refusal::ForkRate);
-                }
-                if b.enforce {
-                    release(c.tasks, tasks);
-                    if threads > 0 {
-                        release(c.threads, threads);
-                    }
-                    return Admission {
-                        refusal,
-                        counted: false,
-                        rate_contended: false,
+        if current & ADMITTED != 0 {
+            match c.instance.compare_exchange(current, current + n) {
+                Ok(_) => {
+                    return Entry::Entered {
+                        opened: false,
+                        previous: tasks,
                     };
+                }
+                Err(seen) => {
+                    current = seen;
+                    continue;
                 }
             }
         }
+        // Not admitted: take a slot first, then claim the instance. Two instances racing for
+        // the last slot both add to `type_instances`; only one sees a previous value below
+        // the limit.
+        if !reserve(c.type_instances, 1, b.max_instances, !b.enforce) {
+            if b.enforce {
+                return Entry::Refused(Refusal::MaxInstances);
+            }
+            if over.is_none() {
+                *over = Some(Refusal::MaxInstances);
+            }
+        }
+        match c.instance.compare_exchange(current, ADMITTED | (tasks + n)) {
+            Ok(_) => {
+                return Entry::Entered {
+                    opened: true,
+                    previous: tasks,
+                };
+            }
+            Err(seen) => {
+                release(c.type_instances, 1);
+                current = seen;
+            }
+        }
     }
-    if processes > 0 {
-        c.processes.fetch_add(processes);
+    Entry::Contended
+}
+
+/// Removes `n` tasks from an instance; the last one out gives back the instance's slot.
+/// Returns false when the word held fewer than `n` tasks (counts had drifted; clamped at 0).
+#[inline(always)]
+pub fn leave_instance(c: &Counters<'_>, n: u64) -> bool {
+    let mut current = c.instance.load();
+    for _ in 0..CAS_ATTEMPTS {
+        let tasks = word_tasks(current);
+        let next = if tasks > n {
+            current - n
+        } else {
+            current & ADMITTED
+        };
+        if c.instance.compare_exchange(current, next).is_err() {
+            current = c.instance.load();
+            continue;
+        }
+        if next == ADMITTED && c.instance.compare_exchange(ADMITTED, 0).is_ok() {
+            release(c.type_instances, 1);
+        }
+        return tasks >= n;
+    }
+    false
+}
+
+/// Decides whether `r` may enter, and counts it when it may. Budgets are checked in the order
+/// of `Refusal`; whatever was taken before a refusal is given back.
+#[inline(always)]
+pub fn admit(c: &Counters<'_>, b: &Budget, r: &Request) -> Admission {
+    let keep = !b.enforce;
+    let mut over = None;
+    let (opened, previous) = match enter_instance(c, b, r.tasks, &mut over) {
+        Entry::Entered { opened, previous } => (opened, previous),
+        Entry::Refused(why) => return Admission::refused(why),
+        Entry::Contended => {
+            return Admission {
+                refusal: None,
+                counted: false,
+                opened: false,
+                warnings: 0,
+                contended: true,
+                rate_contended: false,
+            };
+        }
+    };
+    let mut warnings = 0;
+    if crossed(previous, r.tasks, b.warn_tasks) {
+        warnings |= WARN_INSTANCE_TASKS;
+    }
+    // Each step: reserve, or give back everything taken so far and refuse.
+    let mut taken_threads = false;
+    let mut taken_type = false;
+    let mut taken_host = false;
+    let mut refusal: Option<Refusal> = None;
+    if r.threads > 0 {
+        if !reserve(c.threads, r.threads, b.max_threads, keep) {
+            refusal = Some(Refusal::MaxThreads);
+        } else {
+            taken_threads = true;
+        }
+        taken_threads |= keep;
+    }
+    if refusal.is_none() || keep {
+        let previous = c.type_tasks.fetch_add(r.tasks);
+        taken_type = true;
+        if previous.saturating_add(r.tasks) > b.max_type_tasks {
+            refusal = refusal.or(Some(Refusal::TypeTasks));
+        } else if crossed(previous, r.tasks, b.warn_type_tasks) {
+            warnings |= WARN_TYPE_TASKS;
+        }
+    }
+    if refusal.is_none() || keep {
+        let previous = c.host_tasks.fetch_add(r.tasks);
+        taken_host = true;
+        if previous.saturating_add(r.tasks) > b.max_host_tasks {
+            refusal = refusal.or(Some(Refusal::HostTasks));
+        } else if crossed(previous, r.tasks, b.warn_host_tasks) {
+            warnings |= WARN_HOST_TASKS;
+        }
+    }
+    let mut rate_contended = false;
+    if (refusal.is_none() || keep) && r.rate && b.rate_interval_ns != 0 {
+        match take_token(c.rate_tat, r.now, b.rate_interval_ns, b.rate_window_ns) {
+            Token::Taken => {}
+            Token::Contended => rate_contended = true,
+            Token::Empty => refusal = refusal.or(Some(Refusal::ForkRate)),
+        }
+    }
+    if let Some(why) = refusal.filter(|_| b.enforce) {
+        if taken_host {
+            release(c.host_tasks, r.tasks);
+        }
+        if taken_type {
+            release(c.type_tasks, r.tasks);
+        }
+        if taken_threads {
+            release(c.threads, r.threads);
+        }
+        leave_instance(c, r.tasks);
+        return Admission::refused(why);
+    }
+    if r.processes > 0 {
+        c.processes.fetch_add(r.processes);
     }
     Admission {
-        refusal,
+        refusal: over.or(refusal),
         counted: true,
+        opened,
+        warnings,
+        contended: false,
         rate_contended,
     }
 }
 
-/// Removes one exiting task from its instance. The last live task of a process uncounts the
-/// process; every other task is a thread.
+/// Uncounts tasks that leave: `tasks` tasks of which `threads` threads and `processes`
+/// processes (an exiting thread 1/1/0, a process's last task 1/0/1, a process migrating out
+/// n/n-1/1). Returns false when the counts had drifted below zero (clamped).
 #[inline(always)]
-pub fn task_exited(c: &Counters<'_>, last_of_process: bool) {
-    release(c.tasks, 1);
-    if last_of_process {
-        release(c.processes, 1);
-    } else {
-        release(c.threads, 1);
+pub fn release_tasks(c: &Counters<'_>, tasks: u64, threads: u64, processes: u64) -> bool {
+    let ok = leave_instance(c, tasks);
+    if threads > 0 {
+        release(c.threads, threads);
     }
-}
-
-/// Removes a whole process of `live` tasks from its instance (it migrated out).
-#[inline(always)]
-pub fn process_left(c: &Counters<'_>, live: u64) {
-    release(c.tasks, live);
-    release(c.processes, 1);
-    if live > 1 {
-        release(c.threads, live - 1);
+    if processes > 0 {
+        release(c.processes, processes);
     }
+    release(c.type_tasks, tasks);
+    release(c.host_tasks, tasks);
+    ok
 }
 
 /// Nanoseconds per token for a rate of `per_sec_milli` thousandths of a token per second.
@@ -327,35 +504,73 @@ mod tests {
 
     use super::*;
 
-    fn atomics() -> [AtomicU64; 4] {
-        [
-            AtomicU64::new(0),
-            AtomicU64::new(0),
-            AtomicU64::new(0),
-            AtomicU64::new(0),
-        ]
-    }
+    /// Counters of one instance plus its type's and the host's.
+    struct Fixture([AtomicU64; 7]);
 
-    fn counters(a: &[AtomicU64; 4]) -> Counters<'_> {
-        Counters {
-            tasks: &a[0],
-            processes: &a[1],
-            threads: &a[2],
-            rate_tat: &a[3],
+    impl Fixture {
+        fn new() -> Self {
+            Self(core::array::from_fn(|_| AtomicU64::new(0)))
+        }
+        fn counters(&self) -> Counters<'_> {
+            self.shared(&self.0[4], &self.0[5], &self.0[6])
+        }
+        /// This instance, with type/host counters owned elsewhere.
+        fn shared<'a>(
+            &'a self,
+            instances: &'a AtomicU64,
+            type_tasks: &'a AtomicU64,
+            host: &'a AtomicU64,
+        ) -> Counters<'a> {
+            Counters {
+                instance: &self.0[0],
+                processes: &self.0[1],
+                threads: &self.0[2],
+                rate_tat: &self.0[3],
+                type_instances: instances,
+                type_tasks,
+                host_tasks: host,
+            }
+        }
+        fn tasks(&self) -> u64 {
+            word_tasks(self.0[0].load())
+        }
+        fn get(&self, i: usize) -> u64 {
+            self.0[i].load()
         }
     }
 
-    const UNLIMITED_RATE: u64 = 0;
+    const NO_LIMIT: u64 = Budget::UNLIMITED;
 
     fn budget(max_tasks: u64, max_threads: u64, enforce: bool) -> Budget {
         Budget {
             max_tasks,
             max_threads,
-            rate_interval_ns: UNLIMITED_RATE,
+            rate_interval_ns: 0,
             rate_window_ns: 0,
+            max_instances: NO_LIMIT,
+            max_type_tasks: NO_LIMIT,
+            max_host_tasks: NO_LIMIT,
+            warn_tasks: NO_LIMIT,
+            warn_type_tasks: NO_LIMIT,
+            warn_host_tasks: NO_LIMIT,
             enforce,
         }
     }
+
+    const FORK: Request = Request {
+        tasks: 1,
+        threads: 0,
+        processes: 1,
+        rate: true,
+        now: 0,
+    };
+    const THREAD: Request = Request {
+        tasks: 1,
+        threads: 1,
+        processes: 0,
+        rate: true,
+        now: 0,
+    };
 
     #[test]
     fn classify_by_thread_group() {
@@ -418,11 +633,9 @@ mod tests {
 
     #[test]
     fn idle_bucket_refills_to_burst_only() {
-        let t = gcra_take(0, 1_000, 10, 30).unwrap();
-        let mut tat = t;
-        let later = 1_000_000;
+        let mut tat = gcra_take(0, 1_000, 10, 30).unwrap();
         let mut granted = 0;
-        while let Some(next) = gcra_take(tat, later, 10, 30) {
+        while let Some(next) = gcra_take(tat, 1_000_000, 10, 30) {
             tat = next;
             granted += 1;
         }
@@ -448,70 +661,210 @@ mod tests {
 
     #[test]
     fn admit_checks_tasks_then_threads_then_rate() {
-        let a = atomics();
-        let c = counters(&a);
+        let f = Fixture::new();
+        let c = f.counters();
         let b = budget(3, 1, true);
-        assert_eq!(admit(&c, &b, 1, 0, 1, true, 0).refusal, None);
-        assert_eq!(admit(&c, &b, 1, 1, 0, true, 0).refusal, None);
-        let r = admit(&c, &b, 1, 1, 0, true, 0);
+        assert_eq!(admit(&c, &b, &FORK).refusal, None);
+        assert_eq!(admit(&c, &b, &THREAD).refusal, None);
+        let r = admit(&c, &b, &THREAD);
         assert_eq!(r.refusal, Some(Refusal::MaxThreads));
         assert!(!r.counted);
-        assert_eq!(admit(&c, &b, 1, 0, 1, true, 0).refusal, None);
-        assert_eq!(
-            admit(&c, &b, 1, 0, 1, true, 0).refusal,
-            Some(Refusal::MaxTasks)
-        );
-        assert_eq!(a[0].load(), 3);
-        assert_eq!(a[1].load(), 2);
-        assert_eq!(a[2].load(), 1);
+        assert_eq!(admit(&c, &b, &FORK).refusal, None);
+        assert_eq!(admit(&c, &b, &FORK).refusal, Some(Refusal::MaxTasks));
+        assert_eq!((f.tasks(), f.get(1), f.get(2)), (3, 2, 1));
+        assert_eq!((f.get(5), f.get(6)), (3, 3), "type and host follow");
     }
 
     #[test]
-    fn rate_refusal_gives_back_the_slot() {
-        let a = atomics();
-        let c = counters(&a);
+    fn rate_refusal_gives_everything_back() {
+        let f = Fixture::new();
+        let c = f.counters();
         let b = Budget {
             rate_interval_ns: 1_000,
             rate_window_ns: 1_000,
             ..budget(10, 10, true)
         };
-        assert!(admit(&c, &b, 1, 0, 1, true, 0).counted);
-        let r = admit(&c, &b, 1, 0, 1, true, 0);
+        assert!(admit(&c, &b, &FORK).counted);
+        let r = admit(&c, &b, &FORK);
         assert_eq!(r.refusal, Some(Refusal::ForkRate));
-        assert_eq!(a[0].load(), 1);
-        assert!(admit(&c, &b, 1, 0, 1, false, 0).counted, "migration");
+        assert_eq!((f.tasks(), f.get(5), f.get(6)), (1, 1, 1));
+        let migration = Request {
+            rate: false,
+            ..FORK
+        };
+        assert!(admit(&c, &b, &migration).counted);
     }
 
     #[test]
     fn audit_counts_and_reports() {
-        let a = atomics();
-        let c = counters(&a);
-        let b = budget(1, 0, false);
-        assert!(admit(&c, &b, 1, 0, 1, true, 0).counted);
-        let r = admit(&c, &b, 1, 1, 0, true, 0);
+        let f = Fixture::new();
+        let c = f.counters();
+        let b = Budget {
+            max_instances: 0,
+            ..budget(1, 0, false)
+        };
+        let first = admit(&c, &b, &FORK);
+        assert_eq!(first.refusal, Some(Refusal::MaxInstances));
+        assert!(first.counted && first.opened);
+        let r = admit(&c, &b, &THREAD);
         assert_eq!(r.refusal, Some(Refusal::MaxTasks));
         assert!(r.counted);
-        assert_eq!(a[0].load(), 2);
-        assert_eq!(a[2].load(), 1);
+        assert_eq!((f.tasks(), f.get(2)), (2, 1));
     }
 
     #[test]
     fn exits_and_migrations_balance() {
-        let a = atomics();
-        let c = counters(&a);
+        let f = Fixture::new();
+        let c = f.counters();
         let b = budget(10, 10, true);
-        admit(&c, &b, 1, 0, 1, true, 0);
-        admit(&c, &b, 1, 1, 0, true, 0);
-        admit(&c, &b, 1, 1, 0, true, 0);
-        task_exited(&c, false);
-        process_left(&c, 2);
-        assert!(a[..3].iter().all(|x| x.load() == 0));
-        assert!(admit(&c, &b, 4, 3, 1, false, 0).counted);
+        admit(&c, &b, &FORK);
+        admit(&c, &b, &THREAD);
+        admit(&c, &b, &THREAD);
+        assert_eq!(f.get(4), 1, "one live instance");
+        assert!(release_tasks(&c, 1, 1, 0));
+        assert!(release_tasks(&c, 2, 1, 1));
+        assert!(
+            (0..7).filter(|&i| i != 3).all(|i| f.get(i) == 0),
+            "all back to 0"
+        );
+        let moving_in = Request {
+            tasks: 4,
+            threads: 3,
+            processes: 1,
+            rate: false,
+            now: 0,
+        };
+        assert!(admit(&c, &b, &moving_in).counted);
         for _ in 0..3 {
-            task_exited(&c, false);
+            release_tasks(&c, 1, 1, 0);
         }
-        task_exited(&c, true);
-        assert!(a[..3].iter().all(|x| x.load() == 0));
+        release_tasks(&c, 1, 0, 1);
+        assert!((0..7).filter(|&i| i != 3).all(|i| f.get(i) == 0));
+        assert!(
+            !release_tasks(&c, 1, 0, 0),
+            "drift is reported, not wrapped"
+        );
+        assert_eq!(f.get(0), 0);
+    }
+
+    #[test]
+    fn ceiling_refuses_new_instances_not_new_tasks() {
+        let (slots, type_tasks, host) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+        let b = Budget {
+            max_instances: 2,
+            ..budget(10, 10, true)
+        };
+        let inst: Vec<Fixture> = (0..3).map(|_| Fixture::new()).collect();
+        let c: Vec<Counters<'_>> = inst
+            .iter()
+            .map(|f| f.shared(&slots, &type_tasks, &host))
+            .collect();
+        assert!(admit(&c[0], &b, &FORK).opened);
+        assert!(admit(&c[1], &b, &FORK).opened);
+        assert_eq!(admit(&c[2], &b, &FORK).refusal, Some(Refusal::MaxInstances));
+        assert!(
+            admit(&c[0], &b, &FORK).counted,
+            "admitted instances keep growing"
+        );
+        assert_eq!(word_tasks(inst[2].0[0].load()), 0);
+        // The last task of instance 1 leaves: its slot frees, instance 2 gets in.
+        release_tasks(&c[1], 1, 0, 1);
+        assert_eq!(slots.load(), 1);
+        assert!(admit(&c[2], &b, &FORK).opened);
+        assert_eq!(slots.load(), 2);
+    }
+
+    #[test]
+    fn racing_instances_for_the_last_slot_one_wins() {
+        for _ in 0..200 {
+            let slots = Arc::new(AtomicU64::new(2));
+            let shared = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let (slots, shared) = (Arc::clone(&slots), Arc::clone(&shared));
+                    thread::spawn(move || {
+                        let f = Fixture::new();
+                        let c = f.shared(&slots, &shared.0, &shared.1);
+                        let b = Budget {
+                            max_instances: 3,
+                            ..budget(10, 10, true)
+                        };
+                        admit(&c, &b, &FORK).counted
+                    })
+                })
+                .collect();
+            let won = handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .filter(|&w| w)
+                .count();
+            assert_eq!(won, 1);
+            assert_eq!(slots.load(), 3);
+        }
+    }
+
+    #[test]
+    fn racing_tasks_into_one_new_instance_take_one_slot() {
+        for _ in 0..200 {
+            let f = Arc::new(Fixture::new());
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let f = Arc::clone(&f);
+                    thread::spawn(move || {
+                        let b = Budget {
+                            max_instances: 1,
+                            ..budget(10, 10, true)
+                        };
+                        admit(&f.counters(), &b, &FORK).counted
+                    })
+                })
+                .collect();
+            let admitted = handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .filter(|&w| w)
+                .count();
+            assert_eq!(admitted, 4);
+            assert_eq!(f.get(4), 1, "one instance, one slot");
+            assert_eq!(f.0[0].load(), ADMITTED | 4);
+        }
+    }
+
+    #[test]
+    fn type_and_host_budgets_name_themselves() {
+        let f = Fixture::new();
+        let c = f.counters();
+        let b = Budget {
+            max_type_tasks: 2,
+            warn_type_tasks: 2,
+            ..budget(10, 10, true)
+        };
+        assert_eq!(admit(&c, &b, &FORK).warnings, 0);
+        assert_eq!(admit(&c, &b, &FORK).warnings, WARN_TYPE_TASKS);
+        assert_eq!(admit(&c, &b, &FORK).refusal, Some(Refusal::TypeTasks));
+        let b = Budget {
+            max_host_tasks: 2,
+            ..budget(10, 10, true)
+        };
+        assert_eq!(admit(&c, &b, &FORK).refusal, Some(Refusal::HostTasks));
+        assert_eq!(
+            (f.tasks(), f.get(5), f.get(6)),
+            (2, 2, 2),
+            "refusals give back"
+        );
+    }
+
+    #[test]
+    fn warnings_fire_once_on_the_way_up() {
+        let f = Fixture::new();
+        let c = f.counters();
+        let b = Budget {
+            warn_tasks: 2,
+            warn_host_tasks: 3,
+            ..budget(10, 10, true)
+        };
+        let w: Vec<u32> = (0..4).map(|_| admit(&c, &b, &FORK).warnings).collect();
+        assert_eq!(w, [0, WARN_INSTANCE_TASKS, WARN_HOST_TASKS, 0]);
     }
 
     #[test]

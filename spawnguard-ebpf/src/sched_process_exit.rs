@@ -4,9 +4,9 @@
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext,
 };
+use spawnguard_ebpf::release_tasks;
 
-use crate::state::{counters, process_live, DOOMED, INSTANCES, PROCESSES};
-use spawnguard_ebpf::task_exited;
+use crate::state::{counters, global_counters, process_live, DOOMED, INSTANCES, PROCESSES};
 
 /// Fires in `do_exit` of the exiting task itself, before it leaves its cgroup.
 #[btf_tracepoint(function = "sched_process_exit")]
@@ -24,7 +24,16 @@ pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
     let inst = unsafe { (*rec).instance };
     let last = process_live(rec).fetch_sub(1) <= 1;
     if let Some(state) = INSTANCES.get_ptr_mut(&inst) {
-        task_exited(&counters(state), last);
+        // SAFETY: live map value, plain read.
+        let type_idx = unsafe { (*state).type_idx };
+        if let Some(c) = counters(state, type_idx) {
+            let (threads, processes) = if last { (0, 1) } else { (1, 0) };
+            if !release_tasks(&c, 1, threads, processes) {
+                if let Some(g) = global_counters() {
+                    g.drift += 1;
+                }
+            }
+        }
     }
     if last {
         let _ = PROCESSES.remove(&tgid);

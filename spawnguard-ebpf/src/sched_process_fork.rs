@@ -5,16 +5,16 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use spawnguard_common::{
-    ProcessRecord, CAUSE_FORK, CAUSE_THREAD, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL,
+    ProcessRecord, CAUSE_FORK, CAUSE_THREAD, FAIL_CONTENDED, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL,
     FAIL_PROCESSES_FULL, FAIL_READ_ERROR,
 };
-use spawnguard_ebpf::{admit, classify, process_left, TaskKind};
+use spawnguard_ebpf::{admit, classify, release_tasks, Request, TaskKind};
 
 use crate::{
     kernel::{self, Task},
     state::{
-        budget, counters, doom, fail_open, instance, needs_doom, now, process_live, record,
-        stop_new_task, type_counters, Report, INSTANCES, PROCESSES,
+        budget, counters, doom, fail_open, instance, mark_uncounted, needs_doom, now, place,
+        process_live, record, stop_new_task, type_counters, Report, INSTANCES, PROCESSES,
     },
 };
 
@@ -24,7 +24,7 @@ use crate::{
 pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     let child: Task = ctx.arg(1);
     let Ok((child_pid, child_tgid)) = kernel::task_ids(child) else {
-        fail_open(FAIL_READ_ERROR, &unplaced(0));
+        fail_open(FAIL_READ_ERROR, &report(CAUSE_FORK, 0, 0, 0));
         return 0;
     };
     let parent_tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -35,11 +35,12 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-fn unplaced(target_pid: u32) -> Report {
+#[inline(always)]
+fn report(cause: u32, type_idx: u32, instance: u64, target_pid: u32) -> Report {
     Report {
-        cause: CAUSE_FORK,
-        type_idx: 0,
-        instance: 0,
+        cause,
+        type_idx,
+        instance,
         target_pid,
     }
 }
@@ -58,24 +59,35 @@ fn new_thread(child: Task, pid: u32, tgid: u32) {
     };
     // SAFETY: live map value, plain read.
     let type_idx = unsafe { (*state).type_idx };
-    let Some(b) = budget(type_idx) else {
+    let (Some(mut b), Some(c)) = (budget(type_idx), counters(state, type_idx)) else {
         return;
     };
-    let c = counters(state);
-    let report = Report {
-        cause: CAUSE_THREAD,
-        type_idx,
-        instance: inst,
-        target_pid: pid,
+    let r = report(CAUSE_THREAD, type_idx, inst, pid);
+    let request = Request {
+        tasks: 1,
+        threads: 1,
+        processes: 0,
+        rate: true,
+        now: now(),
     };
-    let mut adm = admit(&c, &b, 1, 1, 0, true, now());
-    if !adm.counted && needs_doom(true) && !doom(pid) {
-        // Without a DOOMED entry the thread's exit would be uncounted: let it in, counted.
-        c.tasks.fetch_add(1);
-        c.threads.fetch_add(1);
-        adm.counted = true;
+    let mut adm = admit(&c, &b, &request);
+    // The thread's process is counted, so its exit will be uncounted unless DOOMED says
+    // otherwise: a thread that is neither counted nor doomed would make the counts drift.
+    // Fail open instead: count it after all, or mark it uncounted.
+    if adm.contended || (!adm.counted && !doom(pid)) {
+        let why = if adm.contended {
+            FAIL_CONTENDED
+        } else {
+            FAIL_DOOMED_FULL
+        };
+        fail_open(why, &r);
+        b.enforce = false;
+        adm = admit(&c, &b, &request);
+        if !adm.counted {
+            mark_uncounted(pid);
+            return;
+        }
         adm.refusal = None;
-        fail_open(FAIL_DOOMED_FULL, &report);
     }
     if adm.counted {
         process_live(rec).fetch_add(1);
@@ -83,7 +95,7 @@ fn new_thread(child: Task, pid: u32, tgid: u32) {
             tc.threads_allowed += 1;
         }
     }
-    record(&adm, &b, state, &report);
+    record(&adm, &b, &c, &r);
     if !adm.counted {
         stop_new_task(child);
     }
@@ -91,29 +103,33 @@ fn new_thread(child: Task, pid: u32, tgid: u32) {
 
 #[inline(always)]
 fn new_process(child: Task, pid: u32, tgid: u32) {
-    let placement = match kernel::task_cgroup(child).and_then(crate::state::place) {
+    let placement = match kernel::task_cgroup(child).and_then(place) {
         Ok(Some(p)) => p,
         Ok(None) => return,
         Err(_) => {
-            fail_open(FAIL_READ_ERROR, &unplaced(pid));
+            fail_open(FAIL_READ_ERROR, &report(CAUSE_FORK, 0, 0, pid));
             return;
         }
     };
-    let report = Report {
-        cause: CAUSE_FORK,
-        type_idx: placement.type_idx,
-        instance: placement.instance,
-        target_pid: pid,
-    };
+    let r = report(CAUSE_FORK, placement.type_idx, placement.instance, pid);
     let Some(b) = budget(placement.type_idx) else {
         return;
     };
     let Some(state) = instance(placement) else {
-        fail_open(FAIL_INSTANCES_FULL, &report);
+        fail_open(FAIL_INSTANCES_FULL, &r);
         return;
     };
-    let c = counters(state);
-    let adm = admit(&c, &b, 1, 0, 1, true, now());
+    let Some(c) = counters(state, placement.type_idx) else {
+        return;
+    };
+    let request = Request {
+        tasks: 1,
+        threads: 0,
+        processes: 1,
+        rate: true,
+        now: now(),
+    };
+    let adm = admit(&c, &b, &request);
     if adm.counted {
         let rec = ProcessRecord {
             instance: placement.instance,
@@ -121,19 +137,19 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
         };
         if PROCESSES.insert(&tgid, &rec, BPF_ANY as u64).is_err() {
             // Uncountable at exit, so not counted now.
-            process_left(&c, 1);
-            fail_open(FAIL_PROCESSES_FULL, &report);
+            release_tasks(&c, 1, 0, 1);
+            fail_open(FAIL_PROCESSES_FULL, &r);
             return;
         }
         if let Some(tc) = type_counters(placement.type_idx) {
             tc.forks_allowed += 1;
         }
-    } else if needs_doom(false) && !doom(pid) {
-        fail_open(FAIL_DOOMED_FULL, &report);
+    } else if !adm.contended && needs_doom(false) && !doom(pid) {
+        fail_open(FAIL_DOOMED_FULL, &r);
         return;
     }
-    record(&adm, &b, state, &report);
-    if !adm.counted {
+    record(&adm, &b, &c, &r);
+    if !adm.counted && !adm.contended {
         stop_new_task(child);
     }
 }

@@ -10,19 +10,29 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use spawnguard_common::{
-    Event, GlobalCounters, InstanceBudget, InstanceState, ProcessRecord, TypeCounters, TypeDir,
-    TypeLevels, BACKEND_KILL, CAUSE_MIGRATION, EVENTS_BYTES, EVENT_AUDIT_DENIED, EVENT_DENIED,
-    EVENT_FAIL_OPEN, MAX_DOOMED, MAX_INSTANCES, MAX_PROCESSES, MAX_TYPES, MAX_TYPE_LEVELS,
-    MODE_ENFORCE, REASON_FORK_RATE, REASON_MAX_TASKS, REASON_MAX_THREADS,
+    Event, GlobalCounters, HostLimits, HostState, InstanceState, ProcessRecord, TypeCounters,
+    TypeDir, TypeLevels, TypeLimits, TypeState, BACKEND_KILL, CAUSE_MIGRATION, EVENTS_BYTES,
+    EVENT_AUDIT_DENIED, EVENT_DENIED, EVENT_FAIL_OPEN, EVENT_WARN, MAX_DOOMED, MAX_INSTANCES,
+    MAX_PROCESSES, MAX_TYPES, MAX_TYPE_LEVELS, MODE_ENFORCE, REASON_FORK_RATE, REASON_HOST_TASKS,
+    REASON_MAX_INSTANCES, REASON_MAX_TASKS, REASON_MAX_THREADS, REASON_TYPE_TASKS,
 };
-use spawnguard_ebpf::{Admission, AtomicU64, Budget, Counters, Refusal};
+use spawnguard_ebpf::{
+    word_tasks, Admission, AtomicU64, Budget, Counters, Refusal, WARN_HOST_TASKS,
+    WARN_INSTANCE_TASKS, WARN_TYPE_TASKS,
+};
 
 use crate::kernel::{self, Cgroup, Task};
 
 #[map]
 pub static TYPE_DIRS: HashMap<u64, TypeDir> = HashMap::with_max_entries(MAX_TYPES, 0);
 #[map]
-pub static TYPE_POLICY: Array<InstanceBudget> = Array::with_max_entries(MAX_TYPES, 0);
+pub static TYPE_POLICY: Array<TypeLimits> = Array::with_max_entries(MAX_TYPES, 0);
+#[map]
+pub static TYPE_STATE: Array<TypeState> = Array::with_max_entries(MAX_TYPES, 0);
+#[map]
+pub static HOST_LIMITS: Array<HostLimits> = Array::with_max_entries(1, 0);
+#[map]
+pub static HOST_STATE: Array<HostState> = Array::with_max_entries(1, 0);
 #[map]
 pub static TYPE_LEVELS: Array<TypeLevels> = Array::with_max_entries(1, 0);
 // Counters are updated in place with atomics; without preallocation a removed entry is freed
@@ -33,8 +43,9 @@ pub static INSTANCES: HashMap<u64, InstanceState> =
 #[map]
 pub static PROCESSES: HashMap<u32, ProcessRecord> =
     HashMap::with_max_entries(MAX_PROCESSES, BPF_F_NO_PREALLOC);
-/// Tasks that were denied and are being stopped (key: pid). They were never counted, so their
-/// exit must not be uncounted; the kill-compat backend kills them at their next syscall exit.
+/// Tasks that are not counted although their process is (key: pid, value `DOOM_*`): refused
+/// tasks being stopped, and threads let through uncounted. Their exit must not be uncounted;
+/// the kill-compat backend kills the refused ones at their next syscall exit.
 #[map]
 pub static DOOMED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DOOMED, 0);
 #[map]
@@ -118,17 +129,24 @@ pub fn instance(p: Placement) -> Option<*mut InstanceState> {
     INSTANCES.get_ptr_mut(&p.instance)
 }
 
+/// The counters a task in this instance is checked against: the instance's, its type's and
+/// the host's. `None` only for an out-of-range type index.
 #[inline(always)]
-pub fn counters<'a>(state: *mut InstanceState) -> Counters<'a> {
-    // SAFETY: `state` points into a map value that stays valid for this program run (maps are
-    // RCU-protected); the fields are u64, naturally aligned, and only ever updated atomically.
+pub fn counters<'a>(state: *mut InstanceState, type_idx: u32) -> Option<Counters<'a>> {
+    let type_state = TYPE_STATE.get_ptr_mut(type_idx)?;
+    let host = HOST_STATE.get_ptr_mut(0)?;
+    // SAFETY: the pointers are map values that stay valid for this program run (maps are
+    // RCU-protected); the fields are naturally aligned u64 only ever updated atomically.
     unsafe {
-        Counters {
-            tasks: AtomicU64::from_ptr(&raw mut (*state).tasks),
+        Some(Counters {
+            instance: AtomicU64::from_ptr(&raw mut (*state).tasks),
             processes: AtomicU64::from_ptr(&raw mut (*state).processes),
             threads: AtomicU64::from_ptr(&raw mut (*state).threads),
             rate_tat: AtomicU64::from_ptr(&raw mut (*state).rate_tat_ns),
-        }
+            type_instances: AtomicU64::from_ptr(&raw mut (*type_state).instances),
+            type_tasks: AtomicU64::from_ptr(&raw mut (*type_state).tasks),
+            host_tasks: AtomicU64::from_ptr(&raw mut (*host).tasks),
+        })
     }
 }
 
@@ -138,20 +156,27 @@ pub fn process_live<'a>(record: *mut ProcessRecord) -> &'a AtomicU64 {
     unsafe { AtomicU64::from_ptr(&raw mut (*record).live) }
 }
 
-/// The budget of a type, or `None` when the slot is empty (the type was removed by a policy
-/// change): such tasks are not enforced.
+/// The limits of a type (and the host), or `None` when the slot is empty (the type was removed
+/// by a policy change): such tasks are not enforced.
 #[inline(always)]
 pub fn budget(type_idx: u32) -> Option<Budget> {
-    let policy = TYPE_POLICY.get(type_idx)?;
-    if policy.active == 0 {
+    let t = TYPE_POLICY.get(type_idx)?;
+    if t.active == 0 {
         return None;
     }
+    let host = HOST_LIMITS.get(0)?;
     Some(Budget {
-        max_tasks: policy.max_tasks,
-        max_threads: policy.max_threads,
-        rate_interval_ns: policy.rate_interval_ns,
-        rate_window_ns: policy.rate_window_ns,
-        enforce: policy.mode == MODE_ENFORCE,
+        max_tasks: t.max_tasks,
+        max_threads: t.max_threads,
+        rate_interval_ns: t.rate_interval_ns,
+        rate_window_ns: t.rate_window_ns,
+        max_instances: t.max_instances,
+        max_type_tasks: t.max_total_tasks,
+        max_host_tasks: host.deny_tasks,
+        warn_tasks: t.warn_tasks,
+        warn_type_tasks: t.warn_total_tasks,
+        warn_host_tasks: host.warn_tasks,
+        enforce: t.mode == MODE_ENFORCE,
     })
 }
 
@@ -189,48 +214,81 @@ fn reason_code(r: Refusal) -> u32 {
         Refusal::MaxTasks => REASON_MAX_TASKS,
         Refusal::MaxThreads => REASON_MAX_THREADS,
         Refusal::ForkRate => REASON_FORK_RATE,
+        Refusal::MaxInstances => REASON_MAX_INSTANCES,
+        Refusal::TypeTasks => REASON_TYPE_TASKS,
+        Refusal::HostTasks => REASON_HOST_TASKS,
     }
 }
 
-/// Counts a decision and sends an event for every refusal (enforced or audited).
+/// Usage and limit of the budget behind `reason`, for events.
 #[inline(always)]
-pub fn record(adm: &Admission, budget: &Budget, state: *mut InstanceState, r: &Report) {
+fn usage(reason: u32, c: &Counters<'_>, b: &Budget) -> (u64, u64) {
+    match reason {
+        REASON_MAX_TASKS => (word_tasks(c.instance.load()), b.max_tasks),
+        REASON_MAX_THREADS => (c.threads.load(), b.max_threads),
+        REASON_MAX_INSTANCES => (c.type_instances.load(), b.max_instances),
+        REASON_TYPE_TASKS => (c.type_tasks.load(), b.max_type_tasks),
+        REASON_HOST_TASKS => (c.host_tasks.load(), b.max_host_tasks),
+        _ => (0, 0),
+    }
+}
+
+/// Counts a decision and sends an event for every refusal (enforced or audited), every
+/// warning threshold crossed and every fail-open.
+#[inline(always)]
+pub fn record(adm: &Admission, b: &Budget, c: &Counters<'_>, r: &Report) {
     if adm.rate_contended {
         if let Some(g) = global_counters() {
             g.rate_contended += 1;
+        }
+    }
+    if adm.contended {
+        fail_open(spawnguard_common::FAIL_CONTENDED, r);
+    }
+    if adm.opened {
+        if let Some(tc) = type_counters(r.type_idx) {
+            tc.instances_admitted += 1;
+        }
+    }
+    if adm.warnings != 0 {
+        for (bit, reason) in [
+            (WARN_INSTANCE_TASKS, REASON_MAX_TASKS),
+            (WARN_TYPE_TASKS, REASON_TYPE_TASKS),
+            (WARN_HOST_TASKS, REASON_HOST_TASKS),
+        ] {
+            if adm.warnings & bit != 0 {
+                if let Some(tc) = type_counters(r.type_idx) {
+                    tc.warnings += 1;
+                }
+                let (used, limit) = usage(reason, c, b);
+                emit(EVENT_WARN, reason, r, used, limit);
+            }
         }
     }
     let Some(refusal) = adm.refusal else {
         return;
     };
     let reason = reason_code(refusal);
-    if let Some(c) = type_counters(r.type_idx) {
+    if let Some(tc) = type_counters(r.type_idx) {
         let slot = reason as usize;
-        if slot < c.denied.len() {
+        if slot < tc.denied.len() {
             if adm.counted {
-                c.audit_denied[slot] += 1;
+                tc.audit_denied[slot] += 1;
             } else {
-                c.denied[slot] += 1;
+                tc.denied[slot] += 1;
             }
         }
         if r.cause == CAUSE_MIGRATION && !adm.counted {
-            c.migrations_denied += 1;
+            tc.migrations_denied += 1;
         }
     }
-    // SAFETY: plain reads of a live map value, for reporting only.
-    let (usage, limit) = unsafe {
-        match refusal {
-            Refusal::MaxTasks => ((*state).tasks, budget.max_tasks),
-            Refusal::MaxThreads => ((*state).threads, budget.max_threads),
-            Refusal::ForkRate => (0, 0),
-        }
-    };
+    let (used, limit) = usage(reason, c, b);
     let kind = if adm.counted {
         EVENT_AUDIT_DENIED
     } else {
         EVENT_DENIED
     };
-    emit(kind, reason, r, usage, limit);
+    emit(kind, reason, r, used, limit);
 }
 
 /// Reports a task let through uncounted because the kernel side could not account for it.
@@ -241,6 +299,7 @@ pub fn fail_open(reason: u32, r: &Report) {
             spawnguard_common::FAIL_INSTANCES_FULL => g.instances_full += 1,
             spawnguard_common::FAIL_PROCESSES_FULL => g.processes_full += 1,
             spawnguard_common::FAIL_DOOMED_FULL => g.doomed_full += 1,
+            spawnguard_common::FAIL_CONTENDED => g.contended += 1,
             _ => g.read_errors += 1,
         }
     }
@@ -274,11 +333,22 @@ fn emit(kind: u32, reason: u32, r: &Report, usage: u64, limit: u64) {
     entry.submit(0);
 }
 
+/// DOOMED values: the task was refused and must die (kill-compat kills it at its next syscall
+/// exit), or it was let through uncounted (fail open) and only its exit must be skipped.
+pub const DOOM_KILL: u32 = 1;
+pub const DOOM_UNCOUNTED: u32 = 2;
+
 /// Marks a denied task so its exit is not uncounted (and, for kill-compat, so it is killed at
 /// its next syscall exit). Fails when the map is full.
 #[inline(always)]
 pub fn doom(pid: u32) -> bool {
-    DOOMED.insert(&pid, &1, BPF_ANY as u64).is_ok()
+    DOOMED.insert(&pid, &DOOM_KILL, BPF_ANY as u64).is_ok()
+}
+
+/// Marks a task that runs uncounted so its exit is not uncounted either.
+#[inline(always)]
+pub fn mark_uncounted(pid: u32) -> bool {
+    DOOMED.insert(&pid, &DOOM_UNCOUNTED, BPF_ANY as u64).is_ok()
 }
 
 /// Stops a new task that was refused. A new thread cannot die alone (SIGKILL takes its whole

@@ -7,12 +7,13 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 
-use crate::state::DOOMED;
+use crate::state::{DOOMED, DOOM_KILL};
 
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn sys_exit(_ctx: RawTracePointContext) -> i32 {
     let pid = bpf_get_current_pid_tgid() as u32;
-    if DOOMED.get_ptr(&pid).is_some() {
+    // SAFETY: a u32 map value copied out at once.
+    if unsafe { DOOMED.get(&pid) }.is_some_and(|v| *v == DOOM_KILL) {
         // SAFETY: helper acting on the current task only.
         unsafe {
             bpf_send_signal(9);

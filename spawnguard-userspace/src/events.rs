@@ -6,8 +6,9 @@ use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use spawnguard_common::{
     Event, BACKEND_KILL, CAUSE_MIGRATION, CAUSE_THREAD, EVENT_AUDIT_DENIED, EVENT_DENIED,
-    EVENT_FAIL_OPEN, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL, FAIL_PROCESSES_FULL, REASON_FORK_RATE,
-    REASON_MAX_TASKS, REASON_MAX_THREADS,
+    EVENT_FAIL_OPEN, EVENT_WARN, FAIL_CONTENDED, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL,
+    FAIL_PROCESSES_FULL, REASON_FORK_RATE, REASON_HOST_TASKS, REASON_MAX_INSTANCES,
+    REASON_MAX_TASKS, REASON_MAX_THREADS, REASON_TYPE_TASKS,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -57,6 +58,9 @@ pub fn reason_name(reason: u32) -> &'static str {
         REASON_MAX_TASKS => "max_tasks",
         REASON_MAX_THREADS => "max_threads",
         REASON_FORK_RATE => "fork_rate",
+        REASON_MAX_INSTANCES => "max_instances",
+        REASON_TYPE_TASKS => "max_total_tasks",
+        REASON_HOST_TASKS => "host_max_tasks",
         _ => "unknown",
     }
 }
@@ -81,6 +85,11 @@ pub fn describe(ev: &Event, names: &mut Names) -> String {
     let type_name = names.type_name(ev.type_idx);
     let limit = match ev.reason {
         REASON_FORK_RATE => "fork rate bucket empty".to_owned(),
+        REASON_MAX_INSTANCES => format!(
+            "type {type_name} at ceiling {}/{}",
+            ev.usage.min(ev.limit),
+            ev.limit
+        ),
         r => format!("{} {}/{}", reason_name(r), ev.usage, ev.limit),
     };
     match ev.kind {
@@ -110,6 +119,7 @@ pub fn describe(ev: &Event, names: &mut Names) -> String {
                 FAIL_INSTANCES_FULL => "the instance map is full",
                 FAIL_PROCESSES_FULL => "the process map is full",
                 FAIL_DOOMED_FULL => "the doomed-task map is full",
+                FAIL_CONTENDED => "other CPUs kept changing the same counters",
                 _ => "a kernel structure could not be read",
             };
             format!(
@@ -118,6 +128,12 @@ pub fn describe(ev: &Event, names: &mut Names) -> String {
                 comm(ev)
             )
         }
+        EVENT_WARN => format!(
+            "warning: {} reached {}/{} in {instance} (type {type_name})",
+            reason_name(ev.reason),
+            ev.usage,
+            ev.limit
+        ),
         k => format!("unknown event kind {k}"),
     }
 }
@@ -143,7 +159,7 @@ pub async fn log_events(ring: RingBuf<MapData>, mut names: Names) -> Result<()> 
             let line = describe(&ev, &mut names);
             match ev.kind {
                 EVENT_FAIL_OPEN => tracing::error!("{line}"),
-                EVENT_DENIED => tracing::warn!("{line}"),
+                EVENT_DENIED | EVENT_WARN => tracing::warn!("{line}"),
                 _ => tracing::info!("{line}"),
             }
         }

@@ -14,8 +14,8 @@ use aya::{
 };
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
-    maps, InstanceBudget, TypeDir, TypeLevels, BACKEND_KILL, BACKEND_KILL_COMPAT, MAX_TYPES,
-    MAX_TYPE_LEVELS, MODE_AUDIT, MODE_ENFORCE, TYPE_NAME_LEN,
+    maps, HostLimits, TypeDir, TypeLevels, TypeLimits, BACKEND_KILL, BACKEND_KILL_COMPAT,
+    MAX_TYPES, MAX_TYPE_LEVELS, MODE_AUDIT, MODE_ENFORCE, NO_LIMIT, TYPE_NAME_LEN,
 };
 use spawnguard_ebpf::{rate_interval_ns, rate_window_ns};
 
@@ -150,8 +150,18 @@ pub fn place_types(policy: &Policy, cg: &Cgroup2) -> Result<Vec<PlacedType>> {
         .collect()
 }
 
-fn budget_of(policy: &Policy, index: usize) -> InstanceBudget {
+/// Usage at which `warn_at` of `limit` is reached (at least 1).
+fn warn_threshold(limit: u64, warn_at: f64) -> u64 {
+    if limit == NO_LIMIT {
+        NO_LIMIT
+    } else {
+        ((limit as f64 * warn_at).ceil() as u64).max(1)
+    }
+}
+
+fn type_limits(policy: &Policy, index: usize) -> TypeLimits {
     let t = &policy.types[index];
+    let warn_at = policy.host.warn_at;
     let mut name = [0u8; TYPE_NAME_LEN];
     name[..t.name.len()].copy_from_slice(t.name.as_bytes());
     let (interval, burst) = match t.fork_rate {
@@ -161,18 +171,36 @@ fn budget_of(policy: &Policy, index: usize) -> InstanceBudget {
         ),
         None => (0, 0),
     };
-    InstanceBudget {
+    let max_instances = t.max_instances.unwrap_or(NO_LIMIT);
+    let max_total_tasks = t.max_total_tasks.unwrap_or(NO_LIMIT);
+    TypeLimits {
         max_tasks: t.max_tasks,
         max_threads: t.max_threads,
         rate_interval_ns: interval,
         rate_burst: burst,
         rate_window_ns: rate_window_ns(interval, burst),
-        mode: match t.mode {
+        max_instances,
+        max_total_tasks,
+        warn_tasks: warn_threshold(t.max_tasks, warn_at),
+        warn_total_tasks: warn_threshold(max_total_tasks, warn_at),
+        warn_instances: warn_threshold(max_instances, warn_at),
+        mode: match t.effective_mode() {
             Mode::Audit => MODE_AUDIT,
             Mode::Enforce => MODE_ENFORCE,
         },
         active: 1,
         name,
+    }
+}
+
+fn host_limits(policy: &Policy) -> HostLimits {
+    match policy.host.max_tasks {
+        None => HostLimits::default(),
+        Some(max) => HostLimits {
+            max_tasks: max,
+            deny_tasks: (max as f64 * policy.host.deny_at).floor() as u64,
+            warn_tasks: warn_threshold(max, policy.host.warn_at),
+        },
     }
 }
 
@@ -247,16 +275,20 @@ impl Enforcer {
             );
         }
         {
-            let mut budgets: Array<_, InstanceBudget> =
+            let mut limits: Array<_, TypeLimits> =
                 Array::try_from(self.map_mut(maps::TYPE_POLICY)?)?;
             for index in 0..MAX_TYPES {
-                let budget = if (index as usize) < types.len() {
-                    budget_of(policy, index as usize)
+                let l = if (index as usize) < types.len() {
+                    type_limits(policy, index as usize)
                 } else {
-                    InstanceBudget::default()
+                    TypeLimits::default()
                 };
-                budgets.set(index, budget, 0)?;
+                limits.set(index, l, 0)?;
             }
+        }
+        {
+            let mut host: Array<_, HostLimits> = Array::try_from(self.map_mut(maps::HOST_LIMITS)?)?;
+            host.set(0, host_limits(policy), 0)?;
         }
         {
             let mut dirs: HashMap<_, u64, TypeDir> =

@@ -1,7 +1,7 @@
 //! The policy file (TOML): parsing, validation with file/line/column errors, and the default
 //! policy embedded in the binary.
 
-use std::{collections::HashSet, fmt, ops::Range, path::Path};
+use std::{collections::HashSet, fmt, ops::Range, path::Path, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{MAX_TYPES, TYPE_NAME_LEN};
@@ -35,12 +35,34 @@ pub struct ForkRate {
     pub per_sec: f64,
 }
 
+/// What happens to an instance older than `max_age`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnMaxAge {
+    /// Report only.
+    #[default]
+    Event,
+    /// `cgroup.freeze` the instance (opt-in).
+    Freeze,
+    /// `cgroup.kill` the instance (opt-in).
+    Kill,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
     mode: Option<Spanned<Mode>>,
+    host: Option<Spanned<RawHost>>,
     #[serde(rename = "type", default)]
     types: Vec<Spanned<RawType>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    max_tasks: Option<Spanned<i64>>,
+    warn_at: Option<Spanned<f64>>,
+    deny_at: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,6 +74,12 @@ struct RawType {
     max_threads: Option<Spanned<i64>>,
     fork_rate: Option<Spanned<ForkRate>>,
     mode: Option<Mode>,
+    max_instances: Option<Spanned<i64>>,
+    max_total_tasks: Option<Spanned<i64>>,
+    max_age: Option<Spanned<String>>,
+    on_max_age: Option<Spanned<OnMaxAge>>,
+    #[serde(default)]
+    exempt: bool,
 }
 
 /// One agent type, validated.
@@ -64,13 +92,70 @@ pub struct TypePolicy {
     pub max_threads: u64,
     pub fork_rate: Option<ForkRate>,
     pub mode: Mode,
+    /// Live instances of this type at once.
+    pub max_instances: Option<u64>,
+    /// Live tasks of all instances of this type together.
+    pub max_total_tasks: Option<u64>,
+    /// Measured from the instance's creation, never from activity.
+    #[serde(with = "humantime_serde_opt")]
+    pub max_age: Option<Duration>,
+    pub on_max_age: OnMaxAge,
+    /// Only observed (counted, reported), never denied.
+    pub exempt: bool,
 }
+
+impl TypePolicy {
+    /// The mode the kernel applies: an exempt type is never denied.
+    pub fn effective_mode(&self) -> Mode {
+        if self.exempt {
+            Mode::Audit
+        } else {
+            self.mode
+        }
+    }
+}
+
+/// The host-wide budget and the warning threshold of every budget.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct HostPolicy {
+    /// All instances of all types together.
+    pub max_tasks: Option<u64>,
+    /// Fraction of every budget at which a warning fires.
+    pub warn_at: f64,
+    /// Fraction of the host budget above which new tasks are denied.
+    pub deny_at: f64,
+}
+
+impl Default for HostPolicy {
+    fn default() -> Self {
+        Self {
+            max_tasks: None,
+            warn_at: DEFAULT_WARN_AT,
+            deny_at: DEFAULT_DENY_AT,
+        }
+    }
+}
+
+pub const DEFAULT_WARN_AT: f64 = 0.70;
+pub const DEFAULT_DENY_AT: f64 = 1.0;
 
 /// A validated policy.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Policy {
     pub mode: Mode,
+    pub host: HostPolicy,
     pub types: Vec<TypePolicy>,
+}
+
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 /// A policy that did not validate: where, which field, what is wrong.
@@ -122,6 +207,48 @@ impl Policy {
         let raw: RawPolicy =
             toml::from_str(text).map_err(|e| err(e.span(), e.message().trim().to_owned()))?;
         let mode = raw.mode.map(|m| *m.get_ref()).unwrap_or_default();
+        let host = match &raw.host {
+            None => HostPolicy::default(),
+            Some(h) => {
+                let h_span = h.span();
+                let h = h.get_ref();
+                let max_tasks =
+                    match &h.max_tasks {
+                        None => None,
+                        Some(v) => Some(positive(v).map_err(|m| {
+                            err(Some(v.span()), format!("host field max_tasks: {m}"))
+                        })?),
+                    };
+                let fraction = |v: &Option<Spanned<f64>>, field: &str, default: f64| match v {
+                    None => Ok(default),
+                    Some(f) if *f.get_ref() > 0.0 && *f.get_ref() <= 1.0 => Ok(*f.get_ref()),
+                    Some(f) => Err(err(
+                        Some(f.span()),
+                        format!(
+                            "host field {field}: must be a fraction above 0 and at most 1, got {}",
+                            f.get_ref()
+                        ),
+                    )),
+                };
+                let warn_at = fraction(&h.warn_at, "warn_at", DEFAULT_WARN_AT)?;
+                let deny_at = fraction(&h.deny_at, "deny_at", DEFAULT_DENY_AT)?;
+                if warn_at >= deny_at {
+                    let span = h.warn_at.as_ref().map_or(h_span, Spanned::span);
+                    return Err(err(
+                        Some(span),
+                        format!(
+                            "host field warn_at: {warn_at} must be below deny_at ({deny_at}): a \
+                             warning after the denials start warns of nothing"
+                        ),
+                    ));
+                }
+                HostPolicy {
+                    max_tasks,
+                    warn_at,
+                    deny_at,
+                }
+            }
+        };
         if raw.types.is_empty() {
             return Err(err(
                 None,
@@ -226,6 +353,34 @@ impl Policy {
                     Some(rate)
                 }
             };
+            let optional_positive = |v: &Option<Spanned<i64>>, f: &str| match v {
+                None => Ok(None),
+                Some(v) => positive(v)
+                    .map(Some)
+                    .map_err(|m| err(Some(v.span()), format!("{}: {m}", field(f)))),
+            };
+            let max_instances = optional_positive(&t.max_instances, "max_instances")?;
+            let max_total_tasks = optional_positive(&t.max_total_tasks, "max_total_tasks")?;
+            let max_age = match &t.max_age {
+                None => None,
+                Some(v) => Some(
+                    parse_duration(v.get_ref())
+                        .map_err(|m| err(Some(v.span()), format!("{}: {m}", field("max_age"))))?,
+                ),
+            };
+            let on_max_age = match &t.on_max_age {
+                None => OnMaxAge::default(),
+                Some(v) if max_age.is_none() => {
+                    return Err(err(
+                        Some(v.span()),
+                        format!(
+                            "{}: set max_age too, or drop on_max_age",
+                            field("on_max_age")
+                        ),
+                    ));
+                }
+                Some(v) => *v.get_ref(),
+            };
             types.push(TypePolicy {
                 name,
                 path,
@@ -233,9 +388,14 @@ impl Policy {
                 max_threads,
                 fork_rate,
                 mode: t.mode.unwrap_or(mode),
+                max_instances,
+                max_total_tasks,
+                max_age,
+                on_max_age,
+                exempt: t.exempt,
             });
         }
-        Ok(Self { mode, types })
+        Ok(Self { mode, host, types })
     }
 
     pub fn type_named(&self, name: &str) -> Option<&TypePolicy> {
@@ -255,6 +415,16 @@ fn non_negative(v: &Spanned<i64>) -> Result<u64, String> {
         n if n >= 0 => Ok(n as u64),
         n => Err(format!("must not be negative, got {n}")),
     }
+}
+
+/// `30s`, `2m`, `1h` (and combinations such as `1h30m`); at least one second.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("\"{text}\" is not a duration like 30s, 2m or 1h ({e})"))?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("\"{text}\" is shorter than one second"));
+    }
+    Ok(d)
 }
 
 /// A type path: relative to the cgroup2 mount, no `.`/`..`, no empty components.

@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use serde::Serialize;
 use spawnguard_common::{
-    maps, GlobalCounters, InstanceBudget, InstanceState, TypeCounters, MAX_TYPES, MODE_ENFORCE,
-    REASONS,
+    maps, GlobalCounters, HostLimits, HostState, InstanceState, TypeCounters, TypeLimits,
+    TypeState, MAX_TYPES, MODE_ENFORCE, NO_LIMIT, REASONS,
 };
 
 use crate::{
@@ -16,21 +16,41 @@ use crate::{
     loader::{DaemonState, PIN_DIR},
 };
 
-#[derive(Debug, Serialize)]
+/// Denials per reason (the budget that refused).
+#[derive(Debug, Default, Serialize)]
 pub struct Denials {
     pub max_tasks: u64,
     pub max_threads: u64,
     pub fork_rate: u64,
+    pub max_instances: u64,
+    pub max_total_tasks: u64,
+    pub host_max_tasks: u64,
 }
 
 impl Denials {
-    fn from(counts: [u64; REASONS]) -> Self {
+    fn from(c: [u64; REASONS]) -> Self {
         Self {
-            max_tasks: counts[0],
-            max_threads: counts[1],
-            fork_rate: counts[2],
+            max_tasks: c[0],
+            max_threads: c[1],
+            fork_rate: c[2],
+            max_instances: c[3],
+            max_total_tasks: c[4],
+            host_max_tasks: c[5],
         }
     }
+
+    pub fn total(&self) -> u64 {
+        self.max_tasks
+            + self.max_threads
+            + self.fork_rate
+            + self.max_instances
+            + self.max_total_tasks
+            + self.host_max_tasks
+    }
+}
+
+fn limit(v: u64) -> Option<u64> {
+    (v != NO_LIMIT).then_some(v)
 }
 
 #[derive(Debug, Serialize)]
@@ -39,7 +59,11 @@ pub struct TypeStatus {
     pub mode: &'static str,
     pub max_tasks: u64,
     pub max_threads: u64,
+    pub max_instances: Option<u64>,
+    pub max_total_tasks: Option<u64>,
+    /// Admitted instances (holding a `max_instances` slot).
     pub instances: u64,
+    /// Live tasks of all instances of the type.
     pub tasks: u64,
     pub processes: u64,
     pub threads: u64,
@@ -47,8 +71,18 @@ pub struct TypeStatus {
     pub threads_allowed: u64,
     pub migrations_in: u64,
     pub migrations_denied: u64,
+    pub instances_admitted: u64,
+    pub warnings: u64,
     pub denied: Denials,
     pub audit_denied: Denials,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HostStatus {
+    pub tasks: u64,
+    pub max_tasks: Option<u64>,
+    /// Tasks above which new tasks are denied (`max_tasks * deny_at`).
+    pub deny_tasks: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -59,6 +93,8 @@ pub struct InstanceStatus {
     #[serde(rename = "type")]
     pub type_name: String,
     pub tasks: u64,
+    /// Holds one of its type's `max_instances` slots (it has live tasks).
+    pub admitted: bool,
     pub processes: u64,
     pub threads: u64,
     pub age_seconds: f64,
@@ -69,6 +105,7 @@ pub struct Status {
     /// Pid of the daemon that pinned the maps, if it still runs.
     pub daemon_pid: Option<u32>,
     pub backend: Option<String>,
+    pub host: HostStatus,
     pub types: Vec<TypeStatus>,
     pub instances: Vec<InstanceStatus>,
     pub events_dropped: u64,
@@ -101,7 +138,10 @@ fn pid_alive(pid: u32) -> bool {
 }
 
 pub fn read() -> Result<Status> {
-    let budgets: Array<MapData, InstanceBudget> = Array::try_from(open(maps::TYPE_POLICY)?)?;
+    let budgets: Array<MapData, TypeLimits> = Array::try_from(open(maps::TYPE_POLICY)?)?;
+    let type_state: Array<MapData, TypeState> = Array::try_from(open(maps::TYPE_STATE)?)?;
+    let host_limits: Array<MapData, HostLimits> = Array::try_from(open(maps::HOST_LIMITS)?)?;
+    let host_state: Array<MapData, HostState> = Array::try_from(open(maps::HOST_STATE)?)?;
     let instances: HashMap<MapData, u64, InstanceState> =
         HashMap::try_from(open(maps::INSTANCES)?)?;
     let counters: PerCpuArray<MapData, TypeCounters> =
@@ -118,6 +158,7 @@ pub fn read() -> Result<Status> {
             continue;
         }
         let end = b.name.iter().position(|&c| c == 0).unwrap_or(b.name.len());
+        let live = type_state.get(&index, 0)?;
         let mut t = TypeStatus {
             name: String::from_utf8_lossy(&b.name[..end]).into_owned(),
             mode: if b.mode == MODE_ENFORCE {
@@ -127,16 +168,20 @@ pub fn read() -> Result<Status> {
             },
             max_tasks: b.max_tasks,
             max_threads: b.max_threads,
-            instances: 0,
-            tasks: 0,
+            max_instances: limit(b.max_instances),
+            max_total_tasks: limit(b.max_total_tasks),
+            instances: live.instances,
+            tasks: live.tasks,
             processes: 0,
             threads: 0,
             forks_allowed: 0,
             threads_allowed: 0,
             migrations_in: 0,
             migrations_denied: 0,
-            denied: Denials::from([0; REASONS]),
-            audit_denied: Denials::from([0; REASONS]),
+            instances_admitted: 0,
+            warnings: 0,
+            denied: Denials::default(),
+            audit_denied: Denials::default(),
         };
         let mut denied = [0; REASONS];
         let mut audit = [0; REASONS];
@@ -145,6 +190,8 @@ pub fn read() -> Result<Status> {
             t.threads_allowed += c.threads_allowed;
             t.migrations_in += c.migrations_in;
             t.migrations_denied += c.migrations_denied;
+            t.instances_admitted += c.instances_admitted;
+            t.warnings += c.warnings;
             for r in 0..REASONS {
                 denied[r] += c.denied[r];
                 audit[r] += c.audit_denied[r];
@@ -162,15 +209,14 @@ pub fn read() -> Result<Status> {
         let Some((_, t)) = types.iter_mut().find(|(i, _)| *i == s.type_idx) else {
             continue;
         };
-        t.instances += 1;
-        t.tasks += s.tasks;
         t.processes += s.processes;
         t.threads += s.threads;
         list.push(InstanceStatus {
             id,
             path: names.instance(id),
             type_name: t.name.clone(),
-            tasks: s.tasks,
+            tasks: spawnguard_ebpf::word_tasks(s.tasks),
+            admitted: s.tasks & spawnguard_ebpf::ADMITTED != 0,
             processes: s.processes,
             threads: s.threads,
             age_seconds: now.saturating_sub(s.created_ns) as f64 / 1e9,
@@ -181,16 +227,28 @@ pub fn read() -> Result<Status> {
     let (mut dropped, mut failed_open) = (0, 0);
     for g in global.get(&0, 0)?.iter() {
         dropped += g.events_dropped;
-        failed_open += g.instances_full + g.processes_full + g.doomed_full + g.read_errors;
+        failed_open +=
+            g.instances_full + g.processes_full + g.doomed_full + g.read_errors + g.contended;
     }
+    let hl = host_limits.get(&0, 0)?;
+    let host = HostStatus {
+        tasks: host_state.get(&0, 0)?.tasks,
+        max_tasks: limit(hl.max_tasks),
+        deny_tasks: limit(hl.deny_tasks),
+    };
     Ok(Status {
         daemon_pid: daemon.as_ref().map(|d| d.pid).filter(|&p| pid_alive(p)),
         backend: daemon.map(|d| d.backend.name().to_owned()),
+        host,
         types: types.into_iter().map(|(_, t)| t).collect(),
         instances: list,
         events_dropped: dropped,
         failed_open,
     })
+}
+
+fn or_dash(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
 pub fn print_table(s: &Status) {
@@ -201,8 +259,16 @@ pub fn print_table(s: &Status) {
         ),
         None => println!("daemon not running: read from the pinned maps"),
     }
+    match s.host.max_tasks {
+        Some(max) => println!(
+            "host: {} tasks in instances, budget {max} (denying above {})",
+            s.host.tasks,
+            or_dash(s.host.deny_tasks)
+        ),
+        None => println!("host: {} tasks in instances, no host budget", s.host.tasks),
+    }
     println!(
-        "{:<16} {:<8} {:>9} {:>7} {:>9} {:>8} {:>10} {:>10} {:>10}",
+        "{:<16} {:<8} {:>11} {:>13} {:>9} {:>8} {:>9} {:>11} {:>8}",
         "TYPE",
         "MODE",
         "INSTANCES",
@@ -214,25 +280,28 @@ pub fn print_table(s: &Status) {
         "DENIED"
     );
     for t in &s.types {
-        let denied = t.denied.max_tasks + t.denied.max_threads + t.denied.fork_rate;
         println!(
-            "{:<16} {:<8} {:>9} {:>7} {:>9} {:>8} {:>10} {:>10} {:>10}",
+            "{:<16} {:<8} {:>11} {:>13} {:>9} {:>8} {:>9} {:>11} {:>8}",
             t.name,
             t.mode,
-            t.instances,
-            t.tasks,
+            format!("{}/{}", t.instances, or_dash(t.max_instances)),
+            format!("{}/{}", t.tasks, or_dash(t.max_total_tasks)),
             t.processes,
             t.threads,
             t.max_tasks,
             t.max_threads,
-            denied
+            t.denied.total()
         );
+        let d = &t.denied;
         for (r, n) in [
-            (0, &t.denied.max_tasks),
-            (1, &t.denied.max_threads),
-            (2, &t.denied.fork_rate),
+            (0, d.max_tasks),
+            (1, d.max_threads),
+            (2, d.fork_rate),
+            (3, d.max_instances),
+            (4, d.max_total_tasks),
+            (5, d.host_max_tasks),
         ] {
-            if *n > 0 {
+            if n > 0 {
                 println!("  denied by {}: {n}", reason_name(r));
             }
         }

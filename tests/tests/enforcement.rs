@@ -379,10 +379,20 @@ fn full_ring_buffer_drops_events_not_denials() {
     let out = bomb.wait_with_output().unwrap();
     // SAFETY: as above.
     unsafe { libc::kill(daemon.pid() as i32, libc::SIGCONT) };
-    assert!(most <= 10, "held {most} tasks with the event ring full, budget 10");
+    assert!(
+        most <= 10,
+        "held {most} tasks with the event ring full, budget 10"
+    );
     let s = status();
     let denied = s["types"][0]["denied"]["max_tasks"].as_u64().unwrap();
     let dropped = s["events_dropped"].as_u64().unwrap();
-    assert!(denied > 3000, "{denied} denials: {}", String::from_utf8_lossy(&out.stdout));
-    assert!(dropped > 0 && dropped < denied, "dropped {dropped} of {denied} events");
+    assert!(
+        denied > 3000,
+        "{denied} denials: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        dropped > 0 && dropped < denied,
+        "dropped {dropped} of {denied} events"
+    );
 }

@@ -7,14 +7,9 @@
 //!   sg-bench [--rounds N (default 7)] [--backend kill|kill-compat|both]
 //!   sg-bench measure            (internal: one measurement, printed as key=value)
 
-use std::{
-    fs,
-    path::Path,
-    process::Command,
-    time::Instant,
-};
+use std::{fs, path::Path, process::Command, time::Instant};
 
-use spawnguard_tests::{CgroupTree, Daemon, cgroup2_mount, policy, spawnguard_bin};
+use spawnguard_tests::{cgroup2_mount, policy, spawnguard_bin, CgroupTree, Daemon};
 
 const FORKS: u32 = 1_000;
 const THREADS: u32 = 2_000;
@@ -62,7 +57,11 @@ fn getppid() {
 }
 
 fn measure() {
-    let fork = median((0..BATCHES).map(|_| per_op(FORKS, fork_exit_wait)).collect());
+    let fork = median(
+        (0..BATCHES)
+            .map(|_| per_op(FORKS, fork_exit_wait))
+            .collect(),
+    );
     let thread = median(
         (0..BATCHES)
             .map(|_| per_op(THREADS, thread_create_join))
@@ -174,7 +173,14 @@ fn bench_backend(backend: &str, rounds: usize) {
             i / bin
         );
     };
-    row("fork+exit+wait", "µs", bo.fork / 1e3, bi.fork / 1e3, lo.fork / 1e3, li.fork / 1e3);
+    row(
+        "fork+exit+wait",
+        "µs",
+        bo.fork / 1e3,
+        bi.fork / 1e3,
+        lo.fork / 1e3,
+        li.fork / 1e3,
+    );
     row(
         "pthread create+join",
         "µs",
@@ -183,7 +189,9 @@ fn bench_backend(backend: &str, rounds: usize) {
         lo.thread / 1e3,
         li.thread / 1e3,
     );
-    row("getppid", "ns", bo.getppid, bi.getppid, lo.getppid, li.getppid);
+    row(
+        "getppid", "ns", bo.getppid, bi.getppid, lo.getppid, li.getppid,
+    );
     drop(tree);
 }
 
