@@ -220,10 +220,15 @@ fn reason_code(r: Refusal) -> u32 {
     }
 }
 
-/// Usage and limit of the budget behind `reason`, for events.
+/// Usage and limit of the budget behind `reason`, for events. A host warning names the
+/// configured host budget; a host denial the threshold (`deny_at`) that refused.
 #[inline(always)]
-fn usage(reason: u32, c: &Counters<'_>, b: &Budget) -> (u64, u64) {
+fn usage(reason: u32, c: &Counters<'_>, b: &Budget, warning: bool) -> (u64, u64) {
     match reason {
+        REASON_HOST_TASKS if warning => (
+            c.host_tasks.load(),
+            HOST_LIMITS.get(0).map_or(b.max_host_tasks, |h| h.max_tasks),
+        ),
         REASON_MAX_TASKS => (word_tasks(c.instance.load()), b.max_tasks),
         REASON_MAX_THREADS => (c.threads.load(), b.max_threads),
         REASON_MAX_INSTANCES => (c.type_instances.load(), b.max_instances),
@@ -260,7 +265,7 @@ pub fn record(adm: &Admission, b: &Budget, c: &Counters<'_>, r: &Report) {
                 if let Some(tc) = type_counters(r.type_idx) {
                     tc.warnings += 1;
                 }
-                let (used, limit) = usage(reason, c, b);
+                let (used, limit) = usage(reason, c, b, true);
                 emit(EVENT_WARN, reason, r, used, limit);
             }
         }
@@ -282,7 +287,7 @@ pub fn record(adm: &Admission, b: &Budget, c: &Counters<'_>, r: &Report) {
             tc.migrations_denied += 1;
         }
     }
-    let (used, limit) = usage(reason, c, b);
+    let (used, limit) = usage(reason, c, b, false);
     let kind = if adm.counted {
         EVENT_AUDIT_DENIED
     } else {
