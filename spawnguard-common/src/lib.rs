@@ -25,7 +25,9 @@ pub mod maps {
     pub const TYPE_STATE: &str = "TYPE_STATE";
     pub const HOST_LIMITS: &str = "HOST_LIMITS";
     pub const HOST_STATE: &str = "HOST_STATE";
-    pub const ALL: [&str; 12] = [
+    pub const META: &str = "META";
+    pub const ALL: [&str; 13] = [
+        META,
         TYPE_DIRS,
         TYPE_POLICY,
         TYPE_LEVELS,
@@ -39,6 +41,21 @@ pub mod maps {
         HOST_LIMITS,
         HOST_STATE,
     ];
+}
+
+/// Version of the layout of every map shared with a running (pinned) enforcer. A daemon adopts
+/// pinned state only of its own layout version; bump it whenever a map's key or value type, or
+/// a map's meaning, changes (the size snapshot test below catches most changes).
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Element 0 of `META`: what is pinned, for the daemon that adopts it. Not read by the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub layout_version: u32,
+    pub backend: u32,
+    /// `bpf_ktime_get_ns` time (CLOCK_MONOTONIC) of the install.
+    pub installed_ns: u64,
 }
 
 /// Default map capacities (the loader may override them).
@@ -286,6 +303,8 @@ pub struct Event {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
+    // SAFETY: #[repr(C)], Copy, integers only, no padding.
+    unsafe impl aya::Pod for Meta {}
     // SAFETY: all of these are #[repr(C)], Copy, made only of integers, with explicit padding.
     unsafe impl aya::Pod for KernelOffsets {}
     // SAFETY: as above.
@@ -310,4 +329,31 @@ mod pod {
     unsafe impl aya::Pod for GlobalCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Event {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A change here changes what a pinned enforcer holds: bump `LAYOUT_VERSION` with it.
+    #[test]
+    fn map_layouts_are_those_of_layout_version_1() {
+        assert_eq!(LAYOUT_VERSION, 1);
+        let sizes = [
+            size_of::<KernelOffsets>(),
+            size_of::<TypeDir>(),
+            size_of::<TypeLevels>(),
+            size_of::<TypeLimits>(),
+            size_of::<TypeState>(),
+            size_of::<HostLimits>(),
+            size_of::<HostState>(),
+            size_of::<InstanceState>(),
+            size_of::<ProcessRecord>(),
+            size_of::<TypeCounters>(),
+            size_of::<GlobalCounters>(),
+            size_of::<Event>(),
+            size_of::<Meta>(),
+        ];
+        assert_eq!(sizes, [48, 8, 20, 120, 16, 24, 8, 48, 16, 144, 64, 80, 16]);
+    }
 }

@@ -27,6 +27,9 @@ use crate::kernel::{self, Cgroup, Task};
 pub static TYPE_DIRS: HashMap<u64, TypeDir> = HashMap::with_max_entries(MAX_TYPES, 0);
 #[map]
 pub static TYPE_POLICY: Array<TypeLimits> = Array::with_max_entries(MAX_TYPES, 0);
+/// Describes what is pinned (layout version, backend) for a daemon that adopts it.
+#[map]
+pub static META: Array<spawnguard_common::Meta> = Array::with_max_entries(1, 0);
 #[map]
 pub static TYPE_STATE: Array<TypeState> = Array::with_max_entries(MAX_TYPES, 0);
 #[map]

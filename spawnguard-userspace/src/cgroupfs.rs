@@ -117,6 +117,27 @@ pub fn move_process(dir: &Path, pid: u32) -> Result<(), CgroupError> {
     std::fs::write(&procs, pid.to_string()).map_err(io(&procs))
 }
 
+/// A cgroup and every cgroup below it.
+pub fn subtree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        let below = children(&out[i]);
+        out.extend(below);
+        i += 1;
+    }
+    out
+}
+
+/// Process ids in one cgroup (not below it).
+pub fn procs(dir: &Path) -> Vec<u32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
 /// Child directories of a cgroup (the instances of a type directory).
 pub fn children(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {

@@ -8,14 +8,15 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, MapData, RingBuf},
-    programs::{BtfTracePoint, RawTracePoint},
+    maps::{Array, HashMap, Map, MapData, RingBuf},
+    programs::{links::FdLink, BtfTracePoint, RawTracePoint},
     Ebpf, EbpfLoader,
 };
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
-    maps, HostLimits, TypeDir, TypeLevels, TypeLimits, BACKEND_KILL, BACKEND_KILL_COMPAT,
-    MAX_TYPES, MAX_TYPE_LEVELS, MODE_AUDIT, MODE_ENFORCE, NO_LIMIT, TYPE_NAME_LEN,
+    maps, HostLimits, InstanceState, Meta, TypeDir, TypeLevels, TypeLimits, BACKEND_KILL,
+    BACKEND_KILL_COMPAT, LAYOUT_VERSION, MAX_TYPES, MAX_TYPE_LEVELS, MODE_AUDIT, MODE_ENFORCE,
+    NO_LIMIT, TYPE_NAME_LEN,
 };
 use spawnguard_ebpf::{rate_interval_ns, rate_window_ns};
 
@@ -30,7 +31,7 @@ use crate::{
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/spawnguard.bpf.o"));
 
-pub const PIN_DIR: &str = "/sys/fs/bpf/spawnguard";
+pub const PIN_ROOT: &str = "/sys/fs/bpf/spawnguard";
 pub const RUN_DIR: &str = "/run/spawnguard";
 pub const STATE_FILE: &str = "/run/spawnguard/state.json";
 
@@ -204,13 +205,50 @@ fn host_limits(policy: &Policy) -> HostLimits {
     }
 }
 
-/// The programs in the kernel, with their maps. Dropping it detaches everything.
+/// Where the pinned enforcer lives: `PIN_ROOT/v<LAYOUT_VERSION>/{links,maps}`.
+pub fn pin_dir() -> PathBuf {
+    Path::new(PIN_ROOT).join(format!("v{LAYOUT_VERSION}"))
+}
+
+/// Opens a pinned map by name.
+pub fn open_pinned(dir: &Path, name: &str) -> Result<Map> {
+    let path = dir.join("maps").join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    Ok(Map::from_map_data(data)?)
+}
+
+/// Fails when pinned state of another layout version exists: adopting it would corrupt it.
+fn check_no_other_layout() -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(PIN_ROOT) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != format!("v{LAYOUT_VERSION}") {
+            bail!(
+                "{PIN_ROOT}/{name} holds an enforcer with another map layout (this daemon uses \
+                 v{LAYOUT_VERSION}); it keeps enforcing its last policy. To migrate: stop its \
+                 daemon, run `spawnguard uninstall` (removes every pinned layout), then start \
+                 this daemon, which counts the running agents again"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The enforcer in the kernel: programs attached through links pinned under `pin_dir()`, so
+/// they keep enforcing when the daemon stops or dies, and their maps pinned beside them. The
+/// daemon only ever works through the pins.
 pub struct Enforcer {
-    ebpf: Ebpf,
+    pub dir: PathBuf,
     pub backend: Backend,
-    pub backend_reason: &'static str,
-    pub kfuncs: KfuncPatch,
-    pinned: Option<PathBuf>,
+    /// Why this backend (for the log).
+    pub backend_reason: String,
+    /// Whether this daemon found the enforcer already pinned and adopted it.
+    pub adopted: bool,
+    /// Processes counted at install by `reconcile`.
+    pub reconciled: usize,
 }
 
 /// Fails with one sentence when spawnguard cannot run here at all.
@@ -228,41 +266,152 @@ pub fn preflight() -> Result<()> {
     Ok(())
 }
 
+const HOOKS: [&str; 5] = [
+    "sched_process_fork",
+    "sched_process_exit",
+    "cgroup_mkdir",
+    "cgroup_rmdir",
+    "cgroup_attach_task",
+];
+
 impl Enforcer {
-    /// Loads, configures and attaches everything. Nothing is left in the kernel on error.
-    pub fn load(choice: BackendChoice, policy: &Policy, types: &[PlacedType]) -> Result<Self> {
+    /// Adopts the pinned enforcer, or installs one; then puts `policy` in force.
+    pub fn start(choice: BackendChoice, policy: &Policy, types: &mut [PlacedType]) -> Result<Self> {
+        check_no_other_layout()?;
+        let dir = pin_dir();
+        if dir.join("links").exists() {
+            let enforcer = Self::adopt(dir, choice)?;
+            enforcer.apply_policy(policy, types, false)?;
+            return Ok(enforcer);
+        }
+        let result = Self::install(dir.clone(), choice, policy, types);
+        if result.is_err() {
+            // Nothing half-installed stays behind.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        result
+    }
+
+    fn adopt(dir: PathBuf, choice: BackendChoice) -> Result<Self> {
+        let meta: Array<_, Meta> = Array::try_from(open_pinned(&dir, maps::META)?)?;
+        let meta = meta.get(&0, 0)?;
+        if meta.layout_version != LAYOUT_VERSION {
+            bail!(
+                "{} holds map layout {} but claims v{LAYOUT_VERSION}; run `spawnguard uninstall`",
+                dir.display(),
+                meta.layout_version
+            );
+        }
+        let backend = match meta.backend {
+            BACKEND_KILL => Backend::Kill,
+            _ => Backend::KillCompat,
+        };
+        let forced = match choice {
+            BackendChoice::Auto => None,
+            BackendChoice::Kill => Some(Backend::Kill),
+            BackendChoice::KillCompat => Some(Backend::KillCompat),
+        };
+        if forced.is_some_and(|f| f != backend) {
+            bail!(
+                "the pinned enforcer uses the {backend} backend; to change backend run \
+                 `spawnguard uninstall` first"
+            );
+        }
+        Ok(Self {
+            dir,
+            backend,
+            backend_reason: "adopted from the pinned enforcer".into(),
+            adopted: true,
+            reconciled: 0,
+        })
+    }
+
+    fn install(
+        dir: PathBuf,
+        choice: BackendChoice,
+        policy: &Policy,
+        types: &mut [PlacedType],
+    ) -> Result<Self> {
         let btf = Btf::from_sys_fs()?;
         let offsets = btf
             .kernel_offsets()
             .context("reading struct offsets from the kernel's BTF")?;
         let mut object = EBPF_OBJECT.to_vec();
         let kfuncs = patch_kfunc_calls(&mut object, &btf)?;
-        let (backend, backend_reason) = Backend::select(choice, &kfuncs)?;
+        let (backend, reason) = Backend::select(choice, &kfuncs)?;
+        let mut backend_reason = reason.to_owned();
+        if !kfuncs.missing.is_empty() {
+            backend_reason += &format!("; kfuncs missing: {}", kfuncs.missing.join(", "));
+        }
         let backend_code = backend.code();
-        let ebpf = EbpfLoader::new()
+        let mut ebpf = EbpfLoader::new()
             .override_global("KERNEL_OFFSETS", &offsets, true)
             .override_global("BACKEND", &backend_code, true)
             .load(&object)
             .context("loading the eBPF object")?;
-        let mut enforcer = Self {
-            ebpf,
+        std::fs::create_dir_all(dir.join("maps"))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        for name in maps::ALL {
+            ebpf.map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?
+                .pin(dir.join("maps").join(name))
+                .with_context(|| format!("pinning map {name}"))?;
+        }
+        let enforcer = Self {
+            dir,
             backend,
             backend_reason,
-            kfuncs,
-            pinned: None,
+            adopted: false,
+            reconciled: 0,
         };
-        enforcer.apply_policy(policy, types)?;
-        enforcer.attach()?;
-        Ok(enforcer)
+        let mut meta: Array<_, Meta> = Array::try_from(open_pinned(&enforcer.dir, maps::META)?)?;
+        meta.set(
+            0,
+            Meta {
+                layout_version: LAYOUT_VERSION,
+                backend: backend_code,
+                installed_ns: crate::status::monotonic_ns(),
+            },
+            0,
+        )?;
+        // Count what already runs in the instances before enforcing: in audit mode, so the
+        // agents found running are counted, never stopped.
+        enforcer.apply_policy(policy, types, true)?;
+        attach_and_pin(&mut ebpf, backend, &enforcer.dir)?;
+        drop(ebpf);
+        let reconciled = reconcile(&enforcer.dir, types)?;
+        enforcer.apply_policy(policy, types, false)?;
+        Ok(Self {
+            reconciled,
+            ..enforcer
+        })
     }
 
-    /// Writes the policy into the maps the programs read.
-    fn apply_policy(&mut self, policy: &Policy, types: &[PlacedType]) -> Result<()> {
+    /// Puts `policy` in the maps. Types keep their slot (index) across policy changes and
+    /// restarts, matched by name, so live counts stay with their type. `all_audit` loads every
+    /// type in audit mode (used while counting existing agents at install).
+    pub fn apply_policy(
+        &self,
+        policy: &Policy,
+        types: &mut [PlacedType],
+        all_audit: bool,
+    ) -> Result<()> {
         if types.len() > MAX_TYPES as usize {
             bail!("at most {MAX_TYPES} types are supported");
         }
+        let mut limits: Array<_, TypeLimits> =
+            Array::try_from(open_pinned(&self.dir, maps::TYPE_POLICY)?)?;
+        let mut existing: Vec<Option<String>> = Vec::new();
+        for index in 0..MAX_TYPES {
+            let l = limits.get(&index, 0)?;
+            existing.push((l.active != 0).then(|| name_of(&l.name)));
+        }
+        let indices = assign_indices(&existing, types);
+        for (t, index) in types.iter_mut().zip(&indices) {
+            t.index = *index;
+        }
         let mut levels: Vec<u32> = Vec::new();
-        for t in types {
+        for t in types.iter() {
             if !levels.contains(&t.level) {
                 levels.push(t.level);
             }
@@ -274,113 +423,166 @@ impl Enforcer {
                 levels.len()
             );
         }
-        {
-            let mut limits: Array<_, TypeLimits> =
-                Array::try_from(self.map_mut(maps::TYPE_POLICY)?)?;
-            for index in 0..MAX_TYPES {
-                let l = if (index as usize) < types.len() {
-                    type_limits(policy, index as usize)
-                } else {
-                    TypeLimits::default()
-                };
-                limits.set(index, l, 0)?;
+        for (i, t) in types.iter().enumerate() {
+            let mut l = type_limits(policy, i);
+            if all_audit {
+                l.mode = MODE_AUDIT;
             }
+            limits.set(t.index, l, 0)?;
         }
-        {
-            let mut host: Array<_, HostLimits> = Array::try_from(self.map_mut(maps::HOST_LIMITS)?)?;
-            host.set(0, host_limits(policy), 0)?;
-        }
-        {
-            let mut dirs: HashMap<_, u64, TypeDir> =
-                HashMap::try_from(self.map_mut(maps::TYPE_DIRS)?)?;
-            for t in types {
-                let dir = TypeDir {
-                    type_idx: t.index,
-                    level: t.level,
-                };
-                dirs.insert(t.cgroup_id, dir, 0)?;
-            }
-        }
+        let mut host: Array<_, HostLimits> =
+            Array::try_from(open_pinned(&self.dir, maps::HOST_LIMITS)?)?;
+        host.set(0, host_limits(policy), 0)?;
+        let mut level_map: Array<_, TypeLevels> =
+            Array::try_from(open_pinned(&self.dir, maps::TYPE_LEVELS)?)?;
         let mut type_levels = TypeLevels {
             count: levels.len() as u32,
             ..TypeLevels::default()
         };
         type_levels.levels[..levels.len()].copy_from_slice(&levels);
-        let mut level_map: Array<_, TypeLevels> =
-            Array::try_from(self.map_mut(maps::TYPE_LEVELS)?)?;
         level_map.set(0, type_levels, 0)?;
-        Ok(())
-    }
-
-    fn attach(&mut self) -> Result<()> {
-        let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
-        for hook in [
-            "sched_process_fork",
-            "sched_process_exit",
-            "cgroup_mkdir",
-            "cgroup_rmdir",
-            "cgroup_attach_task",
-        ] {
-            let prog: &mut BtfTracePoint = self
-                .ebpf
-                .program_mut(hook)
-                .ok_or_else(|| anyhow!("program {hook} missing from the eBPF object"))?
-                .try_into()?;
-            prog.load(hook, &btf)
-                .with_context(|| format!("loading the {hook} program"))?;
-            prog.attach()
-                .with_context(|| format!("attaching the {hook} program"))?;
+        let mut dirs: HashMap<_, u64, TypeDir> =
+            HashMap::try_from(open_pinned(&self.dir, maps::TYPE_DIRS)?)?;
+        let stale: Vec<u64> = dirs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !types.iter().any(|t| t.cgroup_id == *id))
+            .collect();
+        for t in types.iter() {
+            let dir = TypeDir {
+                type_idx: t.index,
+                level: t.level,
+            };
+            dirs.insert(t.cgroup_id, dir, 0)?;
         }
-        if self.backend == Backend::KillCompat {
-            let prog: &mut RawTracePoint = self
-                .ebpf
-                .program_mut("sys_exit")
-                .ok_or_else(|| anyhow!("program sys_exit missing from the eBPF object"))?
-                .try_into()?;
-            prog.load().context("loading the sys_exit program")?;
-            prog.attach("sys_exit")
-                .context("attaching the sys_exit program")?;
+        for id in stale {
+            dirs.remove(&id)?;
         }
-        Ok(())
-    }
-
-    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
-        self.ebpf
-            .map_mut(name)
-            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
-    }
-
-    /// Pins every map under `dir` so `spawnguard status` can read them without the daemon.
-    /// Stale pins from a daemon that died are replaced.
-    pub fn pin_maps(&mut self, dir: &Path) -> Result<()> {
-        if dir.exists() {
-            std::fs::remove_dir_all(dir)
-                .with_context(|| format!("removing stale pins in {}", dir.display()))?;
-        }
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        self.pinned = Some(dir.to_path_buf());
-        for name in maps::ALL {
-            self.map_mut(name)?
-                .pin(dir.join(name))
-                .with_context(|| format!("pinning map {name}"))?;
+        // Types no longer in the policy: their instances stop being enforced.
+        for (index, name) in existing.iter().enumerate() {
+            if name.is_some() && !indices.contains(&(index as u32)) {
+                limits.set(index as u32, TypeLimits::default(), 0)?;
+            }
         }
         Ok(())
     }
 
     /// The event ring buffer, handed to the task that reads it.
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self
-            .ebpf
-            .take_map(maps::EVENTS)
-            .ok_or_else(|| anyhow!("map EVENTS missing"))?;
-        Ok(RingBuf::try_from(map)?)
+    pub fn events(&self) -> Result<RingBuf<MapData>> {
+        Ok(RingBuf::try_from(open_pinned(&self.dir, maps::EVENTS)?)?)
     }
 }
 
-impl Drop for Enforcer {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.pinned {
-            let _ = std::fs::remove_dir_all(dir);
+fn name_of(raw: &[u8]) -> String {
+    let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+/// Slot of each type: its old slot when a type of that name exists, else the first free one.
+fn assign_indices(existing: &[Option<String>], types: &[PlacedType]) -> Vec<u32> {
+    let mut taken: Vec<bool> = existing
+        .iter()
+        .map(|n| {
+            n.as_ref()
+                .is_some_and(|n| types.iter().any(|t| &t.name == n))
+        })
+        .collect();
+    types
+        .iter()
+        .map(|t| {
+            if let Some(i) = existing.iter().position(|n| n.as_deref() == Some(&t.name)) {
+                return i as u32;
+            }
+            let free = (0..taken.len())
+                .find(|&i| !taken[i] && existing[i].is_none())
+                .or_else(|| (0..taken.len()).find(|&i| !taken[i]))
+                .expect("at most MAX_TYPES types");
+            taken[free] = true;
+            free as u32
+        })
+        .collect()
+}
+
+/// Loads every hook, attaches it, and pins the link so the hook outlives this process.
+fn attach_and_pin(ebpf: &mut Ebpf, backend: Backend, dir: &Path) -> Result<()> {
+    let links = dir.join("links");
+    std::fs::create_dir_all(&links).with_context(|| format!("creating {}", links.display()))?;
+    let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    for hook in HOOKS {
+        let prog: &mut BtfTracePoint = ebpf
+            .program_mut(hook)
+            .ok_or_else(|| anyhow!("program {hook} missing from the eBPF object"))?
+            .try_into()?;
+        prog.load(hook, &btf)
+            .with_context(|| format!("loading the {hook} program"))?;
+        let id = prog
+            .attach()
+            .with_context(|| format!("attaching the {hook} program"))?;
+        FdLink::from(prog.take_link(id)?)
+            .pin(links.join(hook))
+            .with_context(|| format!("pinning the {hook} link"))?;
+    }
+    if backend == Backend::KillCompat {
+        let prog: &mut RawTracePoint = ebpf
+            .program_mut("sys_exit")
+            .ok_or_else(|| anyhow!("program sys_exit missing from the eBPF object"))?
+            .try_into()?;
+        prog.load().context("loading the sys_exit program")?;
+        let id = prog
+            .attach("sys_exit")
+            .context("attaching the sys_exit program")?;
+        FdLink::from(prog.take_link(id)?)
+            .pin(links.join("sys_exit"))
+            .context("pinning the sys_exit link")?;
+    }
+    Ok(())
+}
+
+/// Counts the agents that already run: each process in an instance is written back into its
+/// own cgroup, which fires the migration hook for it (the kernel moves nothing). The hook
+/// counts the whole process, exactly as if it had just moved in; processes forked meanwhile are
+/// already counted and skipped. Returns how many processes were written.
+fn reconcile(dir: &Path, types: &[PlacedType]) -> Result<usize> {
+    let mut instances: HashMap<_, u64, InstanceState> =
+        HashMap::try_from(open_pinned(dir, maps::INSTANCES)?)?;
+    let (now_mono, now_wall) = (crate::status::monotonic_ns(), std::time::SystemTime::now());
+    let mut count = 0;
+    for t in types {
+        for inst in cgroupfs::children(&t.dir) {
+            // Age counts from the instance's creation, also for instances older than us.
+            if let (Ok(id), Ok(meta)) = (cgroupfs::cgroup_id(&inst), std::fs::metadata(&inst)) {
+                let age = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| now_wall.duration_since(m).ok())
+                    .map_or(0, |d| d.as_nanos() as u64);
+                let fresh = InstanceState {
+                    created_ns: now_mono.saturating_sub(age),
+                    type_idx: t.index,
+                    ..InstanceState::default()
+                };
+                let _ = instances.insert(id, fresh, BPF_NOEXIST);
+            }
+            for cg in cgroupfs::subtree(&inst) {
+                for pid in cgroupfs::procs(&cg) {
+                    if cgroupfs::move_process(&cg, pid).is_ok() {
+                        count += 1;
+                    }
+                }
+            }
         }
     }
+    Ok(count)
+}
+
+const BPF_NOEXIST: u64 = 1;
+
+/// Detaches and removes every pinned enforcer (all layouts). Refuses while a daemon runs.
+pub fn uninstall() -> Result<bool> {
+    let root = Path::new(PIN_ROOT);
+    if !root.exists() {
+        return Ok(false);
+    }
+    std::fs::remove_dir_all(root).with_context(|| format!("removing {PIN_ROOT}"))?;
+    Ok(true)
 }

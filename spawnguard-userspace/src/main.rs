@@ -21,7 +21,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     cgroupfs::Cgroup2,
-    loader::{BackendChoice, DaemonState, Enforcer, PIN_DIR, RUN_DIR, STATE_FILE},
+    loader::{BackendChoice, DaemonState, Enforcer, RUN_DIR, STATE_FILE},
     policy::Policy,
 };
 
@@ -53,7 +53,13 @@ enum Command {
         /// How denied tasks are stopped; `auto` picks the best this kernel supports.
         #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
         backend: BackendChoice,
+        /// Remove the enforcer from the kernel when the daemon stops. By default it stays
+        /// pinned and keeps enforcing the last policy; a restarted daemon adopts it.
+        #[arg(long)]
+        no_pin: bool,
     },
+    /// Detach and remove the pinned enforcer (the daemon must be stopped first).
+    Uninstall,
     /// Run CMD as (part of) an agent instance: in the instance's cgroup, created if needed.
     Exec {
         /// The agent type (a type name of the policy in force).
@@ -107,12 +113,27 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Run { policy, backend } => {
+        Command::Run {
+            policy,
+            backend,
+            no_pin,
+        } => {
             let policy = load_policy(policy.as_deref())?;
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(daemon(policy, backend))?;
+                .block_on(daemon(policy, backend, no_pin))?;
+        }
+        Command::Uninstall => {
+            loader::preflight()?;
+            let _lock = single_daemon_lock()
+                .context("stop the daemon before uninstalling (it would reinstall)")?;
+            if loader::uninstall()? {
+                let _ = std::fs::remove_file(STATE_FILE);
+                println!("spawnguard removed from the kernel: nothing is enforced any more");
+            } else {
+                println!("spawnguard is not installed");
+            }
         }
         Command::Exec {
             type_name,
@@ -145,24 +166,29 @@ fn load_policy(path: Option<&Path>) -> Result<Policy> {
     })
 }
 
-async fn daemon(policy: Policy, backend: BackendChoice) -> Result<()> {
+async fn daemon(policy: Policy, backend: BackendChoice, no_pin: bool) -> Result<()> {
     loader::preflight()?;
     let _lock = single_daemon_lock()?;
     let cg = Cgroup2::discover()?;
     for fs in cgroupfs::ensure_pseudo_filesystems()? {
         tracing::info!("mounted {fs}");
     }
-    let types = loader::place_types(&policy, &cg)?;
-    let mut enforcer = Enforcer::load(backend, &policy, &types)?;
+    let mut types = loader::place_types(&policy, &cg)?;
+    let enforcer = Enforcer::start(backend, &policy, &mut types)?;
     tracing::info!("backend {}: {}", enforcer.backend, enforcer.backend_reason);
-    if !enforcer.kfuncs.missing.is_empty() {
+    if enforcer.adopted {
         tracing::info!(
-            "kfuncs this kernel lacks: {}",
-            enforcer.kfuncs.missing.join(", ")
+            "adopted the enforcer pinned at {} (counts kept)",
+            enforcer.dir.display()
+        );
+    } else {
+        tracing::info!(
+            "installed the enforcer at {}; counted {} running agent processes",
+            enforcer.dir.display(),
+            enforcer.reconciled
         );
     }
-    enforcer.pin_maps(Path::new(PIN_DIR))?;
-    let ring = enforcer.take_events()?;
+    let ring = enforcer.events()?;
     let state = DaemonState {
         pid: std::process::id(),
         backend: enforcer.backend,
@@ -185,13 +211,20 @@ async fn daemon(policy: Policy, backend: BackendChoice) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: detaching"),
-        _ = int.recv() => tracing::info!("SIGINT: detaching"),
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
         r = events => r??,
     }
     let _ = std::fs::remove_file(STATE_FILE);
-    drop(enforcer);
-    tracing::info!("detached; no spawnguard programs remain loaded");
+    if no_pin {
+        loader::uninstall()?;
+        tracing::info!("--no-pin: removed the enforcer; nothing is enforced any more");
+    } else {
+        tracing::info!(
+            "stopping; the enforcer stays in the kernel with the last policy \
+             (`spawnguard uninstall` removes it)"
+        );
+    }
     Ok(())
 }
 

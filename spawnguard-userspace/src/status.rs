@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use serde::Serialize;
 use spawnguard_common::{
@@ -13,7 +13,7 @@ use spawnguard_common::{
 
 use crate::{
     events::{reason_name, Names},
-    loader::{DaemonState, PIN_DIR},
+    loader::{open_pinned, pin_dir, DaemonState},
 };
 
 /// Denials per reason (the budget that refused).
@@ -113,17 +113,17 @@ pub struct Status {
 }
 
 fn open(name: &str) -> Result<Map> {
-    let path = Path::new(PIN_DIR).join(name);
-    let data = MapData::from_pin(&path).with_context(|| {
-        format!(
-            "no pinned spawnguard state at {} (is `spawnguard run` running?)",
-            path.display()
-        )
-    })?;
-    Ok(Map::from_map_data(data)?)
+    let dir = pin_dir();
+    if !dir.exists() {
+        bail!(
+            "no spawnguard enforcer is installed ({} is missing): start one with `spawnguard run`",
+            dir.display()
+        );
+    }
+    open_pinned(&dir, name)
 }
 
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -257,7 +257,10 @@ pub fn print_table(s: &Status) {
             "daemon pid {pid}, backend {}",
             s.backend.as_deref().unwrap_or("?")
         ),
-        None => println!("daemon not running: read from the pinned maps"),
+        None => println!(
+            "daemon not running: the pinned enforcer keeps enforcing its last policy; these \
+             figures are read from its maps"
+        ),
     }
     match s.host.max_tasks {
         Some(max) => println!(

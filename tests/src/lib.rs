@@ -226,15 +226,44 @@ pub struct Daemon {
     pub log: PathBuf,
 }
 
+/// `spawnguard uninstall`: no enforcer left from an earlier test.
+pub fn uninstall() {
+    let out = Command::new(spawnguard_bin())
+        .arg("uninstall")
+        .output()
+        .expect("run spawnguard uninstall");
+    assert!(
+        out.status.success(),
+        "uninstall failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 impl Daemon {
+    /// A daemon that removes its enforcer when it stops (`--no-pin`), after removing any
+    /// enforcer left behind: each test starts from nothing.
     pub fn start(policy: &str, backend: &str) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("spawnguard-test-{}", std::process::id()));
+        uninstall();
+        Self::launch(policy, &["--backend", backend, "--no-pin"])
+    }
+
+    /// A daemon in the default, pinned mode (the enforcer outlives it); adopts what is pinned.
+    pub fn start_pinned(policy: &str) -> Result<Self> {
+        Self::launch(policy, &[])
+    }
+
+    fn launch(policy: &str, args: &[&str]) -> Result<Self> {
+        static LAUNCHES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("spawnguard-test-{}-{n}", std::process::id()));
         fs::create_dir_all(&dir)?;
         let policy_file = dir.join("policy.toml");
         fs::write(&policy_file, policy)?;
         let log = dir.join("daemon.log");
         let child = Command::new(spawnguard_bin())
-            .args(["run", "--backend", backend, "--policy"])
+            .arg("run")
+            .args(args)
+            .arg("--policy")
             .arg(&policy_file)
             .stdin(Stdio::null())
             .stdout(fs::File::create(&log)?)
@@ -277,7 +306,14 @@ impl Daemon {
         s
     }
 
-    /// SIGTERM and wait: the daemon detaches.
+    /// SIGKILL: the daemon dies without any clean-up.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// SIGTERM and wait.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
         let mut child = self.child.take().unwrap();
         // SAFETY: signalling our own child.
