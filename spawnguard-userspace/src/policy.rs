@@ -205,7 +205,7 @@ impl Policy {
             ));
         }
         let raw: RawPolicy =
-            toml::from_str(text).map_err(|e| err(e.span(), e.message().trim().to_owned()))?;
+            toml::from_str(text).map_err(|e| err(e.span(), one_line(e.message())))?;
         let mode = raw.mode.map(|m| *m.get_ref()).unwrap_or_default();
         let host = match &raw.host {
             None => HostPolicy::default(),
@@ -401,6 +401,16 @@ impl Policy {
     pub fn type_named(&self, name: &str) -> Option<&TypePolicy> {
         self.types.iter().find(|t| t.name == name)
     }
+}
+
+/// toml's messages may span lines; a policy error is one line.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 fn positive(v: &Spanned<i64>) -> Result<u64, String> {
