@@ -21,6 +21,11 @@ pub enum CgroupError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("this host's cgroup2 has no {file} (it needs {needs})")]
+    Missing {
+        file: &'static str,
+        needs: &'static str,
+    },
     #[error("cannot mount {fs} at {path}: {source}")]
     Mount {
         fs: &'static str,
@@ -148,6 +153,24 @@ pub fn children(dir: &Path) -> Vec<PathBuf> {
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .map(|e| e.path())
         .collect()
+}
+
+/// Freezes every task of a cgroup subtree (`cgroup.freeze`, cgroup v2, kernel >= 5.2).
+pub fn freeze(dir: &Path) -> Result<(), CgroupError> {
+    write_control(dir, "cgroup.freeze", "kernel >= 5.2")
+}
+
+/// Kills every task of a cgroup subtree (`cgroup.kill`, cgroup v2, kernel >= 5.14).
+pub fn kill(dir: &Path) -> Result<(), CgroupError> {
+    write_control(dir, "cgroup.kill", "kernel >= 5.14")
+}
+
+fn write_control(dir: &Path, file: &'static str, needs: &'static str) -> Result<(), CgroupError> {
+    let path = dir.join(file);
+    if !path.exists() {
+        return Err(CgroupError::Missing { file, needs });
+    }
+    std::fs::write(&path, "1").map_err(io(&path))
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;

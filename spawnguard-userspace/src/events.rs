@@ -145,14 +145,22 @@ pub fn parse(bytes: &[u8]) -> Option<Event> {
     })
 }
 
-/// Logs every event until the ring buffer goes away. Owns the ring buffer.
-pub async fn log_events(ring: RingBuf<MapData>, mut names: Names) -> Result<()> {
+/// Logs every event until the ring buffer goes away. Owns the ring buffer; `types` follows the
+/// policy in force.
+pub async fn log_events(
+    ring: RingBuf<MapData>,
+    mut types: tokio::sync::watch::Receiver<Vec<PlacedType>>,
+) -> Result<()> {
+    let mut names = Names::new(types.borrow_and_update().clone());
     // SAFETY: the ring buffer owns its map fd, which stays open and the same for as long as the
     // AsyncFd owns the ring buffer.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("watching the event ring buffer: {e}"))?;
     loop {
         let mut guard = fd.readable_mut().await?;
+        if types.has_changed().unwrap_or(false) {
+            names = Names::new(types.borrow_and_update().clone());
+        }
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
             let Some(ev) = parse(&item) else { continue };

@@ -24,7 +24,7 @@ use crate::{
     btf::Btf,
     cgroupfs::{self, Cgroup2},
     kfunc::{patch_kfunc_calls, KfuncPatch},
-    policy::{Mode, Policy},
+    policy::{Mode, OnMaxAge, Policy},
 };
 
 /// The eBPF object, built by build.rs and embedded: one file to install.
@@ -109,6 +109,8 @@ pub struct PlacedType {
     pub mode: String,
     pub max_tasks: u64,
     pub max_threads: u64,
+    pub max_age: Option<std::time::Duration>,
+    pub on_max_age: OnMaxAge,
 }
 
 /// What the daemon writes to `STATE_FILE` for the CLI (`status`, `exec`).
@@ -146,6 +148,8 @@ pub fn place_types(policy: &Policy, cg: &Cgroup2) -> Result<Vec<PlacedType>> {
                 mode: t.mode.to_string(),
                 max_tasks: t.max_tasks,
                 max_threads: t.max_threads,
+                max_age: t.max_age,
+                on_max_age: t.on_max_age,
             })
         })
         .collect()

@@ -2,6 +2,8 @@
 
 mod btf;
 mod cgroupfs;
+mod control;
+mod daemon;
 mod events;
 mod kfunc;
 mod loader;
@@ -15,15 +17,14 @@ use std::{
     process::ExitCode,
 };
 
-use anyhow::{anyhow, bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
-use tokio::signal::unix::{signal, SignalKind};
-
 use crate::{
     cgroupfs::Cgroup2,
-    loader::{BackendChoice, DaemonState, Enforcer, RUN_DIR, STATE_FILE},
+    control::{Request, Unreachable},
+    loader::{BackendChoice, DaemonState, STATE_FILE},
     policy::Policy,
 };
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(
@@ -36,7 +37,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, Default, ValueEnum)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
 enum Output {
     #[default]
     Table,
@@ -74,8 +75,12 @@ enum Command {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<OsString>,
     },
-    /// Show types, instances and their counts, read from the kernel maps.
+    /// Per type: instances/ceiling, tasks/budgets, denials, mode. Asks the daemon; when it does
+    /// not answer, reads the pinned kernel maps directly (and says so).
     Status {
+        /// List this type's instances with their counts and age.
+        #[arg(long = "type")]
+        type_name: Option<String>,
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -90,8 +95,25 @@ enum Command {
 enum PolicyCommand {
     /// Print the embedded default policy.
     Default,
-    /// Validate a policy file; exit 0, or print the error with file, line and column.
-    Check { file: PathBuf },
+    /// Validate a policy file; exit 0, or print the error with file, line and column. Needs no
+    /// daemon (use it in a policy repository's CI).
+    Check {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Validate a policy file, apply it to the running daemon (all of it or none of it), and
+    /// show what changed.
+    Apply {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Show the policy in force.
+    Show {
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
 }
 
 fn main() -> ExitCode {
@@ -118,15 +140,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             backend,
             no_pin,
         } => {
-            let policy = load_policy(policy.as_deref())?;
+            let (parsed, text) = load_policy(policy.as_deref())?;
+            let opts = daemon::Options {
+                policy_file: policy,
+                backend,
+                no_pin,
+            };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(daemon(policy, backend, no_pin))?;
+                .block_on(daemon::run(parsed, text, opts))?;
         }
         Command::Uninstall => {
             loader::preflight()?;
-            let _lock = single_daemon_lock()
+            let _lock = daemon::single_daemon_lock()
                 .context("stop the daemon before uninstalling (it would reinstall)")?;
             if loader::uninstall()? {
                 let _ = std::fs::remove_file(STATE_FILE);
@@ -141,121 +168,101 @@ fn run(cli: Cli) -> Result<ExitCode> {
             policy,
             command,
         } => return Err(exec(&type_name, &instance, policy.as_deref(), &command)),
-        Command::Status { output } => {
-            let s = status::read()?;
+        Command::Status { type_name, output } => {
+            let mut s = match control::call(&Request::Status) {
+                Ok(answer) => serde_json::from_value(answer?)?,
+                Err(Unreachable::NotRunning) => status::read()?,
+                Err(Unreachable::Other(e)) => {
+                    eprintln!(
+                        "spawnguard: the daemon did not answer ({e:#}); reading the pinned maps"
+                    );
+                    status::read()?
+                }
+            };
+            if let Some(t) = &type_name {
+                if !s.types.iter().any(|x| &x.name == t) {
+                    bail!("no type {t:?} in the policy in force");
+                }
+                s.types.retain(|x| &x.name == t);
+                s.instances.retain(|i| &i.type_name == t);
+            } else if output == Output::Table {
+                s.instances.clear();
+            }
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
                 Output::Table => status::print_table(&s),
             }
         }
-        Command::Policy { command } => match command {
-            PolicyCommand::Default => print!("{}", policy::DEFAULT_POLICY),
-            PolicyCommand::Check { file } => {
-                let p = Policy::from_file(&file)?;
-                println!("{}: ok ({} types)", file.display(), p.types.len());
-            }
-        },
+        Command::Policy { command } => return policy_command(command),
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn load_policy(path: Option<&Path>) -> Result<Policy> {
+/// The policy to run with, and its text (for `policy show`).
+fn load_policy(path: Option<&Path>) -> Result<(Policy, String)> {
     Ok(match path {
-        Some(p) => Policy::from_file(p)?,
-        None => Policy::default_policy(),
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading the policy file {}", p.display()))?;
+            (Policy::parse(&text, &p.display().to_string())?, text)
+        }
+        None => (Policy::default_policy(), policy::DEFAULT_POLICY.to_owned()),
     })
 }
 
-async fn daemon(policy: Policy, backend: BackendChoice, no_pin: bool) -> Result<()> {
-    loader::preflight()?;
-    let _lock = single_daemon_lock()?;
-    let cg = Cgroup2::discover()?;
-    for fs in cgroupfs::ensure_pseudo_filesystems()? {
-        tracing::info!("mounted {fs}");
+fn policy_command(command: PolicyCommand) -> Result<ExitCode> {
+    match command {
+        PolicyCommand::Default => print!("{}", policy::DEFAULT_POLICY),
+        PolicyCommand::Check { file, output } => match (Policy::from_file(&file), output) {
+            (Ok(p), Output::Table) => {
+                println!("{}: ok ({} types)", file.display(), p.types.len());
+            }
+            (Ok(p), Output::Json) => println!(
+                "{}",
+                serde_json::json!({"ok": true, "file": file, "types": p.types.len()})
+            ),
+            (Err(e), Output::Table) => return Err(e.into()),
+            (Err(e), Output::Json) => {
+                println!("{}", serde_json::json!({"ok": false, "error": e}));
+                return Ok(ExitCode::FAILURE);
+            }
+        },
+        PolicyCommand::Apply { file, output } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading the policy file {}", file.display()))?;
+            let name = file.display().to_string();
+            // Validate here first: a bad file never reaches the daemon.
+            Policy::parse(&text, &name)?;
+            let answer = control::call_daemon(&Request::PolicyApply { file: name, text })?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
+                Output::Table => {
+                    let d: daemon::PolicyDiff = serde_json::from_value(answer)?;
+                    println!("applied {}", file.display());
+                    for t in &d.added {
+                        println!("  + type {t}");
+                    }
+                    for t in &d.removed {
+                        println!("  - type {t}");
+                    }
+                    for c in &d.changed {
+                        println!("  ~ {c}");
+                    }
+                    if d.added.is_empty() && d.removed.is_empty() && d.changed.is_empty() {
+                        println!("  (no changes)");
+                    }
+                }
+            }
+        }
+        PolicyCommand::Show { output } => {
+            let answer = control::call_daemon(&Request::PolicyShow)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&answer["policy"])?),
+                Output::Table => print!("{}", answer["text"].as_str().unwrap_or_default()),
+            }
+        }
     }
-    let mut types = loader::place_types(&policy, &cg)?;
-    let enforcer = Enforcer::start(backend, &policy, &mut types)?;
-    tracing::info!("backend {}: {}", enforcer.backend, enforcer.backend_reason);
-    if enforcer.adopted {
-        tracing::info!(
-            "adopted the enforcer pinned at {} (counts kept)",
-            enforcer.dir.display()
-        );
-    } else {
-        tracing::info!(
-            "installed the enforcer at {}; counted {} running agent processes",
-            enforcer.dir.display(),
-            enforcer.reconciled
-        );
-    }
-    let ring = enforcer.events()?;
-    let state = DaemonState {
-        pid: std::process::id(),
-        backend: enforcer.backend,
-        cgroup2: cg.mount.clone(),
-        types: types.clone(),
-    };
-    std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
-    write_atomically(Path::new(STATE_FILE), &serde_json::to_vec_pretty(&state)?)?;
-    for t in &types {
-        tracing::info!(
-            "enforcing type {} ({}) at {}: max_tasks {}, max_threads {}",
-            t.name,
-            t.mode,
-            t.dir.display(),
-            t.max_tasks,
-            t.max_threads
-        );
-    }
-    let events = tokio::spawn(events::log_events(ring, events::Names::new(types)));
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
-        r = events => r??,
-    }
-    let _ = std::fs::remove_file(STATE_FILE);
-    if no_pin {
-        loader::uninstall()?;
-        tracing::info!("--no-pin: removed the enforcer; nothing is enforced any more");
-    } else {
-        tracing::info!(
-            "stopping; the enforcer stays in the kernel with the last policy \
-             (`spawnguard uninstall` removes it)"
-        );
-    }
-    Ok(())
-}
-
-/// One daemon per host: a second one would fight over the pinned maps and double-enforce.
-fn single_daemon_lock() -> Result<std::fs::File> {
-    std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
-    let path = Path::new(RUN_DIR).join("daemon.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own; released when the file is closed.
-    if unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&file),
-            libc::LOCK_EX | libc::LOCK_NB,
-        )
-    } != 0
-    {
-        let holder = DaemonState::read().map_or_else(String::new, |s| format!(" (pid {})", s.pid));
-        bail!("another spawnguard daemon is already running{holder}; stop it first");
-    }
-    Ok(file)
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Only returns on error: on success the process becomes CMD.

@@ -159,7 +159,7 @@ mod humantime_serde_opt {
 }
 
 /// A policy that did not validate: where, which field, what is wrong.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Serialize)]
 #[error("{file}:{line}:{column}: {message}")]
 pub struct PolicyError {
     pub file: String,

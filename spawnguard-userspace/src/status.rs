@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use spawnguard_common::{
     maps, GlobalCounters, HostLimits, HostState, InstanceState, TypeCounters, TypeLimits,
     TypeState, MAX_TYPES, MODE_ENFORCE, NO_LIMIT, REASONS,
@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// Denials per reason (the budget that refused).
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Denials {
     pub max_tasks: u64,
     pub max_threads: u64,
@@ -53,10 +53,10 @@ fn limit(v: u64) -> Option<u64> {
     (v != NO_LIMIT).then_some(v)
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct TypeStatus {
     pub name: String,
-    pub mode: &'static str,
+    pub mode: String,
     pub max_tasks: u64,
     pub max_threads: u64,
     pub max_instances: Option<u64>,
@@ -77,7 +77,7 @@ pub struct TypeStatus {
     pub audit_denied: Denials,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct HostStatus {
     pub tasks: u64,
     pub max_tasks: Option<u64>,
@@ -85,7 +85,7 @@ pub struct HostStatus {
     pub deny_tasks: Option<u64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct InstanceStatus {
     /// cgroup id (inode of the instance directory).
     pub id: u64,
@@ -100,7 +100,7 @@ pub struct InstanceStatus {
     pub age_seconds: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
     /// Pid of the daemon that pinned the maps, if it still runs.
     pub daemon_pid: Option<u32>,
@@ -165,7 +165,8 @@ pub fn read() -> Result<Status> {
                 "enforce"
             } else {
                 "audit"
-            },
+            }
+            .to_owned(),
             max_tasks: b.max_tasks,
             max_threads: b.max_threads,
             max_instances: limit(b.max_instances),

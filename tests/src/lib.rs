@@ -224,6 +224,8 @@ pub fn live_threads(dir: &Path) -> usize {
 pub struct Daemon {
     child: Option<Child>,
     pub log: PathBuf,
+    /// The policy file it runs with (rewrite it and send SIGHUP to reload).
+    pub policy_file: PathBuf,
 }
 
 /// `spawnguard uninstall`: no enforcer left from an earlier test.
@@ -274,6 +276,7 @@ impl Daemon {
         let mut daemon = Self {
             child: Some(child),
             log: dir.join("daemon.err"),
+            policy_file,
         };
         let pid = daemon.pid();
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -304,6 +307,11 @@ impl Daemon {
             let _ = f.read_to_string(&mut s);
         }
         s
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid() as i32, sig) };
     }
 
     /// SIGKILL: the daemon dies without any clean-up.

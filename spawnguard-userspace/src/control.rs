@@ -1,0 +1,175 @@
+//! The control socket: one JSON request per connection, one JSON reply. Root only: the socket
+//! is mode 0600 and the daemon also checks the peer's credentials (SO_PEERCRED).
+
+use std::{
+    io::{Read, Write},
+    os::unix::{fs::PermissionsExt, net::UnixStream as StdUnixStream},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
+};
+
+pub const SOCKET: &str = "/run/spawnguard/control.sock";
+
+/// Largest request accepted (a policy file is far smaller).
+const MAX_REQUEST: u64 = 1 << 20;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    PolicyShow,
+    /// Validate and apply a policy; `file` names it in errors.
+    PolicyApply {
+        file: String,
+        text: String,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Reply {
+    pub fn from(result: Result<Value>) -> Self {
+        match result {
+            Ok(v) => Self {
+                ok: true,
+                result: Some(v),
+                error: None,
+            },
+            Err(e) => Self {
+                ok: false,
+                result: None,
+                error: Some(format!("{e:#}")),
+            },
+        }
+    }
+}
+
+/// A request on its way to the task that owns the policy, with where to send the answer.
+pub type Job = (Request, oneshot::Sender<Reply>);
+
+/// Creates the socket, root-only from the start (bound under a 0077 umask, then chmod 0600).
+pub fn bind() -> Result<UnixListener> {
+    let _ = std::fs::remove_file(SOCKET);
+    // SAFETY: umask only changes this process's file creation mask; restored right after.
+    let old = unsafe { libc::umask(0o077) };
+    let listener = UnixListener::bind(SOCKET);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = listener.with_context(|| format!("binding {SOCKET}"))?;
+    std::fs::set_permissions(SOCKET, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {SOCKET}"))?;
+    Ok(listener)
+}
+
+/// Serves the socket until the daemon stops: every request goes to `owner`.
+pub async fn serve(listener: UnixListener, owner: mpsc::Sender<Job>) -> Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let owner = owner.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, owner).await {
+                tracing::debug!("control connection: {e:#}");
+            }
+        });
+    }
+}
+
+async fn handle(mut stream: UnixStream, owner: mpsc::Sender<Job>) -> Result<()> {
+    let uid = stream.peer_cred()?.uid();
+    // Read the request in every case: closing with unread data would reset the connection and
+    // hide the answer from the client.
+    let mut line = String::new();
+    BufReader::new((&mut stream).take(MAX_REQUEST))
+        .read_line(&mut line)
+        .await?;
+    let reply = if uid != 0 {
+        Reply::from(Err(anyhow!(
+            "permission denied: only root may use the spawnguard control socket (peer uid {uid})"
+        )))
+    } else {
+        match serde_json::from_str::<Request>(&line) {
+            Err(e) => Reply::from(Err(anyhow!("malformed request: {e}"))),
+            Ok(request) => {
+                let (tx, rx) = oneshot::channel();
+                owner
+                    .send((request, tx))
+                    .await
+                    .map_err(|_| anyhow!("the daemon is stopping"))?;
+                rx.await?
+            }
+        }
+    };
+    let mut bytes = serde_json::to_vec(&reply)?;
+    bytes.push(b'\n');
+    stream.write_all(&bytes).await?;
+    Ok(())
+}
+
+/// Why the CLI could not reach the daemon.
+#[derive(Debug)]
+pub enum Unreachable {
+    NotRunning,
+    Other(anyhow::Error),
+}
+
+/// Sends one request from the CLI and returns the daemon's result.
+pub fn call(request: &Request) -> Result<Result<Value>, Unreachable> {
+    let mut stream = match StdUnixStream::connect(SOCKET) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Err(Unreachable::NotRunning);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(Unreachable::Other(anyhow!(
+                "permission denied on {SOCKET}: the control socket is for root only (try sudo)"
+            )));
+        }
+        Err(e) => return Err(Unreachable::Other(anyhow!("connecting to {SOCKET}: {e}"))),
+    };
+    let mut exchange = || -> Result<Reply> {
+        let mut bytes = serde_json::to_vec(request)?;
+        bytes.push(b'\n');
+        stream.write_all(&bytes)?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        serde_json::from_str(&answer).with_context(|| format!("malformed reply {answer:?}"))
+    };
+    let reply = exchange().map_err(Unreachable::Other)?;
+    Ok(if reply.ok {
+        Ok(reply.result.unwrap_or(Value::Null))
+    } else {
+        Err(anyhow!(reply.error.unwrap_or_default()))
+    })
+}
+
+/// `call`, for verbs that need the daemon.
+pub fn call_daemon(request: &Request) -> Result<Value> {
+    match call(request) {
+        Ok(result) => result,
+        Err(Unreachable::NotRunning) => bail!(
+            "the spawnguard daemon is not running ({SOCKET} does not answer); start it with \
+             `spawnguard run`"
+        ),
+        Err(Unreachable::Other(e)) => Err(e),
+    }
+}

@@ -1,0 +1,367 @@
+//! `spawnguard run`: a few tokio tasks with one owner each. The policy task owns the policy in
+//! force and the enforcer's configuration maps; the control socket and SIGHUP send it requests.
+//! The event task owns the ring buffer. The max-age task watches instance ages. The kernel side
+//! never waits on any of them.
+
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, watch},
+};
+
+use crate::{
+    cgroupfs::{self, Cgroup2},
+    control::{self, Job, Reply, Request},
+    events,
+    loader::{self, BackendChoice, DaemonState, Enforcer, PlacedType, RUN_DIR, STATE_FILE},
+    policy::{OnMaxAge, Policy},
+    status,
+};
+
+/// The policy in force, as the policy task keeps it.
+struct InForce {
+    policy: Policy,
+    /// Its source text, for `policy show`.
+    text: String,
+    types: Vec<PlacedType>,
+}
+
+/// What `policy apply` changed, for the CLI.
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PolicyDiff {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// "type devsecops: max_tasks 64 -> 32", "host: deny_at 0.85 -> 0.9"
+    pub changed: Vec<String>,
+}
+
+/// Field-by-field differences of two validated policies.
+pub fn diff(old: &Policy, new: &Policy) -> PolicyDiff {
+    let mut d = PolicyDiff::default();
+    let fields = |v: Value| match v {
+        Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    let compare = |what: String, a: Value, b: Value, out: &mut Vec<String>| {
+        let (a, b) = (fields(a), fields(b));
+        for (k, va) in &a {
+            let vb = b.get(k).cloned().unwrap_or(Value::Null);
+            if *va != vb {
+                out.push(format!("{what}: {k} {va} -> {vb}"));
+            }
+        }
+    };
+    compare(
+        "host".into(),
+        serde_json::to_value(&old.host).unwrap_or_default(),
+        serde_json::to_value(&new.host).unwrap_or_default(),
+        &mut d.changed,
+    );
+    for t in &new.types {
+        match old.type_named(&t.name) {
+            None => d.added.push(t.name.clone()),
+            Some(o) => compare(
+                format!("type {}", t.name),
+                serde_json::to_value(o).unwrap_or_default(),
+                serde_json::to_value(t).unwrap_or_default(),
+                &mut d.changed,
+            ),
+        }
+    }
+    for t in &old.types {
+        if new.type_named(&t.name).is_none() {
+            d.removed.push(t.name.clone());
+        }
+    }
+    d
+}
+
+pub struct Options {
+    pub policy_file: Option<PathBuf>,
+    pub backend: BackendChoice,
+    pub no_pin: bool,
+}
+
+pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
+    loader::preflight()?;
+    let _lock = single_daemon_lock()?;
+    let cg = Cgroup2::discover()?;
+    for fs in cgroupfs::ensure_pseudo_filesystems()? {
+        tracing::info!("mounted {fs}");
+    }
+    let mut types = loader::place_types(&policy, &cg)?;
+    let enforcer = Enforcer::start(opts.backend, &policy, &mut types)?;
+    tracing::info!("backend {}: {}", enforcer.backend, enforcer.backend_reason);
+    if enforcer.adopted {
+        tracing::info!(
+            "adopted the enforcer pinned at {} (counts kept)",
+            enforcer.dir.display()
+        );
+    } else {
+        tracing::info!(
+            "installed the enforcer at {}; counted {} running agent processes",
+            enforcer.dir.display(),
+            enforcer.reconciled
+        );
+    }
+    log_types(&types);
+    let listener = control::bind()?;
+    write_state(&enforcer, &cg, &types)?;
+
+    let (names_tx, names_rx) = watch::channel(types.clone());
+    let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(16);
+    let ring = enforcer.events()?;
+    let mut in_force = InForce {
+        policy,
+        text,
+        types,
+    };
+    let mut events_task = tokio::spawn(events::log_events(ring, names_rx.clone()));
+    let control_task = tokio::spawn(control::serve(listener, jobs_tx));
+    let max_age_task = tokio::spawn(watch_max_age(names_rx));
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut jobs = jobs_rx;
+    loop {
+        tokio::select! {
+            Some((request, reply)) = jobs.recv() => {
+                let answer = serve(&enforcer, &cg, &mut in_force, &names_tx, request);
+                let _ = reply.send(Reply::from(answer));
+            }
+            _ = hup.recv() => reload(&enforcer, &cg, &mut in_force, &names_tx, opts.policy_file.as_deref()),
+            _ = term.recv() => { tracing::info!("SIGTERM"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT"); break; }
+            r = &mut events_task => { r??; break; }
+        }
+        if control_task.is_finished() || max_age_task.is_finished() {
+            bail!("a daemon task ended unexpectedly");
+        }
+    }
+    let _ = std::fs::remove_file(STATE_FILE);
+    let _ = std::fs::remove_file(control::SOCKET);
+    if opts.no_pin {
+        loader::uninstall()?;
+        tracing::info!("--no-pin: removed the enforcer; nothing is enforced any more");
+    } else {
+        tracing::info!(
+            "stopping; the enforcer stays in the kernel with the last policy \
+             (`spawnguard uninstall` removes it)"
+        );
+    }
+    Ok(())
+}
+
+fn log_types(types: &[PlacedType]) {
+    for t in types {
+        tracing::info!(
+            "enforcing type {} ({}) at {}: max_tasks {}, max_threads {}",
+            t.name,
+            t.mode,
+            t.dir.display(),
+            t.max_tasks,
+            t.max_threads
+        );
+    }
+}
+
+fn write_state(enforcer: &Enforcer, cg: &Cgroup2, types: &[PlacedType]) -> Result<()> {
+    let state = DaemonState {
+        pid: std::process::id(),
+        backend: enforcer.backend,
+        cgroup2: cg.mount.clone(),
+        types: types.to_vec(),
+    };
+    std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
+    write_atomically(Path::new(STATE_FILE), &serde_json::to_vec_pretty(&state)?)
+}
+
+/// Answers one control request (runs in the policy task, which owns `in_force`).
+fn serve(
+    enforcer: &Enforcer,
+    cg: &Cgroup2,
+    in_force: &mut InForce,
+    names: &watch::Sender<Vec<PlacedType>>,
+    request: Request,
+) -> Result<Value> {
+    match request {
+        Request::Status => Ok(serde_json::to_value(status::read()?)?),
+        Request::PolicyShow => Ok(json!({
+            "text": in_force.text,
+            "policy": in_force.policy,
+        })),
+        Request::PolicyApply { file, text } => {
+            let policy = Policy::parse(&text, &file)?;
+            let d = apply(enforcer, cg, in_force, names, policy, text)?;
+            tracing::info!("policy applied from {file}: {d:?}");
+            Ok(serde_json::to_value(d)?)
+        }
+    }
+}
+
+/// Puts a validated policy in force: all of it, or (on any error) none of it.
+fn apply(
+    enforcer: &Enforcer,
+    cg: &Cgroup2,
+    in_force: &mut InForce,
+    names: &watch::Sender<Vec<PlacedType>>,
+    policy: Policy,
+    text: String,
+) -> Result<PolicyDiff> {
+    let mut types = loader::place_types(&policy, cg)?;
+    if let Err(e) = enforcer.apply_policy(&policy, &mut types, false) {
+        // Put the old policy back in every map before reporting.
+        let mut old = in_force.types.clone();
+        enforcer
+            .apply_policy(&in_force.policy, &mut old, false)
+            .context("restoring the previous policy after a failed apply")?;
+        return Err(e.context("applying the policy; the previous policy is still in force"));
+    }
+    let d = diff(&in_force.policy, &policy);
+    write_state(enforcer, cg, &types)?;
+    let _ = names.send(types.clone());
+    *in_force = InForce {
+        policy,
+        text,
+        types,
+    };
+    Ok(d)
+}
+
+/// SIGHUP: re-read the policy file with the same validation and atomicity as `policy apply`.
+fn reload(
+    enforcer: &Enforcer,
+    cg: &Cgroup2,
+    in_force: &mut InForce,
+    names: &watch::Sender<Vec<PlacedType>>,
+    file: Option<&Path>,
+) {
+    let Some(file) = file else {
+        tracing::warn!("SIGHUP: running the embedded default policy, no file to re-read");
+        return;
+    };
+    let result = std::fs::read_to_string(file)
+        .with_context(|| format!("reading {}", file.display()))
+        .and_then(|text| {
+            let policy = Policy::parse(&text, &file.display().to_string())?;
+            apply(enforcer, cg, in_force, names, policy, text)
+        });
+    match result {
+        Ok(d) => tracing::info!("SIGHUP: policy reloaded from {}: {d:?}", file.display()),
+        Err(e) => tracing::error!("SIGHUP: {e:#}; the previous policy is still in force"),
+    }
+}
+
+/// Applies `on_max_age` to instances older than their type's `max_age`, once per instance.
+async fn watch_max_age(types: watch::Receiver<Vec<PlacedType>>) -> Result<()> {
+    let mut acted: HashSet<u64> = HashSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let current = types.borrow().clone();
+        let Ok(s) = status::read() else { continue };
+        for i in &s.instances {
+            let Some(t) = current.iter().find(|t| t.name == i.type_name) else {
+                continue;
+            };
+            let Some(max_age) = t.max_age else { continue };
+            if i.age_seconds < max_age.as_secs_f64() || !acted.insert(i.id) {
+                continue;
+            }
+            let dir = Path::new(&i.path);
+            let outcome = match t.on_max_age {
+                OnMaxAge::Event => Ok("reported"),
+                OnMaxAge::Freeze => cgroupfs::freeze(dir).map(|()| "frozen"),
+                OnMaxAge::Kill => cgroupfs::kill(dir).map(|()| "killed"),
+            };
+            match outcome {
+                Ok(what) => tracing::warn!(
+                    "max age: instance {} (type {}) is {:.0}s old, over its max_age of {}s: {what}",
+                    i.path,
+                    t.name,
+                    i.age_seconds,
+                    max_age.as_secs()
+                ),
+                Err(e) => tracing::error!("max age: instance {}: {e:#}", i.path),
+            }
+        }
+        acted.retain(|id| s.instances.iter().any(|i| i.id == *id));
+    }
+}
+
+/// One daemon per host: a second one would fight over the pinned maps.
+pub fn single_daemon_lock() -> Result<std::fs::File> {
+    std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
+    let path = Path::new(RUN_DIR).join("daemon.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; released when the file is closed.
+    let rc = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    if rc != 0 {
+        let holder = DaemonState::read().map_or_else(String::new, |s| format!(" (pid {})", s.pid));
+        bail!("another spawnguard daemon is already running{holder}; stop it first");
+    }
+    Ok(file)
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_names_added_removed_and_changed() {
+        let old = Policy::parse(
+            "[[type]]\nname = \"a\"\npath = \"x/a\"\nmax_tasks = 64\n\
+             [[type]]\nname = \"b\"\npath = \"x/b\"\nmax_tasks = 5\n",
+            "old",
+        )
+        .unwrap();
+        let new = Policy::parse(
+            "[host]\nmax_tasks = 100\n[[type]]\nname = \"a\"\npath = \"x/a\"\nmax_tasks = 32\n\
+             [[type]]\nname = \"c\"\npath = \"x/c\"\nmax_tasks = 5\n",
+            "new",
+        )
+        .unwrap();
+        let d = diff(&old, &new);
+        assert_eq!(d.added, ["c"]);
+        assert_eq!(d.removed, ["b"]);
+        assert!(
+            d.changed.contains(&"type a: max_tasks 64 -> 32".to_owned()),
+            "{d:?}"
+        );
+        assert!(
+            d.changed
+                .contains(&"type a: max_threads 64 -> 32".to_owned()),
+            "{d:?}"
+        );
+        assert!(
+            d.changed
+                .contains(&"host: max_tasks null -> 100".to_owned()),
+            "{d:?}"
+        );
+        assert_eq!(diff(&new, &new), PolicyDiff::default());
+    }
+}
