@@ -126,6 +126,11 @@ pub struct TypeLimits {
     pub warn_tasks: u64,
     pub warn_total_tasks: u64,
     pub warn_instances: u64,
+    /// Instances older than this (since creation) are past their age; `NO_LIMIT`: none.
+    pub max_age_ns: u64,
+    /// `ON_MAX_AGE_*`.
+    pub on_max_age: u32,
+    pub _pad: u32,
     /// `MODE_*`; an exempt type is loaded as audit.
     pub mode: u32,
     /// 1 when this slot holds a type.
@@ -135,6 +140,10 @@ pub struct TypeLimits {
 }
 
 pub const NO_LIMIT: u64 = u64::MAX;
+
+pub const ON_MAX_AGE_EVENT: u32 = 0;
+pub const ON_MAX_AGE_FREEZE: u32 = 1;
+pub const ON_MAX_AGE_KILL: u32 = 2;
 
 impl Default for TypeLimits {
     fn default() -> Self {
@@ -149,6 +158,9 @@ impl Default for TypeLimits {
             warn_tasks: NO_LIMIT,
             warn_total_tasks: NO_LIMIT,
             warn_instances: NO_LIMIT,
+            max_age_ns: NO_LIMIT,
+            on_max_age: ON_MAX_AGE_EVENT,
+            _pad: 0,
             mode: MODE_AUDIT,
             active: 0,
             name: [0; TYPE_NAME_LEN],
@@ -209,8 +221,12 @@ pub struct InstanceState {
     pub rate_tat_ns: u64,
     pub created_ns: u64,
     pub type_idx: u32,
-    pub _pad: u32,
+    /// `INSTANCE_*` bits.
+    pub flags: u32,
 }
+
+/// The kernel has reported this instance past its max age (once).
+pub const INSTANCE_AGED: u32 = 1;
 
 /// Value of `PROCESSES` (key: tgid): which instance a counted process is counted in, and how many
 /// of its tasks are live. A process without a record is not counted anywhere.
@@ -227,7 +243,10 @@ pub const REASON_FORK_RATE: u32 = 2;
 pub const REASON_MAX_INSTANCES: u32 = 3;
 pub const REASON_TYPE_TASKS: u32 = 4;
 pub const REASON_HOST_TASKS: u32 = 5;
-pub const REASONS: usize = 6;
+/// The instance is past its `max_age` and its type's `on_max_age` freezes or kills it: it
+/// may not grow meanwhile.
+pub const REASON_MAX_AGE: u32 = 6;
+pub const REASONS: usize = 7;
 
 /// Per-CPU counters per type; element `type_idx` of `TYPE_COUNTERS`.
 #[repr(C)]
@@ -266,6 +285,8 @@ pub const EVENT_AUDIT_DENIED: u32 = 2;
 pub const EVENT_FAIL_OPEN: u32 = 3;
 /// A warning threshold was crossed; `reason` names the budget (`REASON_*`).
 pub const EVENT_WARN: u32 = 4;
+/// An instance was first seen past its max age (usage and limit in seconds).
+pub const EVENT_MAX_AGE: u32 = 5;
 
 pub const CAUSE_FORK: u32 = 1;
 pub const CAUSE_THREAD: u32 = 2;
@@ -354,6 +375,6 @@ mod tests {
             size_of::<Event>(),
             size_of::<Meta>(),
         ];
-        assert_eq!(sizes, [48, 8, 20, 120, 16, 24, 8, 48, 16, 144, 64, 80, 16]);
+        assert_eq!(sizes, [48, 8, 20, 136, 16, 24, 8, 48, 16, 160, 64, 80, 16]);
     }
 }

@@ -7,13 +7,13 @@ use spawnguard_common::{
     ProcessRecord, CAUSE_MIGRATION, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL, FAIL_PROCESSES_FULL,
     FAIL_READ_ERROR,
 };
-use spawnguard_ebpf::{admit, release_tasks, Request};
+use spawnguard_ebpf::{admit, release_tasks, Admission, Refusal, Request};
 
 use crate::{
     kernel::{self, Cgroup, Task},
     state::{
-        budget, counters, doom, fail_open, instance, needs_doom, now, place, record, stop_process,
-        type_counters, Report, INSTANCES, PROCESSES,
+        budget, counters, doom, fail_open, instance, needs_doom, now, past_max_age, place, record,
+        stop_process, type_counters, Report, INSTANCES, PROCESSES,
     },
 };
 
@@ -86,7 +86,11 @@ pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
         rate: false,
         now: now(),
     };
-    let adm = admit(&c, &b, &request);
+    let adm = if past_max_age(state, p.type_idx, &report) {
+        Admission::refused(Refusal::MaxAge)
+    } else {
+        admit(&c, &b, &request)
+    };
     if adm.counted {
         let rec = ProcessRecord {
             instance: p.instance,

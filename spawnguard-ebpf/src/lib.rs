@@ -190,6 +190,8 @@ pub enum Refusal {
     TypeTasks,
     /// The host budget (`[host] max_tasks * deny_at`).
     HostTasks,
+    /// The instance is past its `max_age` (and is to be frozen or killed).
+    MaxAge,
 }
 
 /// Bit of an instance's task word that says the instance holds one of its type's
@@ -276,8 +278,14 @@ pub struct Admission {
     pub rate_contended: bool,
 }
 
+/// Whether an instance created at `created_ns` is past `max_age_ns` at `now`.
+#[inline(always)]
+pub const fn past_max_age(created_ns: u64, now: u64, max_age_ns: u64) -> bool {
+    now > created_ns && now - created_ns > max_age_ns
+}
+
 impl Admission {
-    const fn refused(refusal: Refusal) -> Self {
+    pub const fn refused(refusal: Refusal) -> Self {
         Self {
             refusal: Some(refusal),
             counted: false,
@@ -865,6 +873,17 @@ mod tests {
         };
         let w: Vec<u32> = (0..4).map(|_| admit(&c, &b, &FORK).warnings).collect();
         assert_eq!(w, [0, WARN_INSTANCE_TASKS, WARN_HOST_TASKS, 0]);
+    }
+
+    #[test]
+    fn age_counts_from_creation() {
+        assert!(!past_max_age(100, 150, 60));
+        assert!(past_max_age(100, 161, 60));
+        assert!(
+            !past_max_age(200, 100, 60),
+            "clock before creation: not aged"
+        );
+        assert!(!past_max_age(0, u64::MAX - 1, u64::MAX), "no limit");
     }
 
     #[test]

@@ -8,13 +8,13 @@ use spawnguard_common::{
     ProcessRecord, CAUSE_FORK, CAUSE_THREAD, FAIL_CONTENDED, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL,
     FAIL_PROCESSES_FULL, FAIL_READ_ERROR,
 };
-use spawnguard_ebpf::{admit, classify, release_tasks, Request, TaskKind};
+use spawnguard_ebpf::{admit, classify, release_tasks, Admission, Refusal, Request, TaskKind};
 
 use crate::{
     kernel::{self, Task},
     state::{
-        budget, counters, doom, fail_open, instance, mark_uncounted, needs_doom, now, place,
-        process_live, record, stop_new_task, type_counters, Report, INSTANCES, PROCESSES,
+        budget, counters, doom, fail_open, instance, mark_uncounted, needs_doom, now, past_max_age,
+        place, process_live, record, stop_new_task, type_counters, Report, INSTANCES, PROCESSES,
     },
 };
 
@@ -70,7 +70,11 @@ fn new_thread(child: Task, pid: u32, tgid: u32) {
         rate: true,
         now: now(),
     };
-    let mut adm = admit(&c, &b, &request);
+    let mut adm = if past_max_age(state, type_idx, &r) {
+        Admission::refused(Refusal::MaxAge)
+    } else {
+        admit(&c, &b, &request)
+    };
     // The thread's process is counted, so its exit will be uncounted unless DOOMED says
     // otherwise: a thread that is neither counted nor doomed would make the counts drift.
     // Fail open instead: count it after all, or mark it uncounted.
@@ -129,7 +133,11 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
         rate: true,
         now: now(),
     };
-    let adm = admit(&c, &b, &request);
+    let adm = if past_max_age(state, placement.type_idx, &r) {
+        Admission::refused(Refusal::MaxAge)
+    } else {
+        admit(&c, &b, &request)
+    };
     if adm.counted {
         let rec = ProcessRecord {
             instance: placement.instance,

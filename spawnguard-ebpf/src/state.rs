@@ -14,7 +14,7 @@ use spawnguard_common::{
     TypeDir, TypeLevels, TypeLimits, TypeState, BACKEND_KILL, CAUSE_MIGRATION, EVENTS_BYTES,
     EVENT_AUDIT_DENIED, EVENT_DENIED, EVENT_FAIL_OPEN, EVENT_WARN, MAX_DOOMED, MAX_INSTANCES,
     MAX_PROCESSES, MAX_TYPES, MAX_TYPE_LEVELS, MODE_ENFORCE, REASON_FORK_RATE, REASON_HOST_TASKS,
-    REASON_MAX_INSTANCES, REASON_MAX_TASKS, REASON_MAX_THREADS, REASON_TYPE_TASKS,
+    REASON_MAX_AGE, REASON_MAX_INSTANCES, REASON_MAX_TASKS, REASON_MAX_THREADS, REASON_TYPE_TASKS,
 };
 use spawnguard_ebpf::{
     word_tasks, Admission, AtomicU64, Budget, Counters, Refusal, WARN_HOST_TASKS,
@@ -220,6 +220,7 @@ fn reason_code(r: Refusal) -> u32 {
         Refusal::MaxInstances => REASON_MAX_INSTANCES,
         Refusal::TypeTasks => REASON_TYPE_TASKS,
         Refusal::HostTasks => REASON_HOST_TASKS,
+        Refusal::MaxAge => REASON_MAX_AGE,
     }
 }
 
@@ -237,6 +238,7 @@ fn usage(reason: u32, c: &Counters<'_>, b: &Budget, warning: bool) -> (u64, u64)
         REASON_MAX_INSTANCES => (c.type_instances.load(), b.max_instances),
         REASON_TYPE_TASKS => (c.type_tasks.load(), b.max_type_tasks),
         REASON_HOST_TASKS => (c.host_tasks.load(), b.max_host_tasks),
+        REASON_MAX_AGE => (0, 0),
         _ => (0, 0),
     }
 }
@@ -297,6 +299,39 @@ pub fn record(adm: &Admission, b: &Budget, c: &Counters<'_>, r: &Report) {
         EVENT_DENIED
     };
     emit(kind, reason, r, used, limit);
+}
+
+/// The kernel's lazy max-age check, on every new task of an instance: the first time the
+/// instance is seen past its type's `max_age`, an event says so (the daemon freezes or kills it
+/// on its timer). Returns whether the new task must be refused: when `on_max_age` condemns the
+/// instance (freeze or kill) and the type is enforced, it may not grow meanwhile.
+#[inline(always)]
+pub fn past_max_age(state: *mut InstanceState, type_idx: u32, r: &Report) -> bool {
+    let Some(t) = TYPE_POLICY.get(type_idx) else {
+        return false;
+    };
+    if t.max_age_ns == spawnguard_common::NO_LIMIT {
+        return false;
+    }
+    // SAFETY: live map value, plain read.
+    let created = unsafe { (*state).created_ns };
+    let now = now();
+    if !spawnguard_ebpf::past_max_age(created, now, t.max_age_ns) {
+        return false;
+    }
+    // SAFETY: `flags` is a u32 in a live map value; a racing CPU may report too (harmless).
+    let flags = unsafe { &mut (*state).flags };
+    if *flags & spawnguard_common::INSTANCE_AGED == 0 {
+        *flags |= spawnguard_common::INSTANCE_AGED;
+        emit(
+            spawnguard_common::EVENT_MAX_AGE,
+            REASON_MAX_AGE,
+            r,
+            (now - created) / 1_000_000_000,
+            t.max_age_ns / 1_000_000_000,
+        );
+    }
+    t.on_max_age != spawnguard_common::ON_MAX_AGE_EVENT && t.mode == MODE_ENFORCE
 }
 
 /// Reports a task let through uncounted because the kernel side could not account for it.

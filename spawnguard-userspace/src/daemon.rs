@@ -93,6 +93,10 @@ pub struct Options {
 pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
     loader::preflight()?;
     let _lock = single_daemon_lock()?;
+    // Before anything is installed or announced: a signal from now on is a clean stop.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let cg = Cgroup2::discover()?;
     for fs in cgroupfs::ensure_pseudo_filesystems()? {
         tracing::info!("mounted {fs}");
@@ -127,9 +131,6 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
     let mut events_task = tokio::spawn(events::log_events(ring, names_rx.clone()));
     let control_task = tokio::spawn(control::serve(listener, jobs_tx));
     let max_age_task = tokio::spawn(watch_max_age(names_rx));
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let mut jobs = jobs_rx;
     loop {
         tokio::select! {

@@ -6,9 +6,9 @@ use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use spawnguard_common::{
     Event, BACKEND_KILL, CAUSE_MIGRATION, CAUSE_THREAD, EVENT_AUDIT_DENIED, EVENT_DENIED,
-    EVENT_FAIL_OPEN, EVENT_WARN, FAIL_CONTENDED, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL,
-    FAIL_PROCESSES_FULL, REASON_FORK_RATE, REASON_HOST_TASKS, REASON_MAX_INSTANCES,
-    REASON_MAX_TASKS, REASON_MAX_THREADS, REASON_TYPE_TASKS,
+    EVENT_FAIL_OPEN, EVENT_MAX_AGE, EVENT_WARN, FAIL_CONTENDED, FAIL_DOOMED_FULL,
+    FAIL_INSTANCES_FULL, FAIL_PROCESSES_FULL, REASON_FORK_RATE, REASON_HOST_TASKS, REASON_MAX_AGE,
+    REASON_MAX_INSTANCES, REASON_MAX_TASKS, REASON_MAX_THREADS, REASON_TYPE_TASKS,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -61,6 +61,7 @@ pub fn reason_name(reason: u32) -> &'static str {
         REASON_MAX_INSTANCES => "max_instances",
         REASON_TYPE_TASKS => "max_total_tasks",
         REASON_HOST_TASKS => "host_max_tasks",
+        REASON_MAX_AGE => "max_age",
         _ => "unknown",
     }
 }
@@ -128,6 +129,11 @@ pub fn describe(ev: &Event, names: &mut Names) -> String {
                 comm(ev)
             )
         }
+        EVENT_MAX_AGE => format!(
+            "max age: instance {instance} (type {type_name}) is {}s old, over its max_age of \
+             {}s (seen by the kernel at a new task)",
+            ev.usage, ev.limit
+        ),
         EVENT_WARN => format!(
             "warning: {} reached {}/{} in {instance} (type {type_name})",
             reason_name(ev.reason),

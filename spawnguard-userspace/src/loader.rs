@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use spawnguard_common::{
     maps, HostLimits, InstanceState, Meta, TypeDir, TypeLevels, TypeLimits, BACKEND_KILL,
     BACKEND_KILL_COMPAT, LAYOUT_VERSION, MAX_TYPES, MAX_TYPE_LEVELS, MODE_AUDIT, MODE_ENFORCE,
-    NO_LIMIT, TYPE_NAME_LEN,
+    NO_LIMIT, ON_MAX_AGE_EVENT, ON_MAX_AGE_FREEZE, ON_MAX_AGE_KILL, TYPE_NAME_LEN,
 };
 use spawnguard_ebpf::{rate_interval_ns, rate_window_ns};
 
@@ -189,6 +189,15 @@ fn type_limits(policy: &Policy, index: usize) -> TypeLimits {
         warn_tasks: warn_threshold(t.max_tasks, warn_at),
         warn_total_tasks: warn_threshold(max_total_tasks, warn_at),
         warn_instances: warn_threshold(max_instances, warn_at),
+        max_age_ns: t
+            .max_age
+            .map_or(NO_LIMIT, |d| d.as_nanos().min(u128::from(NO_LIMIT)) as u64),
+        on_max_age: match t.on_max_age {
+            OnMaxAge::Event => ON_MAX_AGE_EVENT,
+            OnMaxAge::Freeze => ON_MAX_AGE_FREEZE,
+            OnMaxAge::Kill => ON_MAX_AGE_KILL,
+        },
+        _pad: 0,
         mode: match t.effective_mode() {
             Mode::Audit => MODE_AUDIT,
             Mode::Enforce => MODE_ENFORCE,

@@ -25,6 +25,7 @@ pub struct Denials {
     pub max_instances: u64,
     pub max_total_tasks: u64,
     pub host_max_tasks: u64,
+    pub max_age: u64,
 }
 
 impl Denials {
@@ -36,6 +37,7 @@ impl Denials {
             max_instances: c[3],
             max_total_tasks: c[4],
             host_max_tasks: c[5],
+            max_age: c[6],
         }
     }
 
@@ -46,6 +48,7 @@ impl Denials {
             + self.max_instances
             + self.max_total_tasks
             + self.host_max_tasks
+            + self.max_age
     }
 }
 
@@ -304,6 +307,7 @@ pub fn print_table(s: &Status) {
             (3, d.max_instances),
             (4, d.max_total_tasks),
             (5, d.host_max_tasks),
+            (6, d.max_age),
         ] {
             if n > 0 {
                 println!("  denied by {}: {n}", reason_name(r));

@@ -188,3 +188,31 @@ fn a_daemon_refuses_pinned_state_of_another_layout() {
     assert!(err.contains("another map layout"), "{err}");
     assert!(err.contains("spawnguard uninstall"), "{err}");
 }
+
+#[test]
+fn the_kernel_stops_an_instance_past_its_max_age_from_growing_without_a_daemon() {
+    if !privileged() {
+        return;
+    }
+    uninstall();
+    let _cleanup = Uninstall;
+    let (rel, _tree) = test_type("lazyage");
+    let mut daemon = Daemon::start_pinned(&policy(
+        "la",
+        &rel,
+        "max_tasks = 10\nmax_age = \"2s\"\non_max_age = \"kill\"",
+    ))
+    .unwrap();
+    let mut old = exec_bomb("la", "old", &["hold", "8000"]).spawn().unwrap();
+    sleep(Duration::from_millis(300));
+    daemon.kill9();
+    sleep(Duration::from_millis(2200));
+    // No daemon to kill it; the kernel refuses anything new in it.
+    let out = exec_bomb("la", "old", &["rate", "300", "3"]).output().unwrap();
+    assert!(!out.status.success(), "a process moved into an instance past its max age");
+    let t = type_status("la");
+    assert!(t["denied"]["max_age"].as_u64().unwrap() >= 1, "{t}");
+    assert!(old.try_wait().unwrap().is_none(), "what runs is left to the daemon");
+    let _ = old.kill();
+    let _ = old.wait();
+}
