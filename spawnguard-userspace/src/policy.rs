@@ -511,6 +511,29 @@ max_tasks = 10
     }
 
     #[test]
+    fn documented_examples_are_valid() {
+        let p = Policy::parse(
+            include_str!("../../deploy/examples/midnight-cascade.toml"),
+            "midnight-cascade.toml",
+        )
+        .unwrap();
+        let ceilings: Vec<_> = p
+            .types
+            .iter()
+            .map(|t| (t.name.as_str(), t.max_instances))
+            .collect();
+        assert_eq!(
+            ceilings,
+            [
+                ("devsecops", Some(10)),
+                ("social", Some(10)),
+                ("orchestrator", Some(5)),
+                ("aria", Some(5))
+            ]
+        );
+    }
+
+    #[test]
     fn default_policy_is_valid() {
         let p = Policy::default_policy();
         assert_eq!(p.types[0].name, "agents");

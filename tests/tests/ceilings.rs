@@ -198,3 +198,37 @@ fn type_and_host_budgets_deny_with_their_own_reason() {
     );
     assert!(log.contains("host_max_tasks 5/5"), "{log}");
 }
+
+#[test]
+fn an_exempt_type_is_counted_and_reported_never_denied() {
+    if !privileged() {
+        return;
+    }
+    let (rel, tree) = test_type("exempt");
+    let _daemon = Daemon::start(
+        &policy(
+            "ex",
+            &rel,
+            "max_tasks = 5\nmax_instances = 1\nexempt = true",
+        ),
+        "kill",
+    )
+    .unwrap();
+    let out = exec_bomb("ex", "a", &["fork", "800", "15", "600"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(report_value(&report, "failed"), 0, "{report}");
+    let second = exec_bomb("ex", "b", &["rate", "300", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        second.status.success(),
+        "a second instance of an exempt type runs"
+    );
+    let t = type_status("ex");
+    assert_eq!(t["denied"]["max_tasks"], 0, "{t}");
+    assert!(t["audit_denied"]["max_tasks"].as_u64().unwrap() > 0, "{t}");
+    assert_eq!(t["forks_allowed"], 17, "15 forks + 2 in b: {t}");
+    drop(tree);
+}

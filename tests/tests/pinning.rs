@@ -208,11 +208,19 @@ fn the_kernel_stops_an_instance_past_its_max_age_from_growing_without_a_daemon()
     daemon.kill9();
     sleep(Duration::from_millis(2200));
     // No daemon to kill it; the kernel refuses anything new in it.
-    let out = exec_bomb("la", "old", &["rate", "300", "3"]).output().unwrap();
-    assert!(!out.status.success(), "a process moved into an instance past its max age");
+    let out = exec_bomb("la", "old", &["rate", "300", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a process moved into an instance past its max age"
+    );
     let t = type_status("la");
     assert!(t["denied"]["max_age"].as_u64().unwrap() >= 1, "{t}");
-    assert!(old.try_wait().unwrap().is_none(), "what runs is left to the daemon");
+    assert!(
+        old.try_wait().unwrap().is_none(),
+        "what runs is left to the daemon"
+    );
     let _ = old.kill();
     let _ = old.wait();
 }

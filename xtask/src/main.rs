@@ -175,18 +175,70 @@ fn build() -> Result<()> {
 
 fn test(root: &Path, args: &[String]) -> Result<()> {
     build()?;
+    let mut total = Tally::default();
     // Unit tests (the decision logic, policy, BTF, ...): no privileges needed.
-    run(cargo().args([
+    let unit = run_tests(cargo().args([
         "test",
         "--release",
         "--workspace",
         "--exclude",
         "spawnguard-tests",
-    ]))?;
+    ]));
     // End-to-end: real programs, real cgroups, real bombs. One daemon at a time, so serial.
-    run(cargo()
-        .args(["test", "--release", "--package", "spawnguard-tests", "--"])
-        .arg("--test-threads=1")
-        .args(args)
-        .env("SPAWNGUARD_BIN", root.join("target/release/spawnguard")))
+    let e2e = unit.as_ref().ok().map(|_| {
+        run_tests(
+            cargo()
+                .args(["test", "--release", "--package", "spawnguard-tests", "--"])
+                .arg("--test-threads=1")
+                .args(args)
+                .env("SPAWNGUARD_BIN", root.join("target/release/spawnguard")),
+        )
+    });
+    for t in [Some(&unit), e2e.as_ref()].into_iter().flatten().flatten() {
+        total.passed += t.passed;
+        total.failed += t.failed;
+    }
+    // One closing line for the whole run (cargo prints one per test binary).
+    println!(
+        "spawnguard: {} passed, {} failed",
+        total.passed, total.failed
+    );
+    unit?;
+    e2e.unwrap_or_else(|| Ok(Tally::default()))?;
+    Ok(())
+}
+
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+/// Runs a `cargo test`, echoing its output, and adds up its "test result:" lines.
+fn run_tests(cmd: &mut Command) -> Result<Tally> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    let mut tally = Tally::default();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |what: &str| {
+                rest.split(';')
+                    .find_map(|p| p.trim().strip_suffix(what))
+                    .and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            tally.passed += count(" passed");
+            tally.failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(tally)
 }
