@@ -26,8 +26,12 @@ pub mod maps {
     pub const HOST_LIMITS: &str = "HOST_LIMITS";
     pub const HOST_STATE: &str = "HOST_STATE";
     pub const META: &str = "META";
-    pub const ALL: [&str; 13] = [
+    pub const BREAKER_LIMITS: &str = "BREAKER_LIMITS";
+    pub const BREAKER_STATE: &str = "BREAKER_STATE";
+    pub const ALL: [&str; 15] = [
         META,
+        BREAKER_LIMITS,
+        BREAKER_STATE,
         TYPE_DIRS,
         TYPE_POLICY,
         TYPE_LEVELS,
@@ -56,6 +60,47 @@ pub struct Meta {
     pub backend: u32,
     /// `bpf_ktime_get_ns` time (CLOCK_MONOTONIC) of the install.
     pub installed_ns: u64,
+}
+
+/// Backoff steps a breaker keeps (the last one repeats).
+pub const BREAKER_STEPS: usize = 16;
+/// Start-up failure timestamps a breaker keeps, so `failures` is at most this.
+pub const FAILURE_RING: usize = 16;
+
+/// The circuit-breaker policy of one type, in milliseconds; element `type_idx` of
+/// `BREAKER_LIMITS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BreakerLimits {
+    pub enabled: u32,
+    pub _pad: u32,
+    pub startup_window_ms: u64,
+    pub failures: u64,
+    pub within_ms: u64,
+    pub open_for_ms: [u64; BREAKER_STEPS],
+    pub steps: u64,
+    pub storm_denials: u64,
+    pub storm_within_ms: u64,
+}
+
+/// The shared breaker of one type; element `type_idx` of `BREAKER_STATE`. Survives daemon
+/// restarts with the pinned maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BreakerState {
+    /// state (2 bits) | backoff step (6 bits) | deadline in ms (56 bits).
+    pub word: u64,
+    /// The half-open probe instance (cgroup id), while probing.
+    pub probe_instance: u64,
+    pub failure_next: u64,
+    pub failures: [u64; FAILURE_RING],
+    pub storm_start_ms: u64,
+    pub storm_count: u64,
+    /// Times it opened.
+    pub trips: u64,
+    /// `CAUSE_*` and time (ms) of the last transition.
+    pub last_cause: u64,
+    pub last_change_ms: u64,
 }
 
 /// Default map capacities (the loader may override them).
@@ -223,6 +268,9 @@ pub struct InstanceState {
     pub type_idx: u32,
     /// `INSTANCE_*` bits.
     pub flags: u32,
+    /// When the instance last got its first task (admission), for the breaker's start-up
+    /// window.
+    pub admitted_ns: u64,
 }
 
 /// The kernel has reported this instance past its max age (once).
@@ -246,7 +294,9 @@ pub const REASON_HOST_TASKS: u32 = 5;
 /// The instance is past its `max_age` and its type's `on_max_age` freezes or kills it: it
 /// may not grow meanwhile.
 pub const REASON_MAX_AGE: u32 = 6;
-pub const REASONS: usize = 7;
+/// The type's circuit breaker is open (or half-open with its probe running).
+pub const REASON_BREAKER_OPEN: u32 = 7;
+pub const REASONS: usize = 8;
 
 /// Per-CPU counters per type; element `type_idx` of `TYPE_COUNTERS`.
 #[repr(C)]
@@ -287,10 +337,15 @@ pub const EVENT_FAIL_OPEN: u32 = 3;
 pub const EVENT_WARN: u32 = 4;
 /// An instance was first seen past its max age (usage and limit in seconds).
 pub const EVENT_MAX_AGE: u32 = 5;
+/// A breaker changed state: `reason` is the cause (`Cause` of spawnguard-ebpf), `usage` is
+/// `from << 8 | to`, `limit` the new deadline in ms (next retry when opened).
+pub const EVENT_BREAKER: u32 = 6;
 
 pub const CAUSE_FORK: u32 = 1;
 pub const CAUSE_THREAD: u32 = 2;
 pub const CAUSE_MIGRATION: u32 = 3;
+/// A task exit (breaker transitions caused by an instance ending).
+pub const CAUSE_EXIT: u32 = 4;
 
 pub const FAIL_INSTANCES_FULL: u32 = 1;
 pub const FAIL_PROCESSES_FULL: u32 = 2;
@@ -326,6 +381,10 @@ mod pod {
     use super::*;
     // SAFETY: #[repr(C)], Copy, integers only, no padding.
     unsafe impl aya::Pod for Meta {}
+    // SAFETY: #[repr(C)], Copy, integers only, explicit padding.
+    unsafe impl aya::Pod for BreakerLimits {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BreakerState {}
     // SAFETY: all of these are #[repr(C)], Copy, made only of integers, with explicit padding.
     unsafe impl aya::Pod for KernelOffsets {}
     // SAFETY: as above.
@@ -374,7 +433,12 @@ mod tests {
             size_of::<GlobalCounters>(),
             size_of::<Event>(),
             size_of::<Meta>(),
+            size_of::<BreakerLimits>(),
+            size_of::<BreakerState>(),
         ];
-        assert_eq!(sizes, [48, 8, 20, 136, 16, 24, 8, 48, 16, 160, 64, 80, 16]);
+        assert_eq!(
+            sizes,
+            [48, 8, 20, 136, 16, 24, 8, 56, 16, 176, 64, 80, 16, 184, 192]
+        );
     }
 }

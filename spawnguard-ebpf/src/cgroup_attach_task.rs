@@ -7,13 +7,14 @@ use spawnguard_common::{
     ProcessRecord, CAUSE_MIGRATION, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL, FAIL_PROCESSES_FULL,
     FAIL_READ_ERROR,
 };
-use spawnguard_ebpf::{admit, release_tasks, Admission, Refusal, Request};
+use spawnguard_ebpf::{release_tasks, Admission, Refusal, Request};
 
 use crate::{
     kernel::{self, Cgroup, Task},
     state::{
-        budget, counters, doom, fail_open, instance, needs_doom, now, past_max_age, place, record,
-        stop_process, type_counters, Report, INSTANCES, PROCESSES,
+        abandon_probe, admit_task, budget, counters, doom, fail_open, instance, instance_ended,
+        needs_doom, now, past_max_age, place, record, stop_process, type_counters, Report,
+        INSTANCES, PROCESSES,
     },
 };
 
@@ -59,7 +60,14 @@ pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
             // SAFETY: live map value, plain read.
             let type_idx = unsafe { (*state).type_idx };
             if let Some(c) = counters(state, type_idx) {
-                release_tasks(&c, live, live - 1, 1);
+                if release_tasks(&c, live, live - 1, 1).closed {
+                    let left = Report {
+                        type_idx,
+                        instance: r.instance,
+                        ..report
+                    };
+                    instance_ended(state, &left);
+                }
             }
         }
         let _ = PROCESSES.remove(&tgid);
@@ -89,7 +97,7 @@ pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
     let adm = if past_max_age(state, p.type_idx, &report) {
         Admission::refused(Refusal::MaxAge)
     } else {
-        admit(&c, &b, &request)
+        admit_task(&c, &b, &request, state, &report)
     };
     if adm.counted {
         let rec = ProcessRecord {
@@ -98,6 +106,7 @@ pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
         };
         if PROCESSES.insert(&tgid, &rec, BPF_ANY as u64).is_err() {
             release_tasks(&c, live, live - 1, 1);
+            abandon_probe(&report);
             fail_open(FAIL_PROCESSES_FULL, &report);
             return 0;
         }

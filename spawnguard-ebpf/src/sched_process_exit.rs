@@ -6,7 +6,11 @@ use aya_ebpf::{
 };
 use spawnguard_ebpf::release_tasks;
 
-use crate::state::{counters, global_counters, process_live, DOOMED, INSTANCES, PROCESSES};
+use spawnguard_common::CAUSE_EXIT;
+
+use crate::state::{
+    counters, global_counters, instance_ended, process_live, Report, DOOMED, INSTANCES, PROCESSES,
+};
 
 /// Fires in `do_exit` of the exiting task itself, before it leaves its cgroup.
 #[btf_tracepoint(function = "sched_process_exit")]
@@ -28,10 +32,20 @@ pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
         let type_idx = unsafe { (*state).type_idx };
         if let Some(c) = counters(state, type_idx) {
             let (threads, processes) = if last { (0, 1) } else { (1, 0) };
-            if !release_tasks(&c, 1, threads, processes) {
+            let left = release_tasks(&c, 1, threads, processes);
+            if left.drift {
                 if let Some(g) = global_counters() {
                     g.drift += 1;
                 }
+            }
+            if left.closed {
+                let r = Report {
+                    cause: CAUSE_EXIT,
+                    type_idx,
+                    instance: inst,
+                    target_pid: pid,
+                };
+                instance_ended(state, &r);
             }
         }
     }

@@ -8,13 +8,14 @@ use spawnguard_common::{
     ProcessRecord, CAUSE_FORK, CAUSE_THREAD, FAIL_CONTENDED, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL,
     FAIL_PROCESSES_FULL, FAIL_READ_ERROR,
 };
-use spawnguard_ebpf::{admit, classify, release_tasks, Admission, Refusal, Request, TaskKind};
+use spawnguard_ebpf::{classify, release_tasks, Admission, Refusal, Request, TaskKind};
 
 use crate::{
     kernel::{self, Task},
     state::{
-        budget, counters, doom, fail_open, instance, mark_uncounted, needs_doom, now, past_max_age,
-        place, process_live, record, stop_new_task, type_counters, Report, INSTANCES, PROCESSES,
+        abandon_probe, admit_task, budget, counters, doom, fail_open, instance, mark_uncounted,
+        needs_doom, now, past_max_age, place, process_live, record, stop_new_task, type_counters,
+        Report, INSTANCES, PROCESSES,
     },
 };
 
@@ -73,7 +74,7 @@ fn new_thread(child: Task, pid: u32, tgid: u32) {
     let mut adm = if past_max_age(state, type_idx, &r) {
         Admission::refused(Refusal::MaxAge)
     } else {
-        admit(&c, &b, &request)
+        admit_task(&c, &b, &request, state, &r)
     };
     // The thread's process is counted, so its exit will be uncounted unless DOOMED says
     // otherwise: a thread that is neither counted nor doomed would make the counts drift.
@@ -86,7 +87,7 @@ fn new_thread(child: Task, pid: u32, tgid: u32) {
         };
         fail_open(why, &r);
         b.enforce = false;
-        adm = admit(&c, &b, &request);
+        adm = admit_task(&c, &b, &request, state, &r);
         if !adm.counted {
             mark_uncounted(pid);
             return;
@@ -136,7 +137,7 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
     let adm = if past_max_age(state, placement.type_idx, &r) {
         Admission::refused(Refusal::MaxAge)
     } else {
-        admit(&c, &b, &request)
+        admit_task(&c, &b, &request, state, &r)
     };
     if adm.counted {
         let rec = ProcessRecord {
@@ -146,6 +147,7 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
         if PROCESSES.insert(&tgid, &rec, BPF_ANY as u64).is_err() {
             // Uncountable at exit, so not counted now.
             release_tasks(&c, 1, 0, 1);
+            abandon_probe(&r);
             fail_open(FAIL_PROCESSES_FULL, &r);
             return;
         }

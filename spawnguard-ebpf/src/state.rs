@@ -12,13 +12,16 @@ use aya_ebpf::{
 use spawnguard_common::{
     Event, GlobalCounters, HostLimits, HostState, InstanceState, ProcessRecord, TypeCounters,
     TypeDir, TypeLevels, TypeLimits, TypeState, BACKEND_KILL, CAUSE_MIGRATION, EVENTS_BYTES,
-    EVENT_AUDIT_DENIED, EVENT_DENIED, EVENT_FAIL_OPEN, EVENT_WARN, MAX_DOOMED, MAX_INSTANCES,
-    MAX_PROCESSES, MAX_TYPES, MAX_TYPE_LEVELS, MODE_ENFORCE, REASON_FORK_RATE, REASON_HOST_TASKS,
-    REASON_MAX_AGE, REASON_MAX_INSTANCES, REASON_MAX_TASKS, REASON_MAX_THREADS, REASON_TYPE_TASKS,
+    EVENT_AUDIT_DENIED, EVENT_BREAKER, EVENT_DENIED, EVENT_FAIL_OPEN, EVENT_WARN, MAX_DOOMED,
+    MAX_INSTANCES, MAX_PROCESSES, MAX_TYPES, MAX_TYPE_LEVELS, MODE_ENFORCE, REASON_FORK_RATE,
+    REASON_HOST_TASKS, REASON_MAX_AGE, REASON_MAX_INSTANCES, REASON_MAX_TASKS, REASON_MAX_THREADS,
+    REASON_TYPE_TASKS,
 };
 use spawnguard_ebpf::{
-    word_tasks, Admission, AtomicU64, Budget, Counters, Refusal, WARN_HOST_TASKS,
-    WARN_INSTANCE_TASKS, WARN_TYPE_TASKS,
+    admit, breaker_abandon_probe, breaker_denial, breaker_gate, breaker_instance_ended,
+    release_tasks, word_tasks, Admission, AtomicU64, BreakerPolicy, Budget, Counters, Gate,
+    Refusal, Request, Transition, BREAKER_OPEN, WARN_HOST_TASKS, WARN_INSTANCE_TASKS,
+    WARN_TYPE_TASKS,
 };
 
 use crate::kernel::{self, Cgroup, Task};
@@ -30,6 +33,12 @@ pub static TYPE_POLICY: Array<TypeLimits> = Array::with_max_entries(MAX_TYPES, 0
 /// Describes what is pinned (layout version, backend) for a daemon that adopts it.
 #[map]
 pub static META: Array<spawnguard_common::Meta> = Array::with_max_entries(1, 0);
+#[map]
+pub static BREAKER_LIMITS: Array<spawnguard_common::BreakerLimits> =
+    Array::with_max_entries(MAX_TYPES, 0);
+#[map]
+pub static BREAKER_STATE: Array<spawnguard_common::BreakerState> =
+    Array::with_max_entries(MAX_TYPES, 0);
 #[map]
 pub static TYPE_STATE: Array<TypeState> = Array::with_max_entries(MAX_TYPES, 0);
 #[map]
@@ -221,6 +230,7 @@ fn reason_code(r: Refusal) -> u32 {
         Refusal::TypeTasks => REASON_TYPE_TASKS,
         Refusal::HostTasks => REASON_HOST_TASKS,
         Refusal::MaxAge => REASON_MAX_AGE,
+        Refusal::BreakerOpen => spawnguard_common::REASON_BREAKER_OPEN,
     }
 }
 
@@ -239,6 +249,7 @@ fn usage(reason: u32, c: &Counters<'_>, b: &Budget, warning: bool) -> (u64, u64)
         REASON_TYPE_TASKS => (c.type_tasks.load(), b.max_type_tasks),
         REASON_HOST_TASKS => (c.host_tasks.load(), b.max_host_tasks),
         REASON_MAX_AGE => (0, 0),
+        spawnguard_common::REASON_BREAKER_OPEN => (0, 0),
         _ => (0, 0),
     }
 }
@@ -292,6 +303,9 @@ pub fn record(adm: &Admission, b: &Budget, c: &Counters<'_>, r: &Report) {
             tc.migrations_denied += 1;
         }
     }
+    if !adm.counted && refusal != Refusal::BreakerOpen {
+        denial_for_breaker(r);
+    }
     let (used, limit) = usage(reason, c, b, false);
     let kind = if adm.counted {
         EVENT_AUDIT_DENIED
@@ -299,6 +313,155 @@ pub fn record(adm: &Admission, b: &Budget, c: &Counters<'_>, r: &Report) {
         EVENT_DENIED
     };
     emit(kind, reason, r, used, limit);
+}
+
+/// The breaker of a type: its policy and its shared state.
+struct TypeBreaker<'a> {
+    policy: &'a BreakerPolicy,
+    word: &'a AtomicU64,
+    probe: *mut u64,
+    ring: &'a [AtomicU64; spawnguard_common::FAILURE_RING],
+    next: &'a AtomicU64,
+    storm_start: &'a AtomicU64,
+    storm_count: &'a AtomicU64,
+    state: *mut spawnguard_common::BreakerState,
+}
+
+#[inline(always)]
+fn type_breaker<'a>(type_idx: u32) -> Option<TypeBreaker<'a>> {
+    let policy = BREAKER_LIMITS.get(type_idx)?;
+    if policy.enabled == 0 {
+        return None;
+    }
+    let s = BREAKER_STATE.get_ptr_mut(type_idx)?;
+    // SAFETY: a live array map value; the u64 fields are aligned and only updated atomically
+    // (the ring is an array of u64 with the layout of [AtomicU64; N]).
+    unsafe {
+        Some(TypeBreaker {
+            policy,
+            word: AtomicU64::from_ptr(&raw mut (*s).word),
+            probe: &raw mut (*s).probe_instance,
+            ring: &*(&raw const (*s).failures)
+                .cast::<[AtomicU64; spawnguard_common::FAILURE_RING]>(),
+            next: AtomicU64::from_ptr(&raw mut (*s).failure_next),
+            storm_start: AtomicU64::from_ptr(&raw mut (*s).storm_start_ms),
+            storm_count: AtomicU64::from_ptr(&raw mut (*s).storm_count),
+            state: s,
+        })
+    }
+}
+
+/// Reports a breaker transition and remembers it in the breaker's state.
+#[inline(always)]
+fn transition(br: &TypeBreaker<'_>, t: Transition, r: &Report, now_ms: u64) {
+    // SAFETY: plain counters in a live map value; a lost update under a race only blurs them.
+    unsafe {
+        if t.to == BREAKER_OPEN {
+            (*br.state).trips += 1;
+        }
+        (*br.state).last_cause = t.cause as u64;
+        (*br.state).last_change_ms = now_ms;
+    }
+    emit(
+        EVENT_BREAKER,
+        t.cause as u32,
+        r,
+        (t.from << 8) | t.to,
+        t.until_ms,
+    );
+}
+
+/// Counts tasks into an instance, then, when this opened a new instance, asks the type's
+/// breaker: refused while open, and in half-open exactly one new instance (the probe) passes.
+#[inline(always)]
+pub fn admit_task(
+    c: &Counters<'_>,
+    b: &Budget,
+    request: &Request,
+    state: *mut InstanceState,
+    r: &Report,
+) -> Admission {
+    let mut adm = admit(c, b, request);
+    if !(adm.counted && adm.opened) {
+        return adm;
+    }
+    // SAFETY: plain store into a live map value (read only by the exit hook of this instance).
+    unsafe { (*state).admitted_ns = request.now };
+    let Some(br) = type_breaker(r.type_idx) else {
+        return adm;
+    };
+    let now_ms = request.now / 1_000_000;
+    let (gate, t) = breaker_gate(br.word, now_ms, br.policy);
+    if let Some(t) = t {
+        transition(&br, t, r, now_ms);
+    }
+    match gate {
+        Gate::Pass => {}
+        // SAFETY: plain store into a live map value; only the probe's winner writes it.
+        Gate::Probe => unsafe { *br.probe = r.instance },
+        Gate::Refused { .. } if b.enforce => {
+            release_tasks(c, request.tasks, request.threads, request.processes);
+            return Admission::refused(Refusal::BreakerOpen);
+        }
+        Gate::Refused { .. } => {
+            adm.refusal = adm.refusal.or(Some(Refusal::BreakerOpen));
+        }
+    }
+    adm
+}
+
+/// Tells the breaker that an instance ended (its last task left). A start-up failure counts
+/// toward opening it; the probe's end decides the half-open state.
+#[inline(always)]
+pub fn instance_ended(state: *mut InstanceState, r: &Report) {
+    let Some(br) = type_breaker(r.type_idx) else {
+        return;
+    };
+    let now = now();
+    // SAFETY: plain reads of live map values.
+    let (admitted, probe) = unsafe { ((*state).admitted_ns, *br.probe) };
+    let lived_ms = now.saturating_sub(admitted) / 1_000_000;
+    let now_ms = now / 1_000_000;
+    if let Some(t) = breaker_instance_ended(
+        br.word,
+        br.ring,
+        br.next,
+        now_ms,
+        lived_ms,
+        probe == r.instance,
+        br.policy,
+    ) {
+        transition(&br, t, r, now_ms);
+    }
+}
+
+/// An enforced denial in a type, for its deny-storm trigger.
+#[inline(always)]
+fn denial_for_breaker(r: &Report) {
+    let Some(br) = type_breaker(r.type_idx) else {
+        return;
+    };
+    let now_ms = now() / 1_000_000;
+    if let Some(t) = breaker_denial(br.word, br.storm_start, br.storm_count, now_ms, br.policy) {
+        transition(&br, t, r, now_ms);
+    }
+}
+
+/// A probe counted and then dropped (its process could not be recorded): let the next
+/// instance probe.
+#[inline(always)]
+pub fn abandon_probe(r: &Report) {
+    let Some(br) = type_breaker(r.type_idx) else {
+        return;
+    };
+    // SAFETY: plain read of a live map value.
+    if unsafe { *br.probe } != r.instance {
+        return;
+    }
+    let now_ms = now() / 1_000_000;
+    if let Some(t) = breaker_abandon_probe(br.word, now_ms) {
+        transition(&br, t, r, now_ms);
+    }
 }
 
 /// The kernel's lazy max-age check, on every new task of an instance: the first time the

@@ -14,7 +14,7 @@ use aya::{
 };
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
-    maps, HostLimits, InstanceState, Meta, TypeDir, TypeLevels, TypeLimits, BACKEND_KILL,
+    maps, BreakerLimits, HostLimits, InstanceState, Meta, TypeDir, TypeLevels, TypeLimits, BACKEND_KILL,
     BACKEND_KILL_COMPAT, LAYOUT_VERSION, MAX_TYPES, MAX_TYPE_LEVELS, MODE_AUDIT, MODE_ENFORCE,
     NO_LIMIT, ON_MAX_AGE_EVENT, ON_MAX_AGE_FREEZE, ON_MAX_AGE_KILL, TYPE_NAME_LEN,
 };
@@ -204,6 +204,32 @@ fn type_limits(policy: &Policy, index: usize) -> TypeLimits {
         },
         active: 1,
         name,
+    }
+}
+
+fn ms(d: std::time::Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX >> 8)) as u64
+}
+
+/// The kernel form of a type's breaker (disabled when the type has none).
+pub fn breaker_limits(policy: &Policy, index: usize) -> BreakerLimits {
+    let Some(b) = &policy.types[index].breaker else {
+        return BreakerLimits::default();
+    };
+    let mut open_for_ms = [0; spawnguard_common::BREAKER_STEPS];
+    for (slot, d) in open_for_ms.iter_mut().zip(&b.open_for) {
+        *slot = ms(*d);
+    }
+    BreakerLimits {
+        enabled: 1,
+        _pad: 0,
+        startup_window_ms: ms(b.startup_window),
+        failures: b.failures,
+        within_ms: ms(b.within),
+        open_for_ms,
+        steps: b.open_for.len() as u64,
+        storm_denials: b.storm_denials.unwrap_or(0),
+        storm_within_ms: b.storm_within.map_or(0, ms),
     }
 }
 
@@ -436,12 +462,15 @@ impl Enforcer {
                 levels.len()
             );
         }
+        let mut breakers: Array<_, BreakerLimits> =
+            Array::try_from(open_pinned(&self.dir, maps::BREAKER_LIMITS)?)?;
         for (i, t) in types.iter().enumerate() {
             let mut l = type_limits(policy, i);
             if all_audit {
                 l.mode = MODE_AUDIT;
             }
             limits.set(t.index, l, 0)?;
+            breakers.set(t.index, breaker_limits(policy, i), 0)?;
         }
         let mut host: Array<_, HostLimits> =
             Array::try_from(open_pinned(&self.dir, maps::HOST_LIMITS)?)?;
@@ -475,6 +504,7 @@ impl Enforcer {
         for (index, name) in existing.iter().enumerate() {
             if name.is_some() && !indices.contains(&(index as u32)) {
                 limits.set(index as u32, TypeLimits::default(), 0)?;
+                breakers.set(index as u32, BreakerLimits::default(), 0)?;
             }
         }
         Ok(())

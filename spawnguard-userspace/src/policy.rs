@@ -80,7 +80,56 @@ struct RawType {
     on_max_age: Option<Spanned<OnMaxAge>>,
     #[serde(default)]
     exempt: bool,
+    breaker: Option<Spanned<RawBreaker>>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    startup_window: Option<Spanned<String>>,
+    failures: Option<Spanned<i64>>,
+    within: Option<Spanned<String>>,
+    open_for: Option<Spanned<Vec<String>>>,
+    backoff: Option<Spanned<RawBackoff>>,
+    deny_storm: Option<Spanned<RawDenyStorm>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackoff {
+    base: String,
+    factor: f64,
+    max: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDenyStorm {
+    denials: i64,
+    within: String,
+}
+
+/// A type's circuit breaker, validated.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct BreakerPolicy {
+    /// An instance that ends within this time of its admission is a start-up failure.
+    #[serde(with = "humantime_serde")]
+    pub startup_window: Duration,
+    /// Start-up failures within `within` that open the breaker.
+    pub failures: u64,
+    #[serde(with = "humantime_serde")]
+    pub within: Duration,
+    /// Successive open durations; the last repeats.
+    #[serde(with = "humantime_serde_vec")]
+    pub open_for: Vec<Duration>,
+    /// This many enforced denials in the type within `storm_within` also open it.
+    pub storm_denials: Option<u64>,
+    #[serde(with = "humantime_serde_opt")]
+    pub storm_within: Option<Duration>,
+}
+
+/// Longest backoff schedule kept (the kernel's table).
+pub const MAX_BACKOFF_STEPS: usize = spawnguard_common::BREAKER_STEPS;
 
 /// One agent type, validated.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -102,6 +151,7 @@ pub struct TypePolicy {
     pub on_max_age: OnMaxAge,
     /// Only observed (counted, reported), never denied.
     pub exempt: bool,
+    pub breaker: Option<BreakerPolicy>,
 }
 
 impl TypePolicy {
@@ -145,6 +195,22 @@ pub struct Policy {
     pub mode: Mode,
     pub host: HostPolicy,
     pub types: Vec<TypePolicy>,
+}
+
+mod humantime_serde {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+mod humantime_serde_vec {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(d.iter().map(|d| humantime::format_duration(*d).to_string()))
+    }
 }
 
 mod humantime_serde_opt {
@@ -381,6 +447,10 @@ impl Policy {
                 }
                 Some(v) => *v.get_ref(),
             };
+            let breaker = match &t.breaker {
+                None => None,
+                Some(b) => Some(parse_breaker(b, &|f: &str| field(f), &err)?),
+            };
             types.push(TypePolicy {
                 name,
                 path,
@@ -393,6 +463,7 @@ impl Policy {
                 max_age,
                 on_max_age,
                 exempt: t.exempt,
+                breaker,
             });
         }
         Ok(Self { mode, host, types })
@@ -425,6 +496,92 @@ fn non_negative(v: &Spanned<i64>) -> Result<u64, String> {
         n if n >= 0 => Ok(n as u64),
         n => Err(format!("must not be negative, got {n}")),
     }
+}
+
+fn parse_breaker(
+    b: &Spanned<RawBreaker>,
+    field: &dyn Fn(&str) -> String,
+    err: &dyn Fn(Option<Range<usize>>, String) -> PolicyError,
+) -> Result<BreakerPolicy, PolicyError> {
+    let b = b.get_ref();
+    let duration = |v: &Option<Spanned<String>>, name: &str, default: u64| match v {
+        None => Ok(Duration::from_secs(default)),
+        Some(v) => parse_duration(v.get_ref())
+            .map_err(|m| err(Some(v.span()), format!("{}: {m}", field(&format!("breaker.{name}"))))),
+    };
+    let startup_window = duration(&b.startup_window, "startup_window", 10)?;
+    let within = duration(&b.within, "within", 60)?;
+    let failures = match &b.failures {
+        None => 3,
+        Some(f) => match *f.get_ref() {
+            n @ 1..=16 => n as u64,
+            n => {
+                return Err(err(
+                    Some(f.span()),
+                    format!("{}: must be 1 to 16, got {n}", field("breaker.failures")),
+                ));
+            }
+        },
+    };
+    let open_for = match (&b.open_for, &b.backoff) {
+        (Some(_), Some(x)) => {
+            return Err(err(
+                Some(x.span()),
+                format!("{}: give open_for or backoff, not both", field("breaker.backoff")),
+            ));
+        }
+        (Some(list), None) => {
+            let l = list.get_ref();
+            if l.is_empty() || l.len() > MAX_BACKOFF_STEPS {
+                return Err(err(
+                    Some(list.span()),
+                    format!(
+                        "{}: needs 1 to {MAX_BACKOFF_STEPS} durations",
+                        field("breaker.open_for")
+                    ),
+                ));
+            }
+            l.iter()
+                .map(|d| parse_duration(d))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|m| err(Some(list.span()), format!("{}: {m}", field("breaker.open_for"))))?
+        }
+        (None, Some(x)) => {
+            let e = |m: String| err(Some(x.span()), format!("{}: {m}", field("breaker.backoff")));
+            let x = x.get_ref();
+            let base = parse_duration(&x.base).map_err(&e)?;
+            let max = parse_duration(&x.max).map_err(&e)?;
+            if !(x.factor.is_finite() && x.factor >= 1.0) {
+                return Err(e(format!("factor must be at least 1.0, got {}", x.factor)));
+            }
+            if max < base {
+                return Err(e("max must not be below base".into()));
+            }
+            (0..MAX_BACKOFF_STEPS as i32)
+                .map(|i| base.mul_f64(x.factor.powi(i)).min(max))
+                .collect()
+        }
+        (None, None) => [30, 120, 600].map(Duration::from_secs).to_vec(),
+    };
+    let (storm_denials, storm_within) = match &b.deny_storm {
+        None => (None, None),
+        Some(s) => {
+            let e = |m: String| err(Some(s.span()), format!("{}: {m}", field("breaker.deny_storm")));
+            let st = s.get_ref();
+            if st.denials < 1 {
+                return Err(e(format!("denials must be at least 1, got {}", st.denials)));
+            }
+            (Some(st.denials as u64), Some(parse_duration(&st.within).map_err(&e)?))
+        }
+    };
+    Ok(BreakerPolicy {
+        startup_window,
+        failures,
+        within,
+        open_for,
+        storm_denials,
+        storm_within,
+    })
 }
 
 /// `30s`, `2m`, `1h` (and combinations such as `1h30m`); at least one second.

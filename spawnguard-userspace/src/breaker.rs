@@ -1,0 +1,311 @@
+//! The per-type circuit breakers, from userspace: read, opened, closed and fed failures through
+//! the pinned maps (so it all works with the daemon down), and the pre-spawn `gate`. The kernel
+//! makes the same transitions with the same functions (spawnguard-ebpf's library).
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::maps::{Array, MapData};
+use serde::{Deserialize, Serialize};
+use spawnguard_common::{
+    BreakerLimits, BreakerState, HostLimits, HostState, NO_LIMIT, TypeLimits, TypeState, maps,
+};
+use spawnguard_ebpf::{
+    AtomicU64, BREAKER_CLOSED, BREAKER_OPEN, BREAKER_PROBING, Cause, Transition, breaker_gate,
+    breaker_instance_ended, breaker_state, breaker_step, breaker_until, breaker_word, open_for,
+};
+
+use crate::{
+    loader::{open_pinned, pin_dir},
+    status::monotonic_ns,
+};
+
+fn name_of(raw: &[u8]) -> String {
+    let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+fn installed() -> Result<std::path::PathBuf> {
+    let dir = pin_dir();
+    if !dir.exists() {
+        bail!("spawnguard is not installed ({} is missing)", dir.display());
+    }
+    Ok(dir)
+}
+
+/// Slot of the type named `name` in the policy in force.
+fn type_index(dir: &Path, name: &str) -> Result<u32> {
+    let limits: Array<MapData, TypeLimits> = Array::try_from(open_pinned(dir, maps::TYPE_POLICY)?)?;
+    for index in 0..spawnguard_common::MAX_TYPES {
+        let l = limits.get(&index, 0)?;
+        if l.active != 0 && name_of(&l.name) == name {
+            return Ok(index);
+        }
+    }
+    bail!("no type {name:?} in the policy in force")
+}
+
+pub fn state_name(state: u64) -> &'static str {
+    match state {
+        BREAKER_CLOSED => "closed",
+        BREAKER_OPEN => "open",
+        BREAKER_PROBING => "half-open",
+        _ => "unknown",
+    }
+}
+
+pub fn cause_name(cause: u64) -> &'static str {
+    match cause {
+        1 => "start-up failures",
+        2 => "open time over: probe admitted",
+        3 => "probe healthy",
+        4 => "probe failed",
+        5 => "deny storm",
+        6 => "manual",
+        7 => "probe never ran",
+        _ => "-",
+    }
+}
+
+/// A breaker as `status` and `breaker status` show it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BreakerView {
+    #[serde(rename = "type")]
+    pub type_name: String,
+    /// "closed", "open" or "half-open" (half-open: the open time is over; the next new
+    /// instance is the probe, or a probe is running).
+    pub state: String,
+    pub step: u64,
+    /// Seconds until the open time ends (open) or the probe's start-up window ends (probing).
+    pub retry_in_seconds: Option<f64>,
+    pub trips: u64,
+    pub last_cause: String,
+    pub seconds_since_last_change: Option<f64>,
+}
+
+fn view(type_name: &str, s: &BreakerState, now_ms: u64) -> BreakerView {
+    let w = s.word;
+    let until = breaker_until(w);
+    let mut state = breaker_state(w);
+    if state == BREAKER_OPEN && now_ms >= until {
+        state = BREAKER_PROBING;
+    }
+    BreakerView {
+        type_name: type_name.to_owned(),
+        state: state_name(state).to_owned(),
+        step: breaker_step(w),
+        retry_in_seconds: (breaker_state(w) != BREAKER_CLOSED && until > now_ms)
+            .then(|| (until - now_ms) as f64 / 1000.0),
+        trips: s.trips,
+        last_cause: cause_name(s.last_cause).to_owned(),
+        seconds_since_last_change: (s.last_change_ms != 0)
+            .then(|| now_ms.saturating_sub(s.last_change_ms) as f64 / 1000.0),
+    }
+}
+
+fn now_ms() -> u64 {
+    monotonic_ns() / 1_000_000
+}
+
+/// The breakers of every type with one (or of `only`).
+pub fn status(only: Option<&str>) -> Result<Vec<BreakerView>> {
+    let dir = installed()?;
+    let limits: Array<MapData, TypeLimits> =
+        Array::try_from(open_pinned(&dir, maps::TYPE_POLICY)?)?;
+    let policies: Array<MapData, BreakerLimits> =
+        Array::try_from(open_pinned(&dir, maps::BREAKER_LIMITS)?)?;
+    let states: Array<MapData, BreakerState> =
+        Array::try_from(open_pinned(&dir, maps::BREAKER_STATE)?)?;
+    let now = now_ms();
+    let mut out = Vec::new();
+    for index in 0..spawnguard_common::MAX_TYPES {
+        let l = limits.get(&index, 0)?;
+        let name = name_of(&l.name);
+        if l.active == 0 || only.is_some_and(|o| o != name) {
+            continue;
+        }
+        if policies.get(&index, 0)?.enabled == 0 {
+            continue;
+        }
+        out.push(view(&name, &states.get(&index, 0)?, now));
+    }
+    if let Some(o) = only {
+        if out.is_empty() {
+            bail!("type {o:?} has no breaker in the policy in force (add [type.breaker])");
+        }
+    }
+    Ok(out)
+}
+
+/// Reads, changes and writes back one type's breaker state. The kernel updates the same value
+/// with atomics; a manual change racing with a kernel transition may lose one of them, which
+/// is acceptable for commands a human or a runtime issues.
+fn update(
+    name: &str,
+    change: impl FnOnce(&mut BreakerState, &BreakerLimits, u64) -> Option<Transition>,
+) -> Result<(BreakerView, Option<Transition>)> {
+    let dir = installed()?;
+    let index = type_index(&dir, name)?;
+    let policies: Array<MapData, BreakerLimits> =
+        Array::try_from(open_pinned(&dir, maps::BREAKER_LIMITS)?)?;
+    let policy = policies.get(&index, 0)?;
+    if policy.enabled == 0 {
+        bail!("type {name:?} has no breaker in the policy in force (add [type.breaker])");
+    }
+    let mut states: Array<MapData, BreakerState> =
+        Array::try_from(open_pinned(&dir, maps::BREAKER_STATE)?)?;
+    let mut s = states.get(&index, 0)?;
+    let now = now_ms();
+    let t = change(&mut s, &policy, now);
+    if let Some(t) = &t {
+        if t.to == BREAKER_OPEN {
+            s.trips += 1;
+        }
+        s.last_cause = t.cause as u64;
+        s.last_change_ms = now;
+    }
+    states
+        .set(index, s, 0)
+        .context("writing the breaker state")?;
+    Ok((view(name, &s, now), t))
+}
+
+/// Opens the breaker for `duration` (default: the current backoff step's open time).
+pub fn open(name: &str, duration: Option<Duration>) -> Result<BreakerView> {
+    update(name, |s, p, now| {
+        let step = breaker_step(s.word);
+        let d = duration.map_or_else(|| open_for(p, step), |d| d.as_millis() as u64);
+        let from = breaker_state(s.word);
+        s.word = breaker_word(BREAKER_OPEN, step, now + d);
+        s.probe_instance = 0;
+        Some(Transition {
+            from,
+            to: BREAKER_OPEN,
+            cause: Cause::Manual,
+            until_ms: now + d,
+        })
+    })
+    .map(|(v, _)| v)
+}
+
+/// Closes the breaker, resets its backoff and forgets past failures.
+pub fn close(name: &str) -> Result<BreakerView> {
+    update(name, |s, _, _| {
+        let from = breaker_state(s.word);
+        s.word = 0;
+        s.probe_instance = 0;
+        s.failures = [0; spawnguard_common::FAILURE_RING];
+        s.failure_next = 0;
+        s.storm_count = 0;
+        Some(Transition {
+            from,
+            to: BREAKER_CLOSED,
+            cause: Cause::Manual,
+            until_ms: 0,
+        })
+    })
+    .map(|(v, _)| v)
+}
+
+/// Counts one failure reported by a runtime (an upstream that is down), exactly as a start-up
+/// failure: `failures` of them within `within` open the breaker for every instance of the type.
+pub fn report_failure(name: &str) -> Result<(BreakerView, bool)> {
+    let (v, t) = update(name, |s, p, now| {
+        let word = AtomicU64::new(s.word);
+        let next = AtomicU64::new(s.failure_next);
+        let ring = s.failures.map(AtomicU64::new);
+        let t = breaker_instance_ended(&word, &ring, &next, now, 0, false, p);
+        s.word = word.load();
+        s.failure_next = next.load();
+        s.failures = ring.map(|a| a.load());
+        t
+    })?;
+    Ok((v, t.is_some_and(|t| t.to == BREAKER_OPEN)))
+}
+
+/// Why a new instance of the type would not be admitted now (`None`: it would be). Reads the
+/// pinned maps only; never changes anything (it does not claim the half-open probe).
+pub fn gate(name: &str) -> Result<Option<String>> {
+    let dir = installed()?;
+    let index = type_index(&dir, name)?;
+    let now = now_ms();
+    let policy: Array<MapData, BreakerLimits> =
+        Array::try_from(open_pinned(&dir, maps::BREAKER_LIMITS)?)?;
+    let p = policy.get(&index, 0)?;
+    if p.enabled != 0 {
+        let states: Array<MapData, BreakerState> =
+            Array::try_from(open_pinned(&dir, maps::BREAKER_STATE)?)?;
+        let s = states.get(&index, 0)?;
+        let word = AtomicU64::new(s.word);
+        // On a copy: the real probe is claimed by the kernel when the instance starts.
+        if let (spawnguard_ebpf::Gate::Refused { until_ms, probing }, _) =
+            breaker_gate(&word, now, &p)
+        {
+            let wait = (until_ms - now) as f64 / 1000.0;
+            let at = wall_clock_in(Duration::from_millis(until_ms - now));
+            return Ok(Some(if probing {
+                format!("breaker half-open: its probe instance runs until {at} (in {wait:.0} s)")
+            } else {
+                format!("breaker open until {at} (in {wait:.0} s)")
+            }));
+        }
+    }
+    let limits: Array<MapData, TypeLimits> =
+        Array::try_from(open_pinned(&dir, maps::TYPE_POLICY)?)?;
+    let l = limits.get(&index, 0)?;
+    let types: Array<MapData, TypeState> = Array::try_from(open_pinned(&dir, maps::TYPE_STATE)?)?;
+    let t = types.get(&index, 0)?;
+    if l.mode == spawnguard_common::MODE_ENFORCE {
+        if l.max_instances != NO_LIMIT && t.instances >= l.max_instances {
+            return Ok(Some(format!("ceiling {}/{}", t.instances, l.max_instances)));
+        }
+        if l.max_total_tasks != NO_LIMIT && t.tasks >= l.max_total_tasks {
+            return Ok(Some(format!(
+                "type at max_total_tasks {}/{}",
+                t.tasks, l.max_total_tasks
+            )));
+        }
+        let hl: Array<MapData, HostLimits> =
+            Array::try_from(open_pinned(&dir, maps::HOST_LIMITS)?)?;
+        let hs: Array<MapData, HostState> =
+            Array::try_from(open_pinned(&dir, maps::HOST_STATE)?)?;
+        let (h, used) = (hl.get(&0, 0)?, hs.get(&0, 0)?.tasks);
+        if h.deny_tasks != NO_LIMIT && used >= h.deny_tasks {
+            return Ok(Some(format!(
+                "host at {:.0} % of its budget ({used}/{}; denying above {})",
+                used as f64 * 100.0 / h.max_tasks as f64,
+                h.max_tasks,
+                h.deny_tasks
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// Local wall-clock time `d` from now, as HH:MM:SS UTC.
+fn wall_clock_in(d: Duration) -> String {
+    let t = std::time::SystemTime::now() + d;
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |x| x.as_secs());
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+/// One line for a breaker.
+pub fn describe(v: &BreakerView) -> String {
+    let mut line = format!("{}: {} (backoff step {}", v.type_name, v.state, v.step);
+    if let Some(r) = v.retry_in_seconds {
+        line += &format!(", retry in {r:.0} s");
+    }
+    line += &format!(", opened {} times, last: {})", v.trips, v.last_cause);
+    line
+}
+
+pub fn no_breaker(name: &str) -> anyhow::Error {
+    anyhow!("type {name:?} has no breaker")
+}
