@@ -133,8 +133,11 @@ pub struct KernelOffsets {
     /// 1 when `cgroup_ancestors` points at `ancestor_ids[]` (ids, not pointers).
     pub ancestors_are_ids: u32,
     pub kernfs_node_id: u32,
-    pub signal_nr_threads: u32,
-    pub _pad: u32,
+    /// `signal_struct.live`: threads of the process not yet exiting.
+    pub signal_live: u32,
+    pub task_flags: u32,
+    /// `cgroup.root`: which hierarchy a cgroup belongs to (v1 hierarchies are ignored).
+    pub cgroup_root: u32,
 }
 
 /// Value of `TYPE_DIRS` (key: cgroup id of a type's directory).
@@ -328,6 +331,7 @@ pub struct GlobalCounters {
     /// Instance counts found below zero on exit (drift; clamped, never wrapped).
     pub drift: u64,
     pub contended: u64,
+    pub kill_failed: u64,
 }
 
 pub const EVENT_DENIED: u32 = 1;
@@ -353,6 +357,8 @@ pub const FAIL_DOOMED_FULL: u32 = 3;
 pub const FAIL_READ_ERROR: u32 = 4;
 /// Other CPUs kept changing the instance's counters (bounded compare-and-swap gave up).
 pub const FAIL_CONTENDED: u32 = 5;
+/// The kernel refused to signal a refused task (it runs, uncounted).
+pub const FAIL_KILL: u32 = 6;
 
 /// One record of the `EVENTS` ring buffer.
 #[repr(C)]
@@ -438,7 +444,7 @@ mod tests {
         ];
         assert_eq!(
             sizes,
-            [48, 8, 20, 136, 16, 24, 8, 56, 16, 176, 64, 80, 16, 184, 192]
+            [52, 8, 20, 136, 16, 24, 8, 56, 16, 176, 72, 80, 16, 184, 192]
         );
     }
 }

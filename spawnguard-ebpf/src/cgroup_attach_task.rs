@@ -12,9 +12,8 @@ use spawnguard_ebpf::{release_tasks, Admission, Refusal, Request};
 use crate::{
     kernel::{self, Cgroup, Task},
     state::{
-        abandon_probe, admit_task, budget, counters, doom, fail_open, instance, instance_ended,
-        needs_doom, now, past_max_age, place, record, stop_process, type_counters, Report,
-        INSTANCES, PROCESSES,
+        abandon_probe, admit_task, budget, counters, doom, fail_open, instance, needs_doom, now,
+        past_max_age, place, record, stop_process, type_counters, Report, INSTANCES, PROCESSES,
     },
 };
 
@@ -35,6 +34,11 @@ pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
         return 0;
     };
     report.target_pid = pid;
+    // Hybrid hosts move tasks in cgroup v1 hierarchies too; only cgroup2 holds instances.
+    match kernel::task_cgroup(task) {
+        Ok(own) if kernel::same_hierarchy(dst, own) => {}
+        _ => return 0,
+    }
     let target = match place(dst) {
         Ok(p) => p,
         Err(_) => {
@@ -49,25 +53,23 @@ pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let live = match counted {
-        Some(r) => r.live,
-        None => match kernel::task_nr_threads(task) {
+        Some(r) if r.live > 0 => r.live,
+        Some(_) => 1,
+        None => match kernel::task_live_threads(task) {
             Ok(n) if n > 0 => n as u64,
-            _ => 1,
+            // Every thread is exiting: nothing to count, nothing to stop.
+            Ok(_) => return 0,
+            Err(_) => 1,
         },
     };
     if let Some(r) = counted {
         if let Some(state) = INSTANCES.get_ptr_mut(&r.instance) {
             // SAFETY: live map value, plain read.
             let type_idx = unsafe { (*state).type_idx };
+            // Leaving is not ending: a process moved out is no start-up failure for the
+            // breaker, so the instance's end is not reported to it.
             if let Some(c) = counters(state, type_idx) {
-                if release_tasks(&c, live, live - 1, 1).closed {
-                    let left = Report {
-                        type_idx,
-                        instance: r.instance,
-                        ..report
-                    };
-                    instance_ended(state, &left);
-                }
+                release_tasks(&c, live, live - 1, 1);
             }
         }
         let _ = PROCESSES.remove(&tgid);
@@ -118,8 +120,8 @@ pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     record(&adm, &b, &c, &report);
-    if !adm.counted && !adm.contended {
-        stop_process(task);
+    if !adm.counted && !adm.contended && !stop_process(task) {
+        fail_open(spawnguard_common::FAIL_KILL, &report);
     }
     0
 }

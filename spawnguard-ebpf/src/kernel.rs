@@ -16,8 +16,9 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     cgroup_ancestors: 0,
     ancestors_are_ids: 0,
     kernfs_node_id: 0,
-    signal_nr_threads: 0,
-    _pad: 0,
+    signal_live: 0,
+    task_flags: 0,
+    cgroup_root: 0,
 };
 
 #[inline(always)]
@@ -55,11 +56,37 @@ pub fn task_cgroup(task: Task) -> Result<Cgroup, i32> {
     read::<*const u8>(css_set, o.css_set_dfl_cgrp)
 }
 
+/// Threads of the task's process that are not exiting (`signal->live`; a main thread that
+/// exited early is not among them, unlike in `nr_threads`).
 #[inline(always)]
-pub fn task_nr_threads(task: Task) -> Result<u32, i32> {
+pub fn task_live_threads(task: Task) -> Result<u32, i32> {
     let o = offsets();
     let signal = read::<*const u8>(task, o.task_signal)?;
-    read::<u32>(signal, o.signal_nr_threads)
+    read::<u32>(signal, o.signal_live)
+}
+
+const PF_IO_WORKER: u32 = 0x10;
+const PF_USER_WORKER: u32 = 0x4000;
+
+/// io_uring and vhost workers: created inside the kernel without the fork tracepoint, so
+/// never counted, and their exit must not be uncounted either.
+#[inline(always)]
+pub fn is_kernel_created_worker(task: Task) -> bool {
+    read::<u32>(task, offsets().task_flags).is_ok_and(|f| f & (PF_IO_WORKER | PF_USER_WORKER) != 0)
+}
+
+/// Whether a cgroup is on the same hierarchy as `other` (used to ignore cgroup v1 events on
+/// hybrid hosts: only the cgroup2 hierarchy holds instances).
+#[inline(always)]
+pub fn same_hierarchy(cgrp: Cgroup, other: Cgroup) -> bool {
+    let o = offsets();
+    match (
+        read::<u64>(cgrp, o.cgroup_root),
+        read::<u64>(other, o.cgroup_root),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 #[inline(always)]

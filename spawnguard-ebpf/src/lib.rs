@@ -219,7 +219,7 @@ pub const fn word_tasks(word: u64) -> u64 {
 }
 
 /// Bound on compare-and-swap retries, so the verifier accepts the loops and no CPU spins.
-pub const CAS_ATTEMPTS: usize = 8;
+pub const CAS_ATTEMPTS: usize = 4;
 
 /// The counters a new task is checked against and counted in, as atomics.
 pub struct Counters<'a> {
@@ -384,34 +384,26 @@ pub struct Left {
     pub drift: bool,
 }
 
-/// Removes `n` tasks from an instance; the last one out gives back the instance's slot.
+/// Removes `n` tasks from an instance; the last one out gives back the instance's slot. The
+/// decrement is a single fetch-and-sub (it must never be lost, however contended the word);
+/// only the last one out races, with a compare-and-swap, to release the slot.
 #[inline(always)]
 pub fn leave_instance(c: &Counters<'_>, n: u64) -> Left {
-    let mut current = c.instance.load();
-    for _ in 0..CAS_ATTEMPTS {
-        let tasks = word_tasks(current);
-        let next = if tasks > n {
-            current - n
-        } else {
-            current & ADMITTED
-        };
-        if c.instance.compare_exchange(current, next).is_err() {
-            current = c.instance.load();
-            continue;
-        }
-        let closed = next == ADMITTED && c.instance.compare_exchange(ADMITTED, 0).is_ok();
-        if closed {
-            release(c.type_instances, 1);
-        }
-        return Left {
-            closed,
-            drift: tasks < n,
-        };
+    let previous = c.instance.fetch_sub(n);
+    let tasks = word_tasks(previous);
+    let mut drift = false;
+    if tasks < n {
+        // Fewer tasks than leaving: the subtraction borrowed from the admitted bit. Put back
+        // what was not there, so the word reads "admitted, 0 tasks" (or 0).
+        drift = true;
+        c.instance.fetch_add(n - tasks);
     }
-    Left {
-        closed: false,
-        drift: true,
+    let closed =
+        previous & ADMITTED != 0 && tasks <= n && c.instance.compare_exchange(ADMITTED, 0).is_ok();
+    if closed {
+        release(c.type_instances, 1);
     }
+    Left { closed, drift }
 }
 
 /// Decides whether `r` may enter, and counts it when it may. Budgets are checked in the order
@@ -618,7 +610,9 @@ pub fn breaker_gate(
     if p.enabled == 0 {
         return (Gate::Pass, None);
     }
-    for _ in 0..CAS_ATTEMPTS {
+    // Two tries: a lost compare-and-swap means another CPU just made the transition, and the
+    // second look sees its result. (Few tries also keep the verifier's work small.)
+    for _ in 0..2 {
         let w = word.load();
         let (state, step, until) = (breaker_state(w), breaker_step(w), breaker_until(w));
         if state == BREAKER_CLOSED {

@@ -2,12 +2,15 @@
 //! live task exits, whichever thread that is.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task},
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
 };
 use spawnguard_ebpf::release_tasks;
 
 use spawnguard_common::CAUSE_EXIT;
 
+use crate::kernel;
 use crate::state::{
     counters, global_counters, instance_ended, process_live, Report, DOOMED, INSTANCES, PROCESSES,
 };
@@ -24,6 +27,11 @@ pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
     let Some(rec) = PROCESSES.get_ptr_mut(&tgid) else {
         return 0;
     };
+    // SAFETY: the helper returns the current task, valid for this program run.
+    let current = unsafe { bpf_get_current_task() } as *const u8;
+    if kernel::is_kernel_created_worker(current) {
+        return 0;
+    }
     // SAFETY: live map value, plain read.
     let inst = unsafe { (*rec).instance };
     let last = process_live(rec).fetch_sub(1) <= 1;

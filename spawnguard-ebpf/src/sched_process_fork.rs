@@ -15,7 +15,7 @@ use crate::{
     state::{
         abandon_probe, admit_task, budget, counters, doom, fail_open, instance, mark_uncounted,
         needs_doom, now, past_max_age, place, process_live, record, stop_new_task, type_counters,
-        Report, INSTANCES, PROCESSES,
+        Report, DOOMED, INSTANCES, PROCESSES,
     },
 };
 
@@ -28,6 +28,9 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
         fail_open(FAIL_READ_ERROR, &report(CAUSE_FORK, 0, 0, 0));
         return 0;
     };
+    // Ids are reused: whatever a previous owner of this pid left in DOOMED must not apply to
+    // the new task (it would be killed, or its exit skipped).
+    let _ = DOOMED.remove(&child_pid);
     let parent_tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     match classify(parent_tgid, child_tgid) {
         TaskKind::Thread => new_thread(child, child_pid, child_tgid),
@@ -71,11 +74,9 @@ fn new_thread(child: Task, pid: u32, tgid: u32) {
         rate: true,
         now: now(),
     };
-    let mut adm = if past_max_age(state, type_idx, &r) {
-        Admission::refused(Refusal::MaxAge)
-    } else {
-        admit_task(&c, &b, &request, state, &r)
-    };
+    // No max-age refusal for threads: a refused thread takes its whole process with it, which
+    // would turn `on_max_age = "freeze"` into a kill.
+    let mut adm = admit_task(&c, &b, &request, state, &r);
     // The thread's process is counted, so its exit will be uncounted unless DOOMED says
     // otherwise: a thread that is neither counted nor doomed would make the counts drift.
     // Fail open instead: count it after all, or mark it uncounted.
@@ -101,8 +102,8 @@ fn new_thread(child: Task, pid: u32, tgid: u32) {
         }
     }
     record(&adm, &b, &c, &r);
-    if !adm.counted {
-        stop_new_task(child);
+    if !adm.counted && !stop_new_task(child) {
+        fail_open(spawnguard_common::FAIL_KILL, &r);
     }
 }
 
@@ -110,7 +111,11 @@ fn new_thread(child: Task, pid: u32, tgid: u32) {
 fn new_process(child: Task, pid: u32, tgid: u32) {
     let placement = match kernel::task_cgroup(child).and_then(place) {
         Ok(Some(p)) => p,
-        Ok(None) => return,
+        Ok(None) => {
+            // Not counted: no record of an earlier process with this tgid may apply to it.
+            let _ = PROCESSES.remove(&tgid);
+            return;
+        }
         Err(_) => {
             fail_open(FAIL_READ_ERROR, &report(CAUSE_FORK, 0, 0, pid));
             return;
@@ -159,7 +164,7 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
         return;
     }
     record(&adm, &b, &c, &r);
-    if !adm.counted && !adm.contended {
-        stop_new_task(child);
+    if !adm.counted && !adm.contended && !stop_new_task(child) {
+        fail_open(spawnguard_common::FAIL_KILL, &r);
     }
 }

@@ -506,6 +506,7 @@ pub fn fail_open(reason: u32, r: &Report) {
             spawnguard_common::FAIL_PROCESSES_FULL => g.processes_full += 1,
             spawnguard_common::FAIL_DOOMED_FULL => g.doomed_full += 1,
             spawnguard_common::FAIL_CONTENDED => g.contended += 1,
+            spawnguard_common::FAIL_KILL => g.kill_failed += 1,
             _ => g.read_errors += 1,
         }
     }
@@ -561,26 +562,26 @@ pub fn mark_uncounted(pid: u32) -> bool {
 /// thread group), so with the kill backends a refused thread ends its process; the lsm backend
 /// will fail the clone instead. Under kill-compat the caller has doomed the task and `sys_exit`
 /// kills it before it returns to user code.
+/// Returns false when the kernel refused the signal (the task then runs, uncounted).
 #[inline(always)]
-pub fn stop_new_task(task: Task) {
+pub fn stop_new_task(task: Task) -> bool {
     if backend() == BACKEND_KILL {
         // SAFETY: `task` is the tracepoint's own trusted task pointer, passed unchanged.
-        unsafe {
-            bpf_send_signal_task(task as *mut c_void, SIGKILL, PIDTYPE_PID, 0);
-        }
+        return unsafe { bpf_send_signal_task(task as *mut c_void, SIGKILL, PIDTYPE_PID, 0) } == 0;
     }
+    true
 }
 
 /// Stops a whole process that migrated into an instance over its budget (kill-compat: doomed by
 /// the caller, killed at its next syscall exit).
+/// Returns false when the kernel refused the signal (the process then runs, uncounted).
 #[inline(always)]
-pub fn stop_process(task: Task) {
+pub fn stop_process(task: Task) -> bool {
     if backend() == BACKEND_KILL {
         // SAFETY: `task` is the tracepoint's own trusted task pointer, passed unchanged.
-        unsafe {
-            bpf_send_signal_task(task as *mut c_void, SIGKILL, PIDTYPE_TGID, 0);
-        }
+        return unsafe { bpf_send_signal_task(task as *mut c_void, SIGKILL, PIDTYPE_TGID, 0) } == 0;
     }
+    true
 }
 
 /// Whether a refused task must be in DOOMED before it is stopped: threads always (their exit

@@ -4,15 +4,15 @@
 
 use std::{path::Path, time::Duration};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{bail, Context, Result};
 use aya::maps::{Array, MapData};
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
-    BreakerLimits, BreakerState, HostLimits, HostState, NO_LIMIT, TypeLimits, TypeState, maps,
+    maps, BreakerLimits, BreakerState, HostLimits, HostState, TypeLimits, TypeState, NO_LIMIT,
 };
 use spawnguard_ebpf::{
-    AtomicU64, BREAKER_CLOSED, BREAKER_OPEN, BREAKER_PROBING, Cause, Transition, breaker_gate,
-    breaker_instance_ended, breaker_state, breaker_step, breaker_until, breaker_word, open_for,
+    breaker_gate, breaker_instance_ended, breaker_state, breaker_step, breaker_until, breaker_word,
+    open_for, AtomicU64, Cause, Transition, BREAKER_CLOSED, BREAKER_OPEN, BREAKER_PROBING,
 };
 
 use crate::{
@@ -267,8 +267,7 @@ pub fn gate(name: &str) -> Result<Option<String>> {
         }
         let hl: Array<MapData, HostLimits> =
             Array::try_from(open_pinned(&dir, maps::HOST_LIMITS)?)?;
-        let hs: Array<MapData, HostState> =
-            Array::try_from(open_pinned(&dir, maps::HOST_STATE)?)?;
+        let hs: Array<MapData, HostState> = Array::try_from(open_pinned(&dir, maps::HOST_STATE)?)?;
         let (h, used) = (hl.get(&0, 0)?, hs.get(&0, 0)?.tasks);
         if h.deny_tasks != NO_LIMIT && used >= h.deny_tasks {
             return Ok(Some(format!(
@@ -304,8 +303,4 @@ pub fn describe(v: &BreakerView) -> String {
     }
     line += &format!(", opened {} times, last: {})", v.trips, v.last_cause);
     line
-}
-
-pub fn no_breaker(name: &str) -> anyhow::Error {
-    anyhow!("type {name:?} has no breaker")
 }

@@ -197,8 +197,9 @@ impl Btf {
             cgroup_ancestors,
             ancestors_are_ids,
             kernfs_node_id: self.member_offset("kernfs_node", "id")?,
-            signal_nr_threads: self.member_offset("signal_struct", "nr_threads")?,
-            _pad: 0,
+            signal_live: self.member_offset("signal_struct", "live")?,
+            task_flags: self.member_offset("task_struct", "flags")?,
+            cgroup_root: self.member_offset("cgroup", "root")?,
         })
     }
 }

@@ -30,6 +30,18 @@ pub enum Request {
         file: String,
         text: String,
     },
+    BreakerOpen {
+        type_name: String,
+        for_ms: Option<u64>,
+        reason: Option<String>,
+    },
+    BreakerClose {
+        type_name: String,
+    },
+    BreakerReportFailure {
+        type_name: String,
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

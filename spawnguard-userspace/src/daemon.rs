@@ -199,6 +199,9 @@ fn serve(
             "text": in_force.text,
             "policy": in_force.policy,
         })),
+        Request::BreakerOpen { .. }
+        | Request::BreakerClose { .. }
+        | Request::BreakerReportFailure { .. } => breaker_request(&request),
         Request::PolicyApply { file, text } => {
             let policy = Policy::parse(&text, &file)?;
             let d = apply(enforcer, cg, in_force, names, policy, text)?;
@@ -206,6 +209,39 @@ fn serve(
             Ok(serde_json::to_value(d)?)
         }
     }
+}
+
+/// Carries out a breaker command (from the control socket, or from the CLI when no daemon
+/// runs) and says what it did.
+pub fn breaker_request(request: &Request) -> Result<Value> {
+    let why = |r: &Option<String>| r.as_deref().map_or_else(String::new, |r| format!(": {r}"));
+    let (view, line) = match request {
+        Request::BreakerOpen {
+            type_name,
+            for_ms,
+            reason,
+        } => {
+            let v = crate::breaker::open(type_name, for_ms.map(Duration::from_millis))?;
+            let line = format!("breaker of type {type_name} opened by hand{}", why(reason));
+            (v, line)
+        }
+        Request::BreakerClose { type_name } => {
+            let v = crate::breaker::close(type_name)?;
+            (v, format!("breaker of type {type_name} closed by hand"))
+        }
+        Request::BreakerReportFailure { type_name, reason } => {
+            let (v, opened) = crate::breaker::report_failure(type_name)?;
+            let line = format!(
+                "failure reported for type {type_name}{}{}",
+                why(reason),
+                if opened { "; the breaker opened" } else { "" }
+            );
+            (v, line)
+        }
+        _ => bail!("not a breaker request"),
+    };
+    tracing::warn!("{line}");
+    Ok(json!({ "breaker": view, "message": line }))
 }
 
 /// Puts a validated policy in force: all of it, or (on any error) none of it.

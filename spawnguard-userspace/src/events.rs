@@ -62,6 +62,7 @@ pub fn reason_name(reason: u32) -> &'static str {
         REASON_TYPE_TASKS => "max_total_tasks",
         REASON_HOST_TASKS => "host_max_tasks",
         REASON_MAX_AGE => "max_age",
+        spawnguard_common::REASON_BREAKER_OPEN => "breaker_open",
         _ => "unknown",
     }
 }
@@ -86,6 +87,9 @@ pub fn describe(ev: &Event, names: &mut Names) -> String {
     let type_name = names.type_name(ev.type_idx);
     let limit = match ev.reason {
         REASON_FORK_RATE => "fork rate bucket empty".to_owned(),
+        spawnguard_common::REASON_BREAKER_OPEN => {
+            format!("breaker of type {type_name} is open")
+        }
         REASON_MAX_INSTANCES => format!(
             "type {type_name} at ceiling {}/{}",
             ev.usage.min(ev.limit),
@@ -121,6 +125,7 @@ pub fn describe(ev: &Event, names: &mut Names) -> String {
                 FAIL_PROCESSES_FULL => "the process map is full",
                 FAIL_DOOMED_FULL => "the doomed-task map is full",
                 FAIL_CONTENDED => "other CPUs kept changing the same counters",
+                spawnguard_common::FAIL_KILL => "the kernel refused to signal it",
                 _ => "a kernel structure could not be read",
             };
             format!(
@@ -134,6 +139,23 @@ pub fn describe(ev: &Event, names: &mut Names) -> String {
              {}s (seen by the kernel at a new task)",
             ev.usage, ev.limit
         ),
+        spawnguard_common::EVENT_BREAKER => {
+            let (from, to) = (ev.usage >> 8, ev.usage & 0xff);
+            let mut line = format!(
+                "breaker of type {type_name}: {} -> {} ({})",
+                crate::breaker::state_name(from),
+                crate::breaker::state_name(to),
+                crate::breaker::cause_name(u64::from(ev.reason)),
+            );
+            let now_ms = crate::status::monotonic_ns() / 1_000_000;
+            if to == spawnguard_ebpf::BREAKER_OPEN && ev.limit > now_ms {
+                line += &format!(
+                    "; next probe in {:.0} s",
+                    (ev.limit - now_ms) as f64 / 1000.0
+                );
+            }
+            line
+        }
         EVENT_WARN => format!(
             "warning: {} reached {}/{} in {instance} (type {type_name})",
             reason_name(ev.reason),
@@ -173,7 +195,9 @@ pub async fn log_events(
             let line = describe(&ev, &mut names);
             match ev.kind {
                 EVENT_FAIL_OPEN => tracing::error!("{line}"),
-                EVENT_DENIED | EVENT_WARN => tracing::warn!("{line}"),
+                EVENT_DENIED | EVENT_WARN | spawnguard_common::EVENT_BREAKER => {
+                    tracing::warn!("{line}")
+                }
                 _ => tracing::info!("{line}"),
             }
         }

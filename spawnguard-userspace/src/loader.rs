@@ -14,9 +14,9 @@ use aya::{
 };
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
-    maps, BreakerLimits, HostLimits, InstanceState, Meta, TypeDir, TypeLevels, TypeLimits, BACKEND_KILL,
-    BACKEND_KILL_COMPAT, LAYOUT_VERSION, MAX_TYPES, MAX_TYPE_LEVELS, MODE_AUDIT, MODE_ENFORCE,
-    NO_LIMIT, ON_MAX_AGE_EVENT, ON_MAX_AGE_FREEZE, ON_MAX_AGE_KILL, TYPE_NAME_LEN,
+    maps, BreakerLimits, HostLimits, InstanceState, Meta, TypeDir, TypeLevels, TypeLimits,
+    BACKEND_KILL, BACKEND_KILL_COMPAT, LAYOUT_VERSION, MAX_TYPES, MAX_TYPE_LEVELS, MODE_AUDIT,
+    MODE_ENFORCE, NO_LIMIT, ON_MAX_AGE_EVENT, ON_MAX_AGE_FREEZE, ON_MAX_AGE_KILL, TYPE_NAME_LEN,
 };
 use spawnguard_ebpf::{rate_interval_ns, rate_window_ns};
 

@@ -1,5 +1,6 @@
 //! `spawnguard`: the daemon that loads the kernel enforcer, and the CLI around it.
 
+mod breaker;
 mod btf;
 mod cgroupfs;
 mod control;
@@ -89,6 +90,57 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// The per-type circuit breakers (shared by every instance, kept in the kernel).
+    Breaker {
+        #[command(subcommand)]
+        command: BreakerCommand,
+    },
+    /// Exit 0 when a new instance of TYPE would be admitted now; otherwise exit 1 with one line
+    /// saying why not. Reads the pinned maps directly: no daemon round trip. Call it before
+    /// spawning an agent.
+    Gate {
+        #[arg(value_name = "TYPE")]
+        type_name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BreakerCommand {
+    /// Open the breaker: no new instance of TYPE is admitted until it half-opens.
+    Open {
+        #[arg(value_name = "TYPE")]
+        type_name: String,
+        /// How long (30s, 2m, 1h); default: the current backoff step's open time.
+        #[arg(long = "for", value_parser = parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// Why (logged by the daemon).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Close the breaker and reset its backoff.
+    Close {
+        #[arg(value_name = "TYPE")]
+        type_name: String,
+    },
+    /// State, backoff step, time to the next probe, times opened.
+    Status {
+        #[arg(value_name = "TYPE")]
+        type_name: Option<String>,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Count one failure (e.g. the agent's upstream API is down): `failures` of them within
+    /// `within` open the breaker for every instance of TYPE.
+    ReportFailure {
+        #[arg(value_name = "TYPE")]
+        type_name: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    policy::parse_duration(s)
 }
 
 #[derive(Subcommand)]
@@ -194,8 +246,64 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Policy { command } => return policy_command(command),
+        Command::Breaker { command } => breaker_command(command)?,
+        Command::Gate { type_name } => {
+            return Ok(match breaker::gate(&type_name)? {
+                None => {
+                    println!("ok: a new {type_name} instance would be admitted now");
+                    ExitCode::SUCCESS
+                }
+                Some(why) => {
+                    println!("no: {why}");
+                    ExitCode::from(1)
+                }
+            });
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Breaker commands go through the daemon when it runs (it logs them), and straight to the
+/// pinned maps when it does not.
+fn breaker_command(command: BreakerCommand) -> Result<()> {
+    let request = match &command {
+        BreakerCommand::Status { type_name, output } => {
+            let views = breaker::status(type_name.as_deref())?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&views)?),
+                Output::Table => {
+                    for v in &views {
+                        println!("{}", breaker::describe(v));
+                    }
+                }
+            }
+            return Ok(());
+        }
+        BreakerCommand::Open {
+            type_name,
+            duration,
+            reason,
+        } => Request::BreakerOpen {
+            type_name: type_name.clone(),
+            for_ms: duration.map(|d| d.as_millis() as u64),
+            reason: reason.clone(),
+        },
+        BreakerCommand::Close { type_name } => Request::BreakerClose {
+            type_name: type_name.clone(),
+        },
+        BreakerCommand::ReportFailure { type_name, reason } => Request::BreakerReportFailure {
+            type_name: type_name.clone(),
+            reason: reason.clone(),
+        },
+    };
+    let answer = match control::call(&request) {
+        Ok(answer) => answer?,
+        Err(Unreachable::NotRunning) => daemon::breaker_request(&request)?,
+        Err(Unreachable::Other(e)) => return Err(e),
+    };
+    let v: breaker::BreakerView = serde_json::from_value(answer["breaker"].clone())?;
+    println!("{}", breaker::describe(&v));
+    Ok(())
 }
 
 /// The policy to run with, and its text (for `policy show`).

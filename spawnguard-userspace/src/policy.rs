@@ -506,8 +506,12 @@ fn parse_breaker(
     let b = b.get_ref();
     let duration = |v: &Option<Spanned<String>>, name: &str, default: u64| match v {
         None => Ok(Duration::from_secs(default)),
-        Some(v) => parse_duration(v.get_ref())
-            .map_err(|m| err(Some(v.span()), format!("{}: {m}", field(&format!("breaker.{name}"))))),
+        Some(v) => parse_duration(v.get_ref()).map_err(|m| {
+            err(
+                Some(v.span()),
+                format!("{}: {m}", field(&format!("breaker.{name}"))),
+            )
+        }),
     };
     let startup_window = duration(&b.startup_window, "startup_window", 10)?;
     let within = duration(&b.within, "within", 60)?;
@@ -527,7 +531,10 @@ fn parse_breaker(
         (Some(_), Some(x)) => {
             return Err(err(
                 Some(x.span()),
-                format!("{}: give open_for or backoff, not both", field("breaker.backoff")),
+                format!(
+                    "{}: give open_for or backoff, not both",
+                    field("breaker.backoff")
+                ),
             ));
         }
         (Some(list), None) => {
@@ -544,7 +551,12 @@ fn parse_breaker(
             l.iter()
                 .map(|d| parse_duration(d))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|m| err(Some(list.span()), format!("{}: {m}", field("breaker.open_for"))))?
+                .map_err(|m| {
+                    err(
+                        Some(list.span()),
+                        format!("{}: {m}", field("breaker.open_for")),
+                    )
+                })?
         }
         (None, Some(x)) => {
             let e = |m: String| err(Some(x.span()), format!("{}: {m}", field("breaker.backoff")));
@@ -566,12 +578,20 @@ fn parse_breaker(
     let (storm_denials, storm_within) = match &b.deny_storm {
         None => (None, None),
         Some(s) => {
-            let e = |m: String| err(Some(s.span()), format!("{}: {m}", field("breaker.deny_storm")));
+            let e = |m: String| {
+                err(
+                    Some(s.span()),
+                    format!("{}: {m}", field("breaker.deny_storm")),
+                )
+            };
             let st = s.get_ref();
             if st.denials < 1 {
                 return Err(e(format!("denials must be at least 1, got {}", st.denials)));
             }
-            (Some(st.denials as u64), Some(parse_duration(&st.within).map_err(&e)?))
+            (
+                Some(st.denials as u64),
+                Some(parse_duration(&st.within).map_err(&e)?),
+            )
         }
     };
     Ok(BreakerPolicy {

@@ -26,6 +26,7 @@ pub struct Denials {
     pub max_total_tasks: u64,
     pub host_max_tasks: u64,
     pub max_age: u64,
+    pub breaker_open: u64,
 }
 
 impl Denials {
@@ -38,6 +39,7 @@ impl Denials {
             max_total_tasks: c[4],
             host_max_tasks: c[5],
             max_age: c[6],
+            breaker_open: c[7],
         }
     }
 
@@ -49,6 +51,7 @@ impl Denials {
             + self.max_total_tasks
             + self.host_max_tasks
             + self.max_age
+            + self.breaker_open
     }
 }
 
@@ -78,6 +81,8 @@ pub struct TypeStatus {
     pub warnings: u64,
     pub denied: Denials,
     pub audit_denied: Denials,
+    /// The type's circuit breaker, when it has one.
+    pub breaker: Option<crate::breaker::BreakerView>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -186,6 +191,7 @@ pub fn read() -> Result<Status> {
             warnings: 0,
             denied: Denials::default(),
             audit_denied: Denials::default(),
+            breaker: None,
         };
         let mut denied = [0; REASONS];
         let mut audit = [0; REASONS];
@@ -231,8 +237,12 @@ pub fn read() -> Result<Status> {
     let (mut dropped, mut failed_open) = (0, 0);
     for g in global.get(&0, 0)?.iter() {
         dropped += g.events_dropped;
-        failed_open +=
-            g.instances_full + g.processes_full + g.doomed_full + g.read_errors + g.contended;
+        failed_open += g.instances_full
+            + g.processes_full
+            + g.doomed_full
+            + g.read_errors
+            + g.contended
+            + g.kill_failed;
     }
     let hl = host_limits.get(&0, 0)?;
     let host = HostStatus {
@@ -240,6 +250,10 @@ pub fn read() -> Result<Status> {
         max_tasks: limit(hl.max_tasks),
         deny_tasks: limit(hl.deny_tasks),
     };
+    let breakers = crate::breaker::status(None).unwrap_or_default();
+    for (_, t) in &mut types {
+        t.breaker = breakers.iter().find(|b| b.type_name == t.name).cloned();
+    }
     Ok(Status {
         daemon_pid: daemon.as_ref().map(|d| d.pid).filter(|&p| pid_alive(p)),
         backend: daemon.map(|d| d.backend.name().to_owned()),
@@ -308,10 +322,14 @@ pub fn print_table(s: &Status) {
             (4, d.max_total_tasks),
             (5, d.host_max_tasks),
             (6, d.max_age),
+            (7, d.breaker_open),
         ] {
             if n > 0 {
                 println!("  denied by {}: {n}", reason_name(r));
             }
+        }
+        if let Some(b) = &t.breaker {
+            println!("  breaker {}", crate::breaker::describe(b));
         }
     }
     if !s.instances.is_empty() {
