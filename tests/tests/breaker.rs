@@ -1,0 +1,277 @@
+//! Privileged end-to-end tests of the per-type circuit breaker, with its schedule compressed to
+//! seconds: a respawn loop, healthy and failing probes, the half-open race, runtime-reported
+//! failures with `gate`, survival across `kill -9` of the daemon, and a deny storm.
+
+use std::{
+    fs,
+    process::{Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use spawnguard_tests::*;
+
+const BREAKER: &str = "max_tasks = 10\n\
+[type.breaker]\n\
+startup_window = \"1s\"\n\
+failures = 3\n\
+within = \"10s\"\n\
+open_for = [\"2s\", \"4s\"]\n";
+
+fn cli(args: &[&str]) -> std::process::Output {
+    Command::new(spawnguard_bin()).args(args).output().unwrap()
+}
+
+fn breaker_status(type_name: &str) -> Value {
+    let out = cli(&["breaker", "status", type_name, "--output", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout).unwrap()[0].clone()
+}
+
+/// Starts an instance whose command records the time and exits at once (a worker that crashes
+/// at start-up); returns whether it ran.
+fn crashing_worker(type_name: &str, instance: &str, log: &std::path::Path) -> bool {
+    Command::new(spawnguard_bin())
+        .args(["exec", "--type", type_name, "--instance", instance, "--"])
+        .args([
+            "sh",
+            "-c",
+            &format!("date +%s.%N >> {}; exit 1", log.display()),
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .code()
+        == Some(1)
+}
+
+#[test]
+fn a_respawn_loop_is_held_to_failures_plus_one_probe_per_open_period() {
+    if !privileged() {
+        return;
+    }
+    let (rel, _tree) = test_type("respawn");
+    let _daemon = Daemon::start(&policy("rw", &rel, BREAKER), "kill").unwrap();
+    let log = std::env::temp_dir().join(format!("sg-respawn-{}", std::process::id()));
+    let _ = fs::remove_file(&log);
+    // A supervisor that relaunches the crashing worker as fast as it can, for 12 s.
+    let start = Instant::now();
+    let mut launched = 0;
+    while start.elapsed() < Duration::from_secs(12) {
+        launched += 1;
+        crashing_worker("rw", &format!("w{launched}"), &log);
+    }
+    let runs: Vec<f64> = fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let _ = fs::remove_file(&log);
+    assert!(launched > 100, "the supervisor only launched {launched}");
+    // 3 failures open it for 2 s; each probe fails and reopens it for 4 s (the last repeats):
+    // probes near 2 s, 6 s and 10 s after the third failure.
+    assert!(
+        (5..=7).contains(&runs.len()),
+        "{} of {launched} launches ran: {runs:?}",
+        runs.len()
+    );
+    let gaps: Vec<f64> = runs.windows(2).map(|w| w[1] - w[0]).collect();
+    for (i, (gap, want)) in gaps[2..].iter().zip([2.0, 4.0, 4.0, 4.0]).enumerate() {
+        assert!(
+            (gap - want).abs() < 0.6,
+            "open period {i} lasted {gap:.2} s, schedule says {want} s: {gaps:?}"
+        );
+    }
+    let b = breaker_status("rw");
+    assert_eq!(b["state"], "open", "{b}");
+    assert!(b["trips"].as_u64().unwrap() >= 3, "{b}");
+}
+
+#[test]
+fn a_healthy_probe_closes_the_breaker_and_resets_the_backoff() {
+    if !privileged() {
+        return;
+    }
+    let (rel, _tree) = test_type("healthy");
+    let _daemon = Daemon::start(&policy("hp", &rel, BREAKER), "kill").unwrap();
+    let log = std::env::temp_dir().join(format!("sg-healthy-{}", std::process::id()));
+    for i in 0..3 {
+        assert!(crashing_worker("hp", &format!("c{i}"), &log));
+    }
+    let _ = fs::remove_file(&log);
+    assert_eq!(breaker_status("hp")["state"], "open");
+    sleep(Duration::from_millis(2100));
+    // A failing probe reopens with the next duration...
+    assert!(crashing_worker("hp", "probe1", &log), "the probe ran");
+    let b = breaker_status("hp");
+    assert_eq!(
+        (b["state"].as_str(), b["step"].as_u64()),
+        (Some("open"), Some(1)),
+        "{b}"
+    );
+    assert!(
+        b["retry_in_seconds"].as_f64().unwrap() > 3.0,
+        "4 s this time: {b}"
+    );
+    sleep(Duration::from_millis(4100));
+    // ...a healthy one (outlives the 1 s start-up window) closes it and resets the step.
+    let out = exec_bomb("hp", "probe2", &["hold", "1500"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let b = breaker_status("hp");
+    assert_eq!(
+        (b["state"].as_str(), b["step"].as_u64()),
+        (Some("closed"), Some(0)),
+        "{b}"
+    );
+    assert!(instance_runs_now("hp"));
+}
+
+fn instance_runs_now(type_name: &str) -> bool {
+    cli(&["gate", type_name]).status.success()
+}
+
+#[test]
+fn in_half_open_exactly_one_of_many_racing_instances_is_the_probe() {
+    if !privileged() {
+        return;
+    }
+    let (rel, tree) = test_type("halfopen");
+    let _daemon = Daemon::start(&policy("ho", &rel, BREAKER), "kill").unwrap();
+    for round in 0..10 {
+        assert!(cli(&["breaker", "open", "ho", "--for", "1s"])
+            .status
+            .success());
+        sleep(Duration::from_millis(1100));
+        let dirs: Vec<_> = (0..4)
+            .map(|i| {
+                let d = tree.root.join(format!("r{round}-{i}"));
+                fs::create_dir_all(&d).unwrap();
+                d
+            })
+            .collect();
+        let racers: Vec<_> = dirs
+            .iter()
+            .map(|d| {
+                Command::new(bomb_bin())
+                    .args(["clone-into", d.to_str().unwrap(), "200"])
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let probes = racers
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .filter(|o| String::from_utf8_lossy(&o.stdout).contains("exited=true"))
+            .count();
+        assert_eq!(probes, 1, "round {round}: {probes} probes got through");
+        assert!(cli(&["breaker", "close", "ho"]).status.success());
+    }
+}
+
+#[test]
+fn reported_failures_open_it_gate_says_why_and_close_reopens() {
+    if !privileged() {
+        return;
+    }
+    let (rel, _tree) = test_type("report");
+    let _daemon = Daemon::start(&policy("rp", &rel, BREAKER), "kill").unwrap();
+    assert!(instance_runs_now("rp"));
+    // From inside an instance, as an agent whose upstream API is down would. The agent lives
+    // past the start-up window, so its own end is no start-up failure.
+    let bin = spawnguard_bin();
+    let report = format!(
+        "{} breaker report-failure rp --reason 'upstream 503'",
+        bin.display()
+    );
+    let out = Command::new(&bin)
+        .args([
+            "exec",
+            "--type",
+            "rp",
+            "--instance",
+            "agent",
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg(format!("{report} && {report} && {report} && sleep 1.2"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rp: open"));
+    let gate = cli(&["gate", "rp"]);
+    assert!(!gate.status.success());
+    let why = String::from_utf8_lossy(&gate.stdout);
+    assert!(why.contains("breaker open until"), "{why}");
+    assert!(cli(&["breaker", "close", "rp"]).status.success());
+    assert!(instance_runs_now("rp"));
+    assert!(_daemon.log_text().contains("upstream 503"));
+}
+
+#[test]
+fn breaker_state_and_backoff_survive_kill_9_of_the_daemon() {
+    if !privileged() {
+        return;
+    }
+    uninstall();
+    let (rel, _tree) = test_type("survive-breaker");
+    let text = policy("sb", &rel, BREAKER);
+    let mut daemon = Daemon::start_pinned(&text).unwrap();
+    let log = std::env::temp_dir().join(format!("sg-survive-{}", std::process::id()));
+    for i in 0..3 {
+        crashing_worker("sb", &format!("c{i}"), &log);
+    }
+    sleep(Duration::from_millis(2100));
+    crashing_worker("sb", "probe", &log);
+    let _ = fs::remove_file(&log);
+    let before = breaker_status("sb");
+    assert_eq!(before["step"], 1, "{before}");
+    daemon.kill9();
+    let _again = Daemon::start_pinned(&text).unwrap();
+    let after = breaker_status("sb");
+    assert_eq!(after["state"], "open", "{after}");
+    assert_eq!(after["step"], 1, "{after}");
+    assert_eq!(after["trips"], before["trips"], "{after}");
+    assert!(!instance_runs_now("sb"));
+    drop(_again);
+    uninstall();
+}
+
+#[test]
+fn a_deny_storm_opens_the_breaker() {
+    if !privileged() {
+        return;
+    }
+    let (rel, _tree) = test_type("storm");
+    let _daemon = Daemon::start(
+        &policy(
+            "ds",
+            &rel,
+            "max_tasks = 3\n[type.breaker]\nopen_for = [\"30s\"]\n\
+             deny_storm = { denials = 50, within = \"10s\" }",
+        ),
+        "kill",
+    )
+    .unwrap();
+    let out = exec_bomb("ds", "bomb", &["fork", "1000", "500", "200"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let b = breaker_status("ds");
+    assert_eq!(b["state"], "open", "{b}");
+    assert_eq!(b["last_cause"], "deny storm", "{b}");
+    let gate = cli(&["gate", "ds"]);
+    assert!(!gate.status.success());
+}
