@@ -711,6 +711,37 @@ max_tasks = 10
     }
 
     #[test]
+    fn breaker_examples_are_valid() {
+        for (name, text) in [
+            (
+                "midnight",
+                include_str!("../../deploy/examples/breaker-midnight-cascade.toml"),
+            ),
+            (
+                "respawn",
+                include_str!("../../deploy/examples/breaker-respawn-loop.toml"),
+            ),
+            (
+                "cadence",
+                include_str!("../../deploy/examples/breaker-cadence-consumer.toml"),
+            ),
+        ] {
+            let p = Policy::parse(text, name).unwrap();
+            assert!(p.types[0].breaker.is_some(), "{name}");
+        }
+        let respawn = Policy::parse(
+            include_str!("../../deploy/examples/breaker-respawn-loop.toml"),
+            "respawn",
+        )
+        .unwrap();
+        let steps: Vec<u64> = respawn.types[0].breaker.as_ref().unwrap().open_for[..4]
+            .iter()
+            .map(|d| d.as_secs())
+            .collect();
+        assert_eq!(steps, [300, 600, 1200, 2400], "300 s x 2^n");
+    }
+
+    #[test]
     fn default_policy_is_valid() {
         let p = Policy::default_policy();
         assert_eq!(p.types[0].name, "agents");

@@ -198,6 +198,10 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         total.passed += t.passed;
         total.failed += t.failed;
     }
+    if let Some((p, f)) = FAILED_TALLY.with(|t| t.borrow_mut().take()) {
+        total.passed += p;
+        total.failed += f;
+    }
     // One closing line for the whole run (cargo prints one per test binary).
     println!(
         "spawnguard: {} passed, {} failed",
@@ -238,7 +242,16 @@ fn run_tests(cmd: &mut Command) -> Result<Tally> {
     }
     let status = child.wait()?;
     if !status.success() {
+        // Failures still count in the closing line.
+        tally.failed = tally.failed.max(1);
+        FAILED_TALLY.with(|t| *t.borrow_mut() = Some((tally.passed, tally.failed)));
         bail!("{cmd:?} failed: {status}");
     }
     Ok(tally)
+}
+
+thread_local! {
+    /// The tally of a run that failed (its Err carries no counts).
+    static FAILED_TALLY: std::cell::RefCell<Option<(u64, u64)>> =
+        const { std::cell::RefCell::new(None) };
 }

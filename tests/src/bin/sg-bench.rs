@@ -117,6 +117,24 @@ fn run_measure(cgroup: Option<&Path>) -> Sample {
 }
 
 /// Per-operation median over the rounds (one noisy round does not move it).
+const GATE_RUNS: usize = 50;
+
+/// Wall time of whole `spawnguard gate` runs, as a spawning runtime would pay it.
+fn gate_latency_ms() -> Vec<f64> {
+    (0..GATE_RUNS)
+        .map(|_| {
+            let t = Instant::now();
+            let out = Command::new(spawnguard_bin())
+                .args(["gate", "bench"])
+                .output()
+                .unwrap();
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            assert!(out.status.success(), "gate said no");
+            ms
+        })
+        .collect()
+}
+
 fn median_of(v: &[Sample]) -> Sample {
     Sample {
         fork: median(v.iter().map(|s| s.fork).collect()),
@@ -130,7 +148,12 @@ fn bench_backend(backend: &str, rounds: usize) {
     let tree = CgroupTree::new(cgroup2_mount().join("spawnguard-bench"));
     let inside = tree.root.join("agents/bench-inside");
     let plain = tree.root.join("plain");
-    let text = policy("bench", rel, "max_tasks = 100000");
+    let text = policy(
+        "bench",
+        rel,
+        "max_tasks = 100000\n[type.breaker]\nstartup_window = \"1s\"",
+    );
+    let mut gate_ms = Vec::new();
     let (mut base_out, mut base_in, mut load_out, mut load_in) = (vec![], vec![], vec![], vec![]);
     for round in 0..rounds {
         eprintln!("round {}/{rounds} ({backend})", round + 1);
@@ -150,6 +173,7 @@ fn bench_backend(backend: &str, rounds: usize) {
         assert!(registered >= 1000, "{registered} instances registered");
         load_out.push(run_measure(None));
         load_in.push(run_measure(Some(&inside)));
+        gate_ms.push(gate_latency_ms());
         drop(daemon);
         for i in 0..1000 {
             let _ = fs::remove_dir(agents.join(format!("idle-{i}")));
@@ -193,6 +217,11 @@ fn bench_backend(backend: &str, rounds: usize) {
     );
     row(
         "getppid", "ns", bo.getppid, bi.getppid, lo.getppid, li.getppid,
+    );
+    println!(
+        "\n`spawnguard gate bench` (process start included), median of {} runs: {:.2} ms",
+        GATE_RUNS * rounds,
+        median(gate_ms.into_iter().flatten().collect())
     );
     drop(tree);
 }
