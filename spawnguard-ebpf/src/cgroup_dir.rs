@@ -5,9 +5,11 @@ use aya_ebpf::{
     helpers::bpf_get_current_task, macros::btf_tracepoint, programs::BtfTracePointContext,
 };
 
+use spawnguard_ebpf::{release_tasks, word_tasks};
+
 use crate::{
     kernel::{self, Cgroup},
-    state::{instance, place, INSTANCES},
+    state::{counters, global_counters, instance, place, INSTANCES},
 };
 
 /// Whether `cgrp` is on the cgroup2 hierarchy (the current task's own cgroup there is the
@@ -34,15 +36,40 @@ pub fn cgroup_mkdir(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// rmdir only succeeds on an empty cgroup, so every task of the instance has already exited.
+/// rmdir only succeeds on an empty cgroup, so every task of the instance has already exited
+/// and its counts are zero. If they are not (drift), they are settled here, so the type and
+/// host totals and the instance's slot are not held forever.
 #[btf_tracepoint(function = "cgroup_rmdir")]
 pub fn cgroup_rmdir(ctx: BtfTracePointContext) -> i32 {
     let cgrp: Cgroup = ctx.arg(0);
     if !on_cgroup2(cgrp) {
         return 0;
     }
-    if let Ok(id) = kernel::cgroup_id(cgrp) {
-        let _ = INSTANCES.remove(&id);
+    let Ok(id) = kernel::cgroup_id(cgrp) else {
+        return 0;
+    };
+    if let Some(state) = INSTANCES.get_ptr_mut(&id) {
+        // SAFETY: live map value, plain reads.
+        let (type_idx, word, threads, processes) = unsafe {
+            (
+                (*state).type_idx,
+                (*state).tasks,
+                (*state).threads,
+                (*state).processes,
+            )
+        };
+        if let Some(c) = counters(state, type_idx) {
+            let tasks = word_tasks(word);
+            if tasks != 0 {
+                if let Some(g) = global_counters() {
+                    g.drift += 1;
+                }
+            }
+            if word != 0 {
+                release_tasks(&c, tasks, threads, processes);
+            }
+        }
     }
+    let _ = INSTANCES.remove(&id);
     0
 }

@@ -61,7 +61,10 @@ enum Command {
         no_pin: bool,
     },
     /// Detach and remove the pinned enforcer (the daemon must be stopped first).
-    Uninstall,
+    Uninstall {
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Run CMD as (part of) an agent instance: in the instance's cgroup, created if needed.
     Exec {
         /// The agent type (a type name of the policy in force).
@@ -203,15 +206,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .build()?
                 .block_on(daemon::run(parsed, text, opts))?;
         }
-        Command::Uninstall => {
+        Command::Uninstall { output } => {
             loader::preflight()?;
             let _lock = daemon::single_daemon_lock()
                 .context("stop the daemon before uninstalling (it would reinstall)")?;
-            if loader::uninstall()? {
-                let _ = std::fs::remove_file(STATE_FILE);
-                println!("spawnguard removed from the kernel: nothing is enforced any more");
-            } else {
-                println!("spawnguard is not installed");
+            let removed = loader::uninstall()?;
+            let _ = std::fs::remove_file(STATE_FILE);
+            match (output, removed) {
+                (Output::Json, _) => println!("{}", serde_json::json!({ "removed": removed })),
+                (Output::Table, true) => {
+                    println!("spawnguard removed from the kernel: nothing is enforced any more");
+                }
+                (Output::Table, false) => println!("spawnguard is not installed"),
             }
         }
         Command::Exec {

@@ -59,10 +59,10 @@ fn a_respawn_loop_is_held_to_failures_plus_one_probe_per_open_period() {
     let _daemon = Daemon::start(&policy("rw", &rel, BREAKER), "kill").unwrap();
     let log = std::env::temp_dir().join(format!("sg-respawn-{}", std::process::id()));
     let _ = fs::remove_file(&log);
-    // A supervisor that relaunches the crashing worker as fast as it can, for 12 s.
+    // A supervisor that relaunches the crashing worker as fast as it can, for 60 s.
     let start = Instant::now();
     let mut launched = 0;
-    while start.elapsed() < Duration::from_secs(12) {
+    while start.elapsed() < Duration::from_secs(60) {
         launched += 1;
         crashing_worker("rw", &format!("w{launched}"), &log);
     }
@@ -74,14 +74,15 @@ fn a_respawn_loop_is_held_to_failures_plus_one_probe_per_open_period() {
     let _ = fs::remove_file(&log);
     assert!(launched > 100, "the supervisor only launched {launched}");
     // 3 failures open it for 2 s; each probe fails and reopens it for 4 s (the last repeats):
-    // probes near 2 s, 6 s and 10 s after the third failure.
+    // probes near 2, 6, 10, ... s after the third failure: at most 3 + 15 runs in 60 s.
     assert!(
-        (5..=7).contains(&runs.len()),
+        (16..=18).contains(&runs.len()),
         "{} of {launched} launches ran: {runs:?}",
         runs.len()
     );
     let gaps: Vec<f64> = runs.windows(2).map(|w| w[1] - w[0]).collect();
-    for (i, (gap, want)) in gaps[2..].iter().zip([2.0, 4.0, 4.0, 4.0]).enumerate() {
+    let schedule = std::iter::once(2.0).chain(std::iter::repeat(4.0));
+    for (i, (gap, want)) in gaps[2..].iter().zip(schedule).enumerate() {
         assert!(
             (gap - want).abs() < 0.6,
             "open period {i} lasted {gap:.2} s, schedule says {want} s: {gaps:?}"
