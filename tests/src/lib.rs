@@ -435,3 +435,47 @@ pub fn test_type(name: &str) -> (String, CgroupTree) {
 pub fn policy(name: &str, path: &str, extra: &str) -> String {
     format!("[[type]]\nname = \"{name}\"\npath = \"{path}\"\n{extra}\n")
 }
+
+/// Samples `dir` every ~3 ms for `span`; returns the most tasks (or threads) seen that could
+/// run user code (see `held_tasks`).
+pub fn max_held(dir: &Path, span: Duration, limit: usize, threads_only: bool) -> usize {
+    let end = Instant::now() + span;
+    let mut most = 0;
+    while Instant::now() < end {
+        most = most.max(held_tasks(dir, limit, threads_only));
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    most
+}
+
+/// `sg-bomb ARGS` started outside every instance (in the test's own cgroup).
+pub fn spawn_outside(args: &[&str]) -> Child {
+    Command::new(bomb_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// `spawnguard ARGS`, output captured.
+pub fn cli(args: &[&str]) -> std::process::Output {
+    Command::new(spawnguard_bin()).args(args).output().unwrap()
+}
+
+/// `spawnguard ARGS` run as the unprivileged user nobody.
+pub fn as_nobody(args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(spawnguard_bin());
+    cmd.args(args);
+    // SAFETY: only setgid/setuid in the forked child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().unwrap()
+}

@@ -1,23 +1,9 @@
 //! Privileged end-to-end tests of per-type ceilings (`max_instances`), type and host budgets and
 //! warning thresholds, with the real programs and real cgroups (kill backend, the default here).
 
-use std::{
-    fs,
-    process::{Command, Stdio},
-    thread::sleep,
-    time::Duration,
-};
+use std::{fs, process::Command, thread::sleep, time::Duration};
 
 use spawnguard_tests::*;
-
-fn spawn_outside(args: &[&str]) -> std::process::Child {
-    Command::new(bomb_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
 
 /// Runs `sh -c 'echo ran > MARKER'` as a new instance; returns whether it ran.
 fn instance_runs(type_name: &str, instance: &str, marker: &std::path::Path) -> bool {

@@ -3,32 +3,17 @@
 
 use std::{
     fs,
-    os::unix::{fs::PermissionsExt, process::CommandExt},
-    process::{Command, Output},
+    os::unix::fs::PermissionsExt,
     thread::sleep,
     time::{Duration, Instant},
 };
 
 use spawnguard_tests::*;
 
-fn cli(args: &[&str]) -> Output {
-    Command::new(spawnguard_bin()).args(args).output().unwrap()
-}
-
 fn write(name: &str, text: &str) -> std::path::PathBuf {
     let p = std::env::temp_dir().join(format!("sg-{name}-{}.toml", std::process::id()));
     fs::write(&p, text).unwrap();
     p
-}
-
-fn most_held(dir: &std::path::Path, span: Duration, limit: usize) -> usize {
-    let end = Instant::now() + span;
-    let mut most = 0;
-    while Instant::now() < end {
-        most = most.max(held_tasks(dir, limit, false));
-        sleep(Duration::from_millis(5));
-    }
-    most
 }
 
 #[test]
@@ -42,7 +27,7 @@ fn live_policy_apply_changes_the_limit_a_running_bomb_sees() {
     let bomb = exec_bomb("ap", "i1", &["fork", "4000", "40000", "1500"])
         .spawn()
         .unwrap();
-    let first = most_held(&inst, Duration::from_millis(800), 20);
+    let first = max_held(&inst, Duration::from_millis(800), 20, false);
     assert!((19..=20).contains(&first), "before: {first}");
 
     // Raised while the bomb runs: it grows to the new limit, no further.
@@ -54,7 +39,7 @@ fn live_policy_apply_changes_the_limit_a_running_bomb_sees() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("max_tasks 20 -> 35"));
-    let grown = most_held(&inst, Duration::from_millis(800), 35);
+    let grown = max_held(&inst, Duration::from_millis(800), 35, false);
     assert!((34..=35).contains(&grown), "after raising to 35: {grown}");
 
     // Lowered below usage: new tasks are denied, existing ones are never killed.
@@ -101,21 +86,6 @@ fn sighup_reloads_the_policy_file_or_keeps_the_old_one() {
             .contains("the previous policy is still in force")
     }));
     assert_eq!(type_status("hu")["max_tasks"], 9);
-}
-
-fn as_nobody(args: &[&str]) -> Output {
-    let mut cmd = Command::new(spawnguard_bin());
-    cmd.args(args);
-    // SAFETY: only setgid/setuid in the forked child before exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.output().unwrap()
 }
 
 #[test]

@@ -1,14 +1,7 @@
 //! Privileged end-to-end tests: the real eBPF programs in the running kernel, real cgroups, real
 //! fork bombs, thread bombs and fork loops. Each test runs once per backend.
 
-use std::{
-    fs,
-    os::unix::process::CommandExt,
-    path::Path,
-    process::{Command, Stdio},
-    thread::sleep,
-    time::{Duration, Instant},
-};
+use std::{fs, path::Path, process::Command, thread::sleep, time::Duration};
 
 use spawnguard_tests::*;
 
@@ -33,18 +26,6 @@ per_backend!(
     clone_into_cgroup_counts_where_born,
     outside_processes_are_untouched,
 );
-
-/// Samples `dir` every ~3 ms for `span`, returning the most tasks seen that could run user code
-/// (see `held_tasks`).
-fn max_held(dir: &Path, span: Duration, limit: usize, threads_only: bool) -> usize {
-    let end = Instant::now() + span;
-    let mut most = 0;
-    while Instant::now() < end {
-        most = most.max(held_tasks(dir, limit, threads_only));
-        sleep(Duration::from_millis(3));
-    }
-    most
-}
 
 fn fork_bomb_is_held_at_max_tasks(backend: &str) {
     let (rel, tree) = test_type(&format!("forkbomb-{backend}"));
@@ -180,15 +161,6 @@ fn audit_mode_reports_but_never_denies(backend: &str) {
     assert_eq!(t["denied"]["max_tasks"], 0, "{t}");
     assert_eq!(t["audit_denied"]["max_tasks"], 40, "{t}");
     assert!(_daemon.log_text().contains("audit: would deny new process"));
-}
-
-fn spawn_outside(args: &[&str]) -> std::process::Child {
-    Command::new(bomb_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap()
 }
 
 fn move_to(dir: &Path, pid: u32) {
@@ -343,18 +315,7 @@ fn run_refuses_non_root_with_one_sentence() {
     if !privileged() {
         return;
     }
-    let mut cmd = Command::new(spawnguard_bin());
-    cmd.arg("run");
-    // SAFETY: setuid in the forked child before exec; nothing else runs there.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = cmd.output().unwrap();
+    let out = as_nobody(&["run"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("must run as root"), "{err}");

@@ -6,7 +6,7 @@ use std::{
     fs,
     process::{Command, Stdio},
     thread::sleep,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use spawnguard_tests::*;
@@ -18,16 +18,6 @@ impl Drop for Uninstall {
     fn drop(&mut self) {
         let _ = Command::new(spawnguard_bin()).arg("uninstall").output();
     }
-}
-
-fn held(dir: &std::path::Path, span: Duration, limit: usize) -> usize {
-    let end = Instant::now() + span;
-    let mut most = 0;
-    while Instant::now() < end {
-        most = most.max(held_tasks(dir, limit, false));
-        sleep(Duration::from_millis(3));
-    }
-    most
 }
 
 #[test]
@@ -46,7 +36,7 @@ fn enforcement_survives_kill_9_and_a_new_daemon_adopts_exact_counts() {
         .unwrap();
     sleep(Duration::from_millis(800));
     daemon.kill9();
-    let most = held(&inst, Duration::from_millis(3000), 40);
+    let most = max_held(&inst, Duration::from_millis(3000), 40, false);
     assert!(
         most <= 40,
         "without its daemon the enforcer let {most} tasks in, budget 40"
@@ -135,7 +125,7 @@ fn only_uninstall_removes_the_enforcer() {
     let bomb = exec_bomb("un", "i1", &["fork", "800", "30", "800"])
         .spawn()
         .unwrap();
-    let most = held(&inst, Duration::from_millis(1200), 5);
+    let most = max_held(&inst, Duration::from_millis(1200), 5, false);
     bomb.wait_with_output().unwrap();
     assert!(most <= 5, "{most} tasks with the daemon stopped, budget 5");
     let s = status();
