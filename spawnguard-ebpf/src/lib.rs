@@ -432,6 +432,8 @@ pub fn admit(c: &Counters<'_>, b: &Budget, r: &Request) -> Admission {
     }
     // Each step: reserve, or give back everything taken so far and refuse.
     let mut taken_threads = false;
+    let mut taken_type = false;
+    let mut taken_host = false;
     let mut refusal: Option<Refusal> = None;
     if r.threads > 0 {
         if !reserve(c.threads, r.threads, b.max_threads, keep) {
@@ -441,34 +443,22 @@ pub fn admit(c: &Counters<'_>, b: &Budget, r: &Request) -> Admission {
         }
         taken_threads |= keep;
     }
-    // The type's and the host's totals: same reserve, own limit, warning and reason.
-    let totals = [
-        (
-            c.type_tasks,
-            b.max_type_tasks,
-            b.warn_type_tasks,
-            WARN_TYPE_TASKS,
-            Refusal::TypeTasks,
-        ),
-        (
-            c.host_tasks,
-            b.max_host_tasks,
-            b.warn_host_tasks,
-            WARN_HOST_TASKS,
-            Refusal::HostTasks,
-        ),
-    ];
-    let mut taken = [false; 2];
-    for (i, (counter, limit, warn, warn_bit, why)) in totals.iter().enumerate() {
-        if refusal.is_some() && !keep {
-            break;
+    if refusal.is_none() || keep {
+        let previous = c.type_tasks.fetch_add(r.tasks);
+        taken_type = true;
+        if previous.saturating_add(r.tasks) > b.max_type_tasks {
+            refusal = refusal.or(Some(Refusal::TypeTasks));
+        } else if crossed(previous, r.tasks, b.warn_type_tasks) {
+            warnings |= WARN_TYPE_TASKS;
         }
-        let previous = counter.fetch_add(r.tasks);
-        taken[i] = true;
-        if previous.saturating_add(r.tasks) > *limit {
-            refusal = refusal.or(Some(*why));
-        } else if crossed(previous, r.tasks, *warn) {
-            warnings |= *warn_bit;
+    }
+    if refusal.is_none() || keep {
+        let previous = c.host_tasks.fetch_add(r.tasks);
+        taken_host = true;
+        if previous.saturating_add(r.tasks) > b.max_host_tasks {
+            refusal = refusal.or(Some(Refusal::HostTasks));
+        } else if crossed(previous, r.tasks, b.warn_host_tasks) {
+            warnings |= WARN_HOST_TASKS;
         }
     }
     let mut rate_contended = false;
@@ -480,10 +470,11 @@ pub fn admit(c: &Counters<'_>, b: &Budget, r: &Request) -> Admission {
         }
     }
     if let Some(why) = refusal.filter(|_| b.enforce) {
-        for (i, (counter, ..)) in totals.iter().enumerate() {
-            if taken[i] {
-                release(counter, r.tasks);
-            }
+        if taken_host {
+            release(c.host_tasks, r.tasks);
+        }
+        if taken_type {
+            release(c.type_tasks, r.tasks);
         }
         if taken_threads {
             release(c.threads, r.threads);
