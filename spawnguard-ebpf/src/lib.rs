@@ -443,6 +443,9 @@ pub fn admit(c: &Counters<'_>, b: &Budget, r: &Request) -> Admission {
         }
         taken_threads |= keep;
     }
+    // The type's and the host's totals are written out one after the other, not as a loop
+    // over both: the loop form costs the verifier enough states on cgroup_attach_task to pass
+    // its one-million-instruction limit (tried).
     if refusal.is_none() || keep {
         let previous = c.type_tasks.fetch_add(r.tasks);
         taken_type = true;
