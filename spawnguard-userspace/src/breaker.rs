@@ -2,7 +2,7 @@
 //! the pinned maps (so it all works with the daemon down), and the pre-spawn `gate`. The kernel
 //! makes the same transitions with the same functions (spawnguard-ebpf's library).
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{Array, MapData};
@@ -16,26 +16,13 @@ use spawnguard_ebpf::{
 };
 
 use crate::{
-    loader::{open_pinned, pin_dir},
+    loader::{name_of, open_installed},
     status::monotonic_ns,
 };
 
-fn name_of(raw: &[u8]) -> String {
-    let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).into_owned()
-}
-
-fn installed() -> Result<std::path::PathBuf> {
-    let dir = pin_dir();
-    if !dir.exists() {
-        bail!("spawnguard is not installed ({} is missing)", dir.display());
-    }
-    Ok(dir)
-}
-
 /// Slot of the type named `name` in the policy in force.
-fn type_index(dir: &Path, name: &str) -> Result<u32> {
-    let limits: Array<MapData, TypeLimits> = Array::try_from(open_pinned(dir, maps::TYPE_POLICY)?)?;
+fn type_index(name: &str) -> Result<u32> {
+    let limits: Array<MapData, TypeLimits> = Array::try_from(open_installed(maps::TYPE_POLICY)?)?;
     for index in 0..spawnguard_common::MAX_TYPES {
         let l = limits.get(&index, 0)?;
         if l.active != 0 && name_of(&l.name) == name {
@@ -109,13 +96,11 @@ fn now_ms() -> u64 {
 
 /// The breakers of every type with one (or of `only`).
 pub fn status(only: Option<&str>) -> Result<Vec<BreakerView>> {
-    let dir = installed()?;
-    let limits: Array<MapData, TypeLimits> =
-        Array::try_from(open_pinned(&dir, maps::TYPE_POLICY)?)?;
+    let limits: Array<MapData, TypeLimits> = Array::try_from(open_installed(maps::TYPE_POLICY)?)?;
     let policies: Array<MapData, BreakerLimits> =
-        Array::try_from(open_pinned(&dir, maps::BREAKER_LIMITS)?)?;
+        Array::try_from(open_installed(maps::BREAKER_LIMITS)?)?;
     let states: Array<MapData, BreakerState> =
-        Array::try_from(open_pinned(&dir, maps::BREAKER_STATE)?)?;
+        Array::try_from(open_installed(maps::BREAKER_STATE)?)?;
     let now = now_ms();
     let mut out = Vec::new();
     for index in 0..spawnguard_common::MAX_TYPES {
@@ -144,16 +129,15 @@ fn update(
     name: &str,
     change: impl FnOnce(&mut BreakerState, &BreakerLimits, u64) -> Option<Transition>,
 ) -> Result<(BreakerView, Option<Transition>)> {
-    let dir = installed()?;
-    let index = type_index(&dir, name)?;
+    let index = type_index(name)?;
     let policies: Array<MapData, BreakerLimits> =
-        Array::try_from(open_pinned(&dir, maps::BREAKER_LIMITS)?)?;
+        Array::try_from(open_installed(maps::BREAKER_LIMITS)?)?;
     let policy = policies.get(&index, 0)?;
     if policy.enabled == 0 {
         bail!("type {name:?} has no breaker in the policy in force (add [type.breaker])");
     }
     let mut states: Array<MapData, BreakerState> =
-        Array::try_from(open_pinned(&dir, maps::BREAKER_STATE)?)?;
+        Array::try_from(open_installed(maps::BREAKER_STATE)?)?;
     let mut s = states.get(&index, 0)?;
     let now = now_ms();
     let t = change(&mut s, &policy, now);
@@ -226,15 +210,14 @@ pub fn report_failure(name: &str) -> Result<(BreakerView, bool)> {
 /// Why a new instance of the type would not be admitted now (`None`: it would be). Reads the
 /// pinned maps only; never changes anything (it does not claim the half-open probe).
 pub fn gate(name: &str) -> Result<Option<String>> {
-    let dir = installed()?;
-    let index = type_index(&dir, name)?;
+    let index = type_index(name)?;
     let now = now_ms();
     let policy: Array<MapData, BreakerLimits> =
-        Array::try_from(open_pinned(&dir, maps::BREAKER_LIMITS)?)?;
+        Array::try_from(open_installed(maps::BREAKER_LIMITS)?)?;
     let p = policy.get(&index, 0)?;
     if p.enabled != 0 {
         let states: Array<MapData, BreakerState> =
-            Array::try_from(open_pinned(&dir, maps::BREAKER_STATE)?)?;
+            Array::try_from(open_installed(maps::BREAKER_STATE)?)?;
         let s = states.get(&index, 0)?;
         let word = AtomicU64::new(s.word);
         // On a copy: the real probe is claimed by the kernel when the instance starts.
@@ -250,10 +233,9 @@ pub fn gate(name: &str) -> Result<Option<String>> {
             }));
         }
     }
-    let limits: Array<MapData, TypeLimits> =
-        Array::try_from(open_pinned(&dir, maps::TYPE_POLICY)?)?;
+    let limits: Array<MapData, TypeLimits> = Array::try_from(open_installed(maps::TYPE_POLICY)?)?;
     let l = limits.get(&index, 0)?;
-    let types: Array<MapData, TypeState> = Array::try_from(open_pinned(&dir, maps::TYPE_STATE)?)?;
+    let types: Array<MapData, TypeState> = Array::try_from(open_installed(maps::TYPE_STATE)?)?;
     let t = types.get(&index, 0)?;
     if l.mode == spawnguard_common::MODE_ENFORCE {
         if l.max_instances != NO_LIMIT && t.instances >= l.max_instances {
@@ -265,9 +247,8 @@ pub fn gate(name: &str) -> Result<Option<String>> {
                 t.tasks, l.max_total_tasks
             )));
         }
-        let hl: Array<MapData, HostLimits> =
-            Array::try_from(open_pinned(&dir, maps::HOST_LIMITS)?)?;
-        let hs: Array<MapData, HostState> = Array::try_from(open_pinned(&dir, maps::HOST_STATE)?)?;
+        let hl: Array<MapData, HostLimits> = Array::try_from(open_installed(maps::HOST_LIMITS)?)?;
+        let hs: Array<MapData, HostState> = Array::try_from(open_installed(maps::HOST_STATE)?)?;
         let (h, used) = (hl.get(&0, 0)?, hs.get(&0, 0)?.tasks);
         if h.deny_tasks != NO_LIMIT && used >= h.deny_tasks {
             return Ok(Some(format!(

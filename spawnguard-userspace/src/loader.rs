@@ -257,6 +257,18 @@ pub fn open_pinned(dir: &Path, name: &str) -> Result<Map> {
     Ok(Map::from_map_data(data)?)
 }
 
+/// Opens a map of the installed enforcer, or says that none is installed.
+pub fn open_installed(name: &str) -> Result<Map> {
+    let dir = pin_dir();
+    if !dir.exists() {
+        bail!(
+            "no spawnguard enforcer is installed ({} is missing): start one with `spawnguard run`",
+            dir.display()
+        );
+    }
+    open_pinned(&dir, name)
+}
+
 /// Fails when pinned state of another layout version exists: adopting it would corrupt it.
 fn check_no_other_layout() -> Result<()> {
     let Ok(entries) = std::fs::read_dir(PIN_ROOT) else {
@@ -516,7 +528,8 @@ impl Enforcer {
     }
 }
 
-fn name_of(raw: &[u8]) -> String {
+/// A type name as the kernel keeps it (NUL-padded).
+pub fn name_of(raw: &[u8]) -> String {
     let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
     String::from_utf8_lossy(&raw[..end]).into_owned()
 }

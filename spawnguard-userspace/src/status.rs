@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Result};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use anyhow::Result;
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
     maps, GlobalCounters, HostLimits, HostState, InstanceState, TypeCounters, TypeLimits,
@@ -13,7 +13,7 @@ use spawnguard_common::{
 
 use crate::{
     events::{reason_name, Names},
-    loader::{open_pinned, pin_dir, DaemonState},
+    loader::{name_of, open_installed, DaemonState},
 };
 
 /// Denials per reason (the budget that refused).
@@ -120,17 +120,6 @@ pub struct Status {
     pub failed_open: u64,
 }
 
-fn open(name: &str) -> Result<Map> {
-    let dir = pin_dir();
-    if !dir.exists() {
-        bail!(
-            "no spawnguard enforcer is installed ({} is missing): start one with `spawnguard run`",
-            dir.display()
-        );
-    }
-    open_pinned(&dir, name)
-}
-
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -146,16 +135,17 @@ fn pid_alive(pid: u32) -> bool {
 }
 
 pub fn read() -> Result<Status> {
-    let budgets: Array<MapData, TypeLimits> = Array::try_from(open(maps::TYPE_POLICY)?)?;
-    let type_state: Array<MapData, TypeState> = Array::try_from(open(maps::TYPE_STATE)?)?;
-    let host_limits: Array<MapData, HostLimits> = Array::try_from(open(maps::HOST_LIMITS)?)?;
-    let host_state: Array<MapData, HostState> = Array::try_from(open(maps::HOST_STATE)?)?;
+    let budgets: Array<MapData, TypeLimits> = Array::try_from(open_installed(maps::TYPE_POLICY)?)?;
+    let type_state: Array<MapData, TypeState> = Array::try_from(open_installed(maps::TYPE_STATE)?)?;
+    let host_limits: Array<MapData, HostLimits> =
+        Array::try_from(open_installed(maps::HOST_LIMITS)?)?;
+    let host_state: Array<MapData, HostState> = Array::try_from(open_installed(maps::HOST_STATE)?)?;
     let instances: HashMap<MapData, u64, InstanceState> =
-        HashMap::try_from(open(maps::INSTANCES)?)?;
+        HashMap::try_from(open_installed(maps::INSTANCES)?)?;
     let counters: PerCpuArray<MapData, TypeCounters> =
-        PerCpuArray::try_from(open(maps::TYPE_COUNTERS)?)?;
+        PerCpuArray::try_from(open_installed(maps::TYPE_COUNTERS)?)?;
     let global: PerCpuArray<MapData, GlobalCounters> =
-        PerCpuArray::try_from(open(maps::GLOBAL_COUNTERS)?)?;
+        PerCpuArray::try_from(open_installed(maps::GLOBAL_COUNTERS)?)?;
     let daemon = DaemonState::read();
     let mut names = Names::new(daemon.as_ref().map(|d| d.types.clone()).unwrap_or_default());
 
@@ -165,10 +155,9 @@ pub fn read() -> Result<Status> {
         if b.active == 0 {
             continue;
         }
-        let end = b.name.iter().position(|&c| c == 0).unwrap_or(b.name.len());
         let live = type_state.get(&index, 0)?;
         let mut t = TypeStatus {
-            name: String::from_utf8_lossy(&b.name[..end]).into_owned(),
+            name: name_of(&b.name),
             mode: if b.mode == MODE_ENFORCE {
                 "enforce"
             } else {

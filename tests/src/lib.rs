@@ -431,6 +431,13 @@ pub fn test_type(name: &str) -> (String, CgroupTree) {
     (rel, tree)
 }
 
+/// Writes a policy file for a CLI call (`sg-NAME-PID.toml` in the temp directory).
+pub fn write_policy(name: &str, text: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("sg-{name}-{}.toml", std::process::id()));
+    fs::write(&p, text).unwrap();
+    p
+}
+
 /// A policy with one enforced type.
 pub fn policy(name: &str, path: &str, extra: &str) -> String {
     format!("[[type]]\nname = \"{name}\"\npath = \"{path}\"\n{extra}\n")

@@ -10,12 +10,6 @@ use std::{
 
 use spawnguard_tests::*;
 
-fn write(name: &str, text: &str) -> std::path::PathBuf {
-    let p = std::env::temp_dir().join(format!("sg-{name}-{}.toml", std::process::id()));
-    fs::write(&p, text).unwrap();
-    p
-}
-
 #[test]
 fn live_policy_apply_changes_the_limit_a_running_bomb_sees() {
     if !privileged() {
@@ -31,7 +25,7 @@ fn live_policy_apply_changes_the_limit_a_running_bomb_sees() {
     assert!((19..=20).contains(&first), "before: {first}");
 
     // Raised while the bomb runs: it grows to the new limit, no further.
-    let raised = write("apply-raise", &policy("ap", &rel, "max_tasks = 35"));
+    let raised = write_policy("apply-raise", &policy("ap", &rel, "max_tasks = 35"));
     let out = cli(&["policy", "apply", raised.to_str().unwrap()]);
     assert!(
         out.status.success(),
@@ -43,7 +37,7 @@ fn live_policy_apply_changes_the_limit_a_running_bomb_sees() {
     assert!((34..=35).contains(&grown), "after raising to 35: {grown}");
 
     // Lowered below usage: new tasks are denied, existing ones are never killed.
-    let lowered = write("apply-lower", &policy("ap", &rel, "max_tasks = 10"));
+    let lowered = write_policy("apply-lower", &policy("ap", &rel, "max_tasks = 10"));
     assert!(cli(&["policy", "apply", lowered.to_str().unwrap()])
         .status
         .success());
@@ -52,7 +46,7 @@ fn live_policy_apply_changes_the_limit_a_running_bomb_sees() {
     assert!(kept >= 34, "lowering the limit killed tasks: {kept} left");
 
     // An invalid file changes nothing.
-    let bad = write(
+    let bad = write_policy(
         "apply-bad",
         &format!("{}\nmax_tasks = -1\n", policy("ap", &rel, "")),
     );

@@ -294,7 +294,7 @@ fn no_pin_daemon_detaches_cleanly_on_sigterm() {
     // Nothing enforces any more: 10 processes in a 4-task instance all run.
     let out = Command::new(spawnguard_bin())
         .args(["exec", "--type", "dt", "--instance", "i1", "--policy"])
-        .arg(write_policy(&policy("dt", &rel, "max_tasks = 4")))
+        .arg(write_policy("detach", &policy("dt", &rel, "max_tasks = 4")))
         .arg("--")
         .arg(bomb_bin())
         .args(["fork", "500", "9", "300"])
@@ -302,12 +302,6 @@ fn no_pin_daemon_detaches_cleanly_on_sigterm() {
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     assert_eq!(report_value(&report, "failed"), 0, "{report}");
-}
-
-fn write_policy(text: &str) -> std::path::PathBuf {
-    let p = std::env::temp_dir().join(format!("sg-policy-{}.toml", std::process::id()));
-    fs::write(&p, text).unwrap();
-    p
 }
 
 #[test]

@@ -134,8 +134,7 @@ fn only_uninstall_removes_the_enforcer() {
     uninstall();
     assert!(!std::path::Path::new("/sys/fs/bpf/spawnguard").exists());
     // The type is unknown without a daemon: exec takes it from the policy file.
-    let file = std::env::temp_dir().join(format!("sg-uninstall-{}.toml", std::process::id()));
-    fs::write(&file, policy("un", &rel, "max_tasks = 5")).unwrap();
+    let file = write_policy("uninstall", &policy("un", &rel, "max_tasks = 5"));
     let out = Command::new(spawnguard_bin())
         .args(["exec", "--type", "un", "--instance", "i2", "--policy"])
         .arg(&file)
@@ -166,11 +165,7 @@ fn a_daemon_refuses_pinned_state_of_another_layout() {
     let (rel, _tree) = test_type("layout");
     let out = Command::new(spawnguard_bin())
         .args(["run", "--policy"])
-        .arg({
-            let f = std::env::temp_dir().join(format!("sg-layout-{}.toml", std::process::id()));
-            fs::write(&f, policy("ly", &rel, "max_tasks = 5")).unwrap();
-            f
-        })
+        .arg(write_policy("layout", &policy("ly", &rel, "max_tasks = 5")))
         .output()
         .unwrap();
     assert!(!out.status.success());
