@@ -50,7 +50,7 @@ pub mod maps {
 /// Version of the layout of every map shared with a running (pinned) enforcer. A daemon adopts
 /// pinned state only of its own layout version; bump it whenever a map's key or value type, or
 /// a map's meaning, changes (the size snapshot test below catches most changes).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Element 0 of `META`: what is pinned, for the daemon that adopts it. Not read by the kernel.
 #[repr(C)]
@@ -138,6 +138,9 @@ pub struct KernelOffsets {
     pub task_flags: u32,
     /// `cgroup.root`: which hierarchy a cgroup belongs to (v1 hierarchies are ignored).
     pub cgroup_root: u32,
+    /// `task_struct.real_parent` and `task_struct.comm`: the parent's name in events.
+    pub task_real_parent: u32,
+    pub task_comm: u32,
 }
 
 /// Value of `TYPE_DIRS` (key: cgroup id of a type's directory).
@@ -301,6 +304,9 @@ pub const REASON_MAX_AGE: u32 = 6;
 pub const REASON_BREAKER_OPEN: u32 = 7;
 pub const REASONS: usize = 8;
 
+/// Breaker states: closed, open, half-open (the `BREAKER_*` values of spawnguard-ebpf).
+pub const BREAKER_STATES: usize = 3;
+
 /// Per-CPU counters per type; element `type_idx` of `TYPE_COUNTERS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -315,6 +321,8 @@ pub struct TypeCounters {
     pub warnings: u64,
     /// Instances admitted (took a `max_instances` slot).
     pub instances_admitted: u64,
+    /// Breaker transitions, by the state entered (closed, open, half-open).
+    pub breaker_entered: [u64; BREAKER_STATES],
 }
 
 /// Per-CPU counters for the whole host; element 0 of `GLOBAL_COUNTERS`.
@@ -344,6 +352,9 @@ pub const EVENT_MAX_AGE: u32 = 5;
 /// A breaker changed state: `reason` is the cause (`Cause` of spawnguard-ebpf), `usage` is
 /// `from << 8 | to`, `limit` the new deadline in ms (next retry when opened).
 pub const EVENT_BREAKER: u32 = 6;
+/// A new instance was admitted (its first task counted; it holds a `max_instances` slot).
+/// `usage`/`limit` are the type's admitted instances and its ceiling.
+pub const EVENT_ADMITTED: u32 = 7;
 
 pub const CAUSE_FORK: u32 = 1;
 pub const CAUSE_THREAD: u32 = 2;
@@ -380,6 +391,8 @@ pub struct Event {
     pub target_pid: u32,
     pub backend: u32,
     pub comm: [u8; TASK_COMM_LEN],
+    /// The asking task's parent's name (who launched the spawner).
+    pub parent_comm: [u8; TASK_COMM_LEN],
 }
 
 #[cfg(feature = "user")]
@@ -423,8 +436,8 @@ mod tests {
 
     /// A change here changes what a pinned enforcer holds: bump `LAYOUT_VERSION` with it.
     #[test]
-    fn map_layouts_are_those_of_layout_version_1() {
-        assert_eq!(LAYOUT_VERSION, 1);
+    fn map_layouts_are_those_of_layout_version_2() {
+        assert_eq!(LAYOUT_VERSION, 2);
         let sizes = [
             size_of::<KernelOffsets>(),
             size_of::<TypeDir>(),
@@ -444,7 +457,7 @@ mod tests {
         ];
         assert_eq!(
             sizes,
-            [52, 8, 20, 136, 16, 24, 8, 56, 16, 176, 72, 80, 16, 184, 192]
+            [60, 8, 20, 136, 16, 24, 8, 56, 16, 200, 72, 96, 16, 184, 192]
         );
     }
 }

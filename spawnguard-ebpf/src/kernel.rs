@@ -19,6 +19,8 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     signal_live: 0,
     task_flags: 0,
     cgroup_root: 0,
+    task_real_parent: 0,
+    task_comm: 0,
 };
 
 #[inline(always)]
@@ -63,6 +65,15 @@ pub fn task_live_threads(task: Task) -> Result<u32, i32> {
     let o = offsets();
     let signal = read::<*const u8>(task, o.task_signal)?;
     read::<u32>(signal, o.signal_live)
+}
+
+/// The name of the task's parent (`task->real_parent->comm`); empty when unreadable.
+#[inline(always)]
+pub fn parent_comm(task: Task) -> [u8; spawnguard_common::TASK_COMM_LEN] {
+    let o = offsets();
+    read::<*const u8>(task, o.task_real_parent)
+        .and_then(|parent| read::<[u8; spawnguard_common::TASK_COMM_LEN]>(parent, o.task_comm))
+        .unwrap_or_default()
 }
 
 const PF_IO_WORKER: u32 = 0x10;

@@ -5,17 +5,19 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
+    },
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use spawnguard_common::{
     Event, GlobalCounters, HostLimits, HostState, InstanceState, ProcessRecord, TypeCounters,
     TypeDir, TypeLevels, TypeLimits, TypeState, BACKEND_KILL, CAUSE_MIGRATION, EVENTS_BYTES,
-    EVENT_AUDIT_DENIED, EVENT_BREAKER, EVENT_DENIED, EVENT_FAIL_OPEN, EVENT_WARN, MAX_DOOMED,
-    MAX_INSTANCES, MAX_PROCESSES, MAX_TYPES, MAX_TYPE_LEVELS, MODE_ENFORCE, REASON_FORK_RATE,
-    REASON_HOST_TASKS, REASON_MAX_AGE, REASON_MAX_INSTANCES, REASON_MAX_TASKS, REASON_MAX_THREADS,
-    REASON_TYPE_TASKS,
+    EVENT_ADMITTED, EVENT_AUDIT_DENIED, EVENT_BREAKER, EVENT_DENIED, EVENT_FAIL_OPEN, EVENT_WARN,
+    MAX_DOOMED, MAX_INSTANCES, MAX_PROCESSES, MAX_TYPES, MAX_TYPE_LEVELS, MODE_ENFORCE,
+    REASON_FORK_RATE, REASON_HOST_TASKS, REASON_MAX_AGE, REASON_MAX_INSTANCES, REASON_MAX_TASKS,
+    REASON_MAX_THREADS, REASON_TYPE_TASKS,
 };
 use spawnguard_ebpf::{
     admit, breaker_abandon_probe, breaker_denial, breaker_gate, breaker_instance_ended,
@@ -270,6 +272,13 @@ pub fn record(adm: &Admission, b: &Budget, c: &Counters<'_>, r: &Report) {
         if let Some(tc) = type_counters(r.type_idx) {
             tc.instances_admitted += 1;
         }
+        emit(
+            EVENT_ADMITTED,
+            0,
+            r,
+            c.type_instances.load(),
+            b.max_instances,
+        );
     }
     if adm.warnings != 0 {
         for (bit, reason) in [
@@ -358,6 +367,11 @@ fn transition(br: &TypeBreaker<'_>, t: Transition, r: &Report, now_ms: u64) {
     unsafe {
         if t.to == BREAKER_OPEN {
             (*br.state).trips += 1;
+        }
+        if let Some(tc) = type_counters(r.type_idx) {
+            if let Some(n) = tc.breaker_entered.get_mut(t.to as usize) {
+                *n += 1;
+            }
         }
         (*br.state).last_cause = t.cause as u64;
         (*br.state).last_change_ms = now_ms;
@@ -513,7 +527,9 @@ pub fn fail_open(reason: u32, r: &Report) {
     emit(EVENT_FAIL_OPEN, reason, r, 0, 0);
 }
 
-#[inline(always)]
+/// Not inlined: one copy of the ring-buffer write as a BPF subprogram, not one per call site
+/// (the programs are close to the verifier's complexity limit).
+#[inline(never)]
 fn emit(kind: u32, reason: u32, r: &Report, usage: u64, limit: u64) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         if let Some(g) = global_counters() {
@@ -536,6 +552,9 @@ fn emit(kind: u32, reason: u32, r: &Report, usage: u64, limit: u64) {
         target_pid: r.target_pid,
         backend: backend(),
         comm: bpf_get_current_comm().unwrap_or_default(),
+        // SAFETY: bpf_get_current_task returns the running task; it is only read through
+        // bpf_probe_read_kernel.
+        parent_comm: crate::kernel::parent_comm(unsafe { bpf_get_current_task() } as *const u8),
     });
     entry.submit(0);
 }

@@ -200,6 +200,8 @@ impl Btf {
             signal_live: self.member_offset("signal_struct", "live")?,
             task_flags: self.member_offset("task_struct", "flags")?,
             cgroup_root: self.member_offset("cgroup", "root")?,
+            task_real_parent: self.member_offset("task_struct", "real_parent")?,
+            task_comm: self.member_offset("task_struct", "comm")?,
         })
     }
 }

@@ -165,6 +165,30 @@ pub fn kill(dir: &Path) -> Result<(), CgroupError> {
     write_control(dir, "cgroup.kill", "kernel >= 5.14")
 }
 
+/// Kills every task of a cgroup subtree and removes its directories (waiting up to 2 s for
+/// the tasks to be gone: rmdir needs an empty cgroup).
+pub fn kill_and_remove(dir: &Path) -> Result<(), CgroupError> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let _ = kill(dir);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut cgroups = subtree(dir);
+    // Deepest first.
+    cgroups.reverse();
+    for c in cgroups {
+        loop {
+            match std::fs::remove_dir(&c) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) if std::time::Instant::now() > deadline => return Err(io(&c)(e)),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+    }
+    Ok(())
+}
+
 fn write_control(dir: &Path, file: &'static str, needs: &'static str) -> Result<(), CgroupError> {
     let path = dir.join(file);
     if !path.exists() {

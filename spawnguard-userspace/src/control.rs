@@ -12,8 +12,10 @@ use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
-    sync::{mpsc, oneshot},
+    sync::{broadcast, mpsc, oneshot},
 };
+
+use crate::events::{EventRecord, Subscription};
 
 pub const SOCKET: &str = "/run/spawnguard/control.sock";
 
@@ -41,6 +43,12 @@ pub enum Request {
     BreakerReportFailure {
         type_name: String,
         reason: Option<String>,
+    },
+    /// The recent kernel events, then (with `follow`) every new one until the client hangs up.
+    /// Answered with a `Reply` line, then one `EventRecord` JSON line per event.
+    Events {
+        follow: bool,
+        type_name: Option<String>,
     },
 }
 
@@ -73,6 +81,9 @@ impl Reply {
 /// A request on its way to the task that owns the policy, with where to send the answer.
 pub type Job = (Request, oneshot::Sender<Reply>);
 
+/// A request for the event stream, on its way to the task that owns the ring buffer.
+pub type Subscribe = oneshot::Sender<Subscription>;
+
 /// Creates the socket, root-only from the start (bound under a 0077 umask, then chmod 0600).
 pub fn bind() -> Result<UnixListener> {
     let _ = std::fs::remove_file(SOCKET);
@@ -87,20 +98,29 @@ pub fn bind() -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves the socket until the daemon stops: every request goes to `owner`.
-pub async fn serve(listener: UnixListener, owner: mpsc::Sender<Job>) -> Result<()> {
+/// Serves the socket until the daemon stops: event requests go to `events`, every other
+/// request to `owner`.
+pub async fn serve(
+    listener: UnixListener,
+    owner: mpsc::Sender<Job>,
+    events: mpsc::Sender<Subscribe>,
+) -> Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
-        let owner = owner.clone();
+        let (owner, events) = (owner.clone(), events.clone());
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, owner).await {
+            if let Err(e) = handle(stream, owner, events).await {
                 tracing::debug!("control connection: {e:#}");
             }
         });
     }
 }
 
-async fn handle(mut stream: UnixStream, owner: mpsc::Sender<Job>) -> Result<()> {
+async fn handle(
+    mut stream: UnixStream,
+    owner: mpsc::Sender<Job>,
+    events: mpsc::Sender<Subscribe>,
+) -> Result<()> {
     let uid = stream.peer_cred()?.uid();
     // Read the request in every case: closing with unread data would reset the connection and
     // hide the answer from the client.
@@ -115,6 +135,9 @@ async fn handle(mut stream: UnixStream, owner: mpsc::Sender<Job>) -> Result<()> 
     } else {
         match serde_json::from_str::<Request>(&line) {
             Err(e) => Reply::from(Err(anyhow!("malformed request: {e}"))),
+            Ok(Request::Events { follow, type_name }) => {
+                return stream_events(stream, events, follow, type_name).await;
+            }
             Ok(request) => {
                 let (tx, rx) = oneshot::channel();
                 owner
@@ -131,6 +154,79 @@ async fn handle(mut stream: UnixStream, owner: mpsc::Sender<Job>) -> Result<()> 
     Ok(())
 }
 
+async fn write_line(stream: &mut UnixStream, v: &impl Serialize) -> Result<()> {
+    let mut bytes = serde_json::to_vec(v)?;
+    bytes.push(b'\n');
+    stream.write_all(&bytes).await?;
+    Ok(())
+}
+
+/// Writes the recent events, then (following) the live ones until the client hangs up.
+async fn stream_events(
+    mut stream: UnixStream,
+    events: mpsc::Sender<Subscribe>,
+    follow: bool,
+    type_name: Option<String>,
+) -> Result<()> {
+    let (tx, rx) = oneshot::channel();
+    events
+        .send(tx)
+        .await
+        .map_err(|_| anyhow!("the daemon is stopping"))?;
+    let (history, mut live) = rx.await?;
+    write_line(&mut stream, &Reply::from(Ok(Value::Null))).await?;
+    let wanted =
+        |r: &EventRecord| type_name.is_none() || r.type_name.as_deref() == type_name.as_deref();
+    for r in history.iter().filter(|r| wanted(r)) {
+        write_line(&mut stream, r.as_ref()).await?;
+    }
+    if !follow {
+        return Ok(());
+    }
+    loop {
+        match live.recv().await {
+            Ok(r) if wanted(&r) => write_line(&mut stream, r.as_ref()).await?,
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                write_line(&mut stream, &EventRecord::lagged(n)).await?;
+            }
+            Err(broadcast::error::RecvError::Closed) => return Ok(()),
+        }
+    }
+}
+
+/// Streams events from the daemon to `each` (one record at a time) until the stream ends.
+pub fn follow_events(
+    follow: bool,
+    type_name: Option<String>,
+    mut each: impl FnMut(EventRecord) -> Result<()>,
+) -> Result<(), Unreachable> {
+    use std::io::BufRead;
+    let stream = connect()?;
+    let exchange = || -> Result<()> {
+        let mut bytes = serde_json::to_vec(&Request::Events { follow, type_name })?;
+        bytes.push(b'\n');
+        (&stream).write_all(&bytes)?;
+        let mut lines = std::io::BufReader::new(&stream).lines();
+        let first = lines
+            .next()
+            .ok_or_else(|| anyhow!("the daemon hung up"))??;
+        let reply: Reply =
+            serde_json::from_str(&first).with_context(|| format!("malformed reply {first:?}"))?;
+        if !reply.ok {
+            bail!("{}", reply.error.unwrap_or_default());
+        }
+        for line in lines {
+            let line = line?;
+            each(
+                serde_json::from_str(&line).with_context(|| format!("malformed event {line:?}"))?,
+            )?;
+        }
+        Ok(())
+    };
+    exchange().map_err(Unreachable::Other)
+}
+
 /// Why the CLI could not reach the daemon.
 #[derive(Debug)]
 pub enum Unreachable {
@@ -138,25 +234,29 @@ pub enum Unreachable {
     Other(anyhow::Error),
 }
 
-/// Sends one request from the CLI and returns the daemon's result.
-pub fn call(request: &Request) -> Result<Result<Value>, Unreachable> {
-    let mut stream = match StdUnixStream::connect(SOCKET) {
-        Ok(s) => s,
+fn connect() -> Result<StdUnixStream, Unreachable> {
+    match StdUnixStream::connect(SOCKET) {
+        Ok(s) => Ok(s),
         Err(e)
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
-            return Err(Unreachable::NotRunning);
+            Err(Unreachable::NotRunning)
         }
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            return Err(Unreachable::Other(anyhow!(
+            Err(Unreachable::Other(anyhow!(
                 "permission denied on {SOCKET}: the control socket is for root only (try sudo)"
-            )));
+            )))
         }
-        Err(e) => return Err(Unreachable::Other(anyhow!("connecting to {SOCKET}: {e}"))),
-    };
+        Err(e) => Err(Unreachable::Other(anyhow!("connecting to {SOCKET}: {e}"))),
+    }
+}
+
+/// Sends one request from the CLI and returns the daemon's result.
+pub fn call(request: &Request) -> Result<Result<Value>, Unreachable> {
+    let mut stream = connect()?;
     let mut exchange = || -> Result<Reply> {
         let mut bytes = serde_json::to_vec(request)?;
         bytes.push(b'\n');

@@ -22,6 +22,7 @@ use crate::{
     control::{self, Job, Reply, Request},
     events,
     loader::{self, BackendChoice, DaemonState, Enforcer, PlacedType, RUN_DIR, STATE_FILE},
+    metrics,
     policy::{OnMaxAge, Policy},
     status,
 };
@@ -88,6 +89,8 @@ pub struct Options {
     pub policy_file: Option<PathBuf>,
     pub backend: BackendChoice,
     pub no_pin: bool,
+    pub metrics_listen: metrics::Listen,
+    pub metrics_instances: metrics::InstanceSeries,
 }
 
 pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
@@ -118,6 +121,10 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
     }
     log_types(&types);
     let listener = control::bind()?;
+    let metrics_listener = match opts.metrics_listen {
+        metrics::Listen::At(addr) => Some((addr, metrics::bind(addr).await?)),
+        metrics::Listen::Off => None,
+    };
     write_state(&enforcer, &cg, &types)?;
 
     let (names_tx, names_rx) = watch::channel(types.clone());
@@ -128,8 +135,22 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
         text,
         types,
     };
-    let mut events_task = tokio::spawn(events::log_events(ring, names_rx.clone()));
-    let control_task = tokio::spawn(control::serve(listener, jobs_tx));
+    let (subscribe_tx, subscribe_rx) = mpsc::channel(16);
+    let mut events_task = tokio::spawn(events::run(ring, names_rx.clone(), subscribe_rx));
+    let control_task = tokio::spawn(control::serve(listener, jobs_tx, subscribe_tx));
+    let metrics_task = metrics_listener.map(|(addr, listener)| {
+        tracing::info!("metrics at http://{addr}/metrics");
+        let info = metrics::BuildInfo {
+            backend: enforcer.backend.name().to_owned(),
+            kernel: metrics::kernel_release(),
+        };
+        tokio::spawn(metrics::serve(
+            listener,
+            info,
+            opts.metrics_instances,
+            names_rx.clone(),
+        ))
+    });
     let max_age_task = tokio::spawn(watch_max_age(names_rx));
     let mut jobs = jobs_rx;
     loop {
@@ -143,7 +164,10 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
             _ = int.recv() => { tracing::info!("SIGINT"); break; }
             r = &mut events_task => { r??; break; }
         }
-        if control_task.is_finished() || max_age_task.is_finished() {
+        if control_task.is_finished()
+            || max_age_task.is_finished()
+            || metrics_task.as_ref().is_some_and(|t| t.is_finished())
+        {
             bail!("a daemon task ended unexpectedly");
         }
     }
@@ -202,6 +226,7 @@ fn serve(
         Request::BreakerOpen { .. }
         | Request::BreakerClose { .. }
         | Request::BreakerReportFailure { .. } => breaker_request(&request),
+        Request::Events { .. } => bail!("events are served by the event task"),
         Request::PolicyApply { file, text } => {
             let policy = Policy::parse(&text, &file)?;
             let d = apply(enforcer, cg, in_force, names, policy, text)?;

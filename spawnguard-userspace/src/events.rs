@@ -1,45 +1,84 @@
-//! The kernel's event stream: read from the ring buffer, described in one readable line each.
+//! The kernel's event stream: read from the ring buffer, described in one readable line each,
+//! logged (rate-limited), kept for `spawnguard events` and streamed to its followers.
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{
+    collections::{HashMap, VecDeque},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{Array, MapData, RingBuf};
+use serde::{Deserialize, Serialize};
 use spawnguard_common::{
-    Event, BACKEND_KILL, CAUSE_MIGRATION, CAUSE_THREAD, EVENT_AUDIT_DENIED, EVENT_DENIED,
-    EVENT_FAIL_OPEN, EVENT_MAX_AGE, EVENT_WARN, FAIL_CONTENDED, FAIL_DOOMED_FULL,
-    FAIL_INSTANCES_FULL, FAIL_PROCESSES_FULL, REASON_FORK_RATE, REASON_HOST_TASKS, REASON_MAX_AGE,
-    REASON_MAX_INSTANCES, REASON_MAX_TASKS, REASON_MAX_THREADS, REASON_TYPE_TASKS,
+    maps, Event, BACKEND_KILL, CAUSE_EXIT, CAUSE_FORK, CAUSE_MIGRATION, CAUSE_THREAD,
+    EVENT_ADMITTED, EVENT_AUDIT_DENIED, EVENT_BREAKER, EVENT_DENIED, EVENT_FAIL_OPEN,
+    EVENT_MAX_AGE, EVENT_WARN, FAIL_CONTENDED, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL,
+    FAIL_PROCESSES_FULL, REASON_FORK_RATE, REASON_HOST_TASKS, REASON_MAX_AGE, REASON_MAX_INSTANCES,
+    REASON_MAX_TASKS, REASON_MAX_THREADS, REASON_TYPE_TASKS,
 };
 use tokio::io::unix::AsyncFd;
+use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::{cgroupfs, loader::PlacedType};
+use crate::{
+    cgroupfs,
+    loader::{name_of, open_installed, DaemonState, PlacedType},
+};
 
 /// Names for the ids in events: type index to name, instance cgroup id to path.
 pub struct Names {
-    types: Vec<PlacedType>,
+    /// (type index, name, type directory)
+    types: Vec<(u32, String, PathBuf)>,
     instances: HashMap<u64, PathBuf>,
+    /// When the type directories were last listed: a miss lists them again at most once a
+    /// second (ids of removed or foreign cgroups would otherwise cost a listing each).
+    listed: Option<std::time::Instant>,
 }
 
 impl Names {
     pub fn new(types: Vec<PlacedType>) -> Self {
         Self {
-            types,
+            types: types
+                .into_iter()
+                .map(|t| (t.index, t.name, t.dir))
+                .collect(),
             instances: HashMap::new(),
+            listed: None,
         }
+    }
+
+    /// Names from the pinned maps, for when no daemon runs: type names from the kernel's
+    /// policy; instance paths only if a daemon's state file says where its types live.
+    pub fn from_maps() -> Result<Self> {
+        let mut names = Self::new(DaemonState::read().map(|d| d.types).unwrap_or_default());
+        let limits: Array<MapData, spawnguard_common::TypeLimits> =
+            Array::try_from(open_installed(maps::TYPE_POLICY)?)?;
+        for index in 0..spawnguard_common::MAX_TYPES {
+            let l = limits.get(&index, 0)?;
+            if l.active != 0 && !names.types.iter().any(|t| t.0 == index) {
+                names.types.push((index, name_of(&l.name), PathBuf::new()));
+            }
+        }
+        Ok(names)
     }
 
     pub fn type_name(&self, index: u32) -> &str {
         self.types
             .iter()
-            .find(|t| t.index == index)
-            .map_or("?", |t| t.name.as_str())
+            .find(|t| t.0 == index)
+            .map_or("?", |t| t.1.as_str())
     }
 
     /// The instance's directory (relative to its type's parent), looked up on first sight.
     pub fn instance(&mut self, id: u64) -> String {
-        if !self.instances.contains_key(&id) {
+        let stale = self
+            .listed
+            .is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(1));
+        if !self.instances.contains_key(&id) && stale {
+            self.listed = Some(std::time::Instant::now());
             for t in &self.types {
-                for dir in cgroupfs::children(&t.dir) {
+                for dir in cgroupfs::children(&t.2) {
                     if let Ok(child) = cgroupfs::cgroup_id(&dir) {
                         self.instances.insert(child, dir);
                     }
@@ -67,13 +106,13 @@ pub fn reason_name(reason: u32) -> &'static str {
     }
 }
 
+fn text(raw: &[u8]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
 fn comm(ev: &Event) -> String {
-    let end = ev
-        .comm
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(ev.comm.len());
-    String::from_utf8_lossy(&ev.comm[..end]).into_owned()
+    text(&ev.comm)
 }
 
 /// One line per event, for the daemon's log.
@@ -162,6 +201,17 @@ pub fn describe(ev: &Event, names: &mut Names) -> String {
             ev.usage,
             ev.limit
         ),
+        EVENT_ADMITTED => format!(
+            "admitted instance {instance} (type {type_name}): {} instances{}; pid {} ({})",
+            ev.usage,
+            if ev.limit == spawnguard_common::NO_LIMIT {
+                String::new()
+            } else {
+                format!(" of {}", ev.limit)
+            },
+            ev.pid,
+            comm(ev)
+        ),
         k => format!("unknown event kind {k}"),
     }
 }
@@ -173,34 +223,460 @@ pub fn parse(bytes: &[u8]) -> Option<Event> {
     })
 }
 
-/// Logs every event until the ring buffer goes away. Owns the ring buffer; `types` follows the
-/// policy in force.
-pub async fn log_events(
+/// Version of the JSON lines of `spawnguard events --output json`. Fields are only ever added
+/// within a version; a rename or a change of meaning bumps it.
+pub const EVENT_SCHEMA: u32 = 1;
+
+/// One kernel event as `spawnguard events --output json` prints it (one JSON object a line).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EventRecord {
+    /// Always `EVENT_SCHEMA`.
+    pub schema: u32,
+    /// Wall-clock time of the kernel's decision (RFC 3339, UTC, milliseconds).
+    pub time: String,
+    /// denied, audit_denied, admitted, warn, breaker, max_age, fail_open; and `lagged` (a
+    /// follower too slow for the stream: `usage` events were skipped for it).
+    pub kind: String,
+    /// The agent type (absent when the task was not placed in a type).
+    #[serde(rename = "type")]
+    pub type_name: Option<String>,
+    /// The instance cgroup's path, and its id (cgroup inode).
+    pub instance: Option<String>,
+    pub instance_id: u64,
+    /// What the kernel saw: fork (new process), thread, migration, exit.
+    pub cause: String,
+    /// denied/audit_denied/warn: the budget (max_tasks, fork_rate, ...); fail_open: why;
+    /// breaker: what caused the transition.
+    pub reason: Option<String>,
+    /// Usage and limit of that budget at the moment of the decision (denied, warn, admitted).
+    pub usage: Option<u64>,
+    pub limit: Option<u64>,
+    /// The task that asked (the forking task, or the process moved in), its name and its
+    /// parent's name.
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: String,
+    pub parent_comm: String,
+    /// The task that was stopped or admitted (the new child, or the process moved in).
+    pub target_pid: Option<u32>,
+    /// The backend in force: kill or kill-compat.
+    pub backend: String,
+    /// breaker: the transition.
+    pub breaker: Option<BreakerChange>,
+    /// The same event as one readable line.
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BreakerChange {
+    pub from: String,
+    pub to: String,
+    /// When an opened breaker lets its next probe through (RFC 3339).
+    pub retry_at: Option<String>,
+}
+
+fn kind_name(kind: u32) -> &'static str {
+    match kind {
+        EVENT_DENIED => "denied",
+        EVENT_AUDIT_DENIED => "audit_denied",
+        EVENT_FAIL_OPEN => "fail_open",
+        EVENT_WARN => "warn",
+        EVENT_MAX_AGE => "max_age",
+        EVENT_BREAKER => "breaker",
+        EVENT_ADMITTED => "admitted",
+        _ => "unknown",
+    }
+}
+
+fn fail_name(reason: u32) -> &'static str {
+    match reason {
+        FAIL_INSTANCES_FULL => "instances_full",
+        FAIL_PROCESSES_FULL => "processes_full",
+        FAIL_DOOMED_FULL => "doomed_full",
+        FAIL_CONTENDED => "contended",
+        spawnguard_common::FAIL_KILL => "kill_failed",
+        _ => "read_error",
+    }
+}
+
+/// Wall-clock time of a kernel timestamp (CLOCK_MONOTONIC nanoseconds).
+fn wall_time(monotonic_ns: u64) -> std::time::SystemTime {
+    let ago = crate::status::monotonic_ns().saturating_sub(monotonic_ns);
+    std::time::SystemTime::now() - Duration::from_nanos(ago)
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+impl EventRecord {
+    pub fn from_event(ev: &Event, names: &mut Names) -> Self {
+        let placed = ev.instance != 0;
+        let message = describe(ev, names);
+        let mut r = Self {
+            schema: EVENT_SCHEMA,
+            time: rfc3339(wall_time(ev.ts_ns)),
+            kind: kind_name(ev.kind).to_owned(),
+            type_name: placed.then(|| names.type_name(ev.type_idx).to_owned()),
+            instance: placed.then(|| names.instance(ev.instance)),
+            instance_id: ev.instance,
+            cause: match ev.cause {
+                CAUSE_FORK => "fork",
+                CAUSE_THREAD => "thread",
+                CAUSE_MIGRATION => "migration",
+                CAUSE_EXIT => "exit",
+                _ => "unknown",
+            }
+            .to_owned(),
+            reason: None,
+            usage: None,
+            limit: None,
+            pid: ev.pid,
+            tgid: ev.tgid,
+            comm: comm(ev),
+            parent_comm: text(&ev.parent_comm),
+            target_pid: (ev.target_pid != 0).then_some(ev.target_pid),
+            backend: if ev.backend == BACKEND_KILL {
+                "kill"
+            } else {
+                "kill-compat"
+            }
+            .to_owned(),
+            breaker: None,
+            message,
+        };
+        let limit = |v: u64| (v != spawnguard_common::NO_LIMIT).then_some(v);
+        match ev.kind {
+            EVENT_DENIED | EVENT_AUDIT_DENIED | EVENT_WARN => {
+                r.reason = Some(reason_name(ev.reason).to_owned());
+                if !matches!(ev.reason, REASON_FORK_RATE | REASON_MAX_AGE)
+                    && ev.reason != spawnguard_common::REASON_BREAKER_OPEN
+                {
+                    r.usage = Some(ev.usage);
+                    r.limit = limit(ev.limit);
+                }
+            }
+            EVENT_ADMITTED => {
+                r.usage = Some(ev.usage);
+                r.limit = limit(ev.limit);
+            }
+            EVENT_MAX_AGE => {
+                r.reason = Some("max_age".into());
+                r.usage = Some(ev.usage);
+                r.limit = Some(ev.limit);
+            }
+            EVENT_FAIL_OPEN => r.reason = Some(fail_name(ev.reason).to_owned()),
+            EVENT_BREAKER => {
+                let (from, to) = (ev.usage >> 8, ev.usage & 0xff);
+                r.reason = Some(crate::breaker::cause_name(u64::from(ev.reason)).to_owned());
+                let retry_at = (to == spawnguard_ebpf::BREAKER_OPEN).then(|| {
+                    let now_ms = crate::status::monotonic_ns() / 1_000_000;
+                    let wait = Duration::from_millis(ev.limit.saturating_sub(now_ms));
+                    rfc3339(std::time::SystemTime::now() + wait)
+                });
+                r.breaker = Some(BreakerChange {
+                    from: crate::breaker::state_name(from).to_owned(),
+                    to: crate::breaker::state_name(to).to_owned(),
+                    retry_at,
+                });
+            }
+            _ => {}
+        }
+        r
+    }
+
+    /// A record for a follower that fell behind: `missed` events were skipped for it.
+    pub fn lagged(missed: u64) -> Self {
+        Self {
+            schema: EVENT_SCHEMA,
+            time: rfc3339(std::time::SystemTime::now()),
+            kind: "lagged".into(),
+            type_name: None,
+            instance: None,
+            instance_id: 0,
+            cause: String::new(),
+            reason: None,
+            usage: Some(missed),
+            limit: None,
+            pid: 0,
+            tgid: 0,
+            comm: String::new(),
+            parent_comm: String::new(),
+            target_pid: None,
+            backend: String::new(),
+            breaker: None,
+            message: format!("{missed} events skipped: this reader was too slow"),
+        }
+    }
+}
+
+/// Log lines per (type, kind, reason) and window before the rest are only counted.
+const LOG_BURST: u32 = 5;
+const LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// Keeps a bomb from flooding the journal: per (type, kind, reason), the first `burst` events
+/// of a window are logged, the rest counted and summed up in one line when the window ends.
+pub struct LogLimiter {
+    burst: u32,
+    window: Duration,
+    slots: HashMap<(u32, u32, u32), LogSlot>,
+}
+
+struct LogSlot {
+    start: Instant,
+    logged: u32,
+    suppressed: u64,
+    what: String,
+}
+
+impl LogLimiter {
+    pub fn new(burst: u32, window: Duration) -> Self {
+        Self {
+            burst,
+            window,
+            slots: HashMap::new(),
+        }
+    }
+
+    /// Whether to log this event; returns first the summary of the key's ended window, if any.
+    pub fn admit(
+        &mut self,
+        key: (u32, u32, u32),
+        what: impl FnOnce() -> String,
+        now: Instant,
+    ) -> (Option<String>, bool) {
+        let window = self.window;
+        let slot = self.slots.entry(key).or_insert_with(|| LogSlot {
+            start: now,
+            logged: 0,
+            suppressed: 0,
+            what: what(),
+        });
+        let mut summary = None;
+        if now.duration_since(slot.start) >= window {
+            summary = slot.summary(window);
+            slot.start = now;
+            slot.logged = 0;
+        }
+        if slot.logged < self.burst {
+            slot.logged += 1;
+            (summary, true)
+        } else {
+            slot.suppressed += 1;
+            (summary, false)
+        }
+    }
+
+    /// Summaries of windows that ended with events left unlogged (call it now and then, so a
+    /// bomb that stopped still gets its summary).
+    pub fn flush(&mut self, now: Instant) -> Vec<String> {
+        let window = self.window;
+        let mut out = Vec::new();
+        self.slots.retain(|_, slot| {
+            if now.duration_since(slot.start) < window {
+                return true;
+            }
+            out.extend(slot.summary(window));
+            false
+        });
+        out
+    }
+}
+
+impl LogSlot {
+    fn summary(&mut self, window: Duration) -> Option<String> {
+        let n = std::mem::take(&mut self.suppressed);
+        (n > 0).then(|| {
+            format!(
+                "suppressed {n} more {} in the last {}",
+                self.what,
+                humantime::format_duration(window)
+            )
+        })
+    }
+}
+
+/// Events kept for `spawnguard events` without `--follow`.
+const HISTORY: usize = 1000;
+
+/// What a new reader of the stream gets: the recent events, and the live ones from then on.
+pub type Subscription = (Vec<Arc<EventRecord>>, broadcast::Receiver<Arc<EventRecord>>);
+
+/// Owns the ring buffer until it goes away: logs every event (rate-limited), keeps the recent
+/// ones and streams them to followers. `types` follows the policy in force.
+pub async fn run(
     ring: RingBuf<MapData>,
     mut types: tokio::sync::watch::Receiver<Vec<PlacedType>>,
+    mut subscribe: mpsc::Receiver<oneshot::Sender<Subscription>>,
 ) -> Result<()> {
     let mut names = Names::new(types.borrow_and_update().clone());
+    let mut limiter = LogLimiter::new(LOG_BURST, LOG_WINDOW);
+    let mut history: VecDeque<Arc<EventRecord>> = VecDeque::with_capacity(HISTORY);
+    let (live, _) = broadcast::channel::<Arc<EventRecord>>(4096);
+    let mut tick = tokio::time::interval(LOG_WINDOW);
     // SAFETY: the ring buffer owns its map fd, which stays open and the same for as long as the
     // AsyncFd owns the ring buffer.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("watching the event ring buffer: {e}"))?;
     loop {
-        let mut guard = fd.readable_mut().await?;
-        if types.has_changed().unwrap_or(false) {
-            names = Names::new(types.borrow_and_update().clone());
-        }
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            let Some(ev) = parse(&item) else { continue };
-            let line = describe(&ev, &mut names);
-            match ev.kind {
-                EVENT_FAIL_OPEN => tracing::error!("{line}"),
-                EVENT_DENIED | EVENT_WARN | spawnguard_common::EVENT_BREAKER => {
-                    tracing::warn!("{line}")
+        tokio::select! {
+            guard = fd.readable_mut() => {
+                let mut guard = guard?;
+                if types.has_changed().unwrap_or(false) {
+                    names = Names::new(types.borrow_and_update().clone());
                 }
-                _ => tracing::info!("{line}"),
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    let Some(ev) = parse(&item) else { continue };
+                    let record = Arc::new(EventRecord::from_event(&ev, &mut names));
+                    log(&mut limiter, &ev, &record);
+                    if history.len() == HISTORY {
+                        history.pop_front();
+                    }
+                    history.push_back(record.clone());
+                    let _ = live.send(record);
+                }
+                guard.clear_ready();
+            }
+            Some(reply) = subscribe.recv() => {
+                let _ = reply.send((history.iter().cloned().collect(), live.subscribe()));
+            }
+            _ = tick.tick() => {
+                for line in limiter.flush(Instant::now()) {
+                    tracing::warn!("{line}");
+                }
             }
         }
-        guard.clear_ready();
+    }
+}
+
+/// `spawnguard events` with no daemon: reads the pinned ring buffer itself. (What it reads is
+/// gone from the ring: a daemon started later does not see it.)
+pub fn read_pinned(
+    follow: bool,
+    type_name: Option<&str>,
+    mut each: impl FnMut(EventRecord) -> Result<()>,
+) -> Result<()> {
+    let mut ring: RingBuf<MapData> = RingBuf::try_from(open_installed(maps::EVENTS)?)?;
+    let mut names = Names::from_maps()?;
+    loop {
+        while let Some(item) = ring.next() {
+            let Some(ev) = parse(&item) else { continue };
+            let r = EventRecord::from_event(&ev, &mut names);
+            if type_name.is_none() || r.type_name.as_deref() == type_name {
+                each(r)?;
+            }
+        }
+        if !follow {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn log(limiter: &mut LogLimiter, ev: &Event, record: &EventRecord) {
+    let key = (ev.type_idx, ev.kind, ev.reason);
+    let what = || {
+        format!(
+            "{} events of type {} ({})",
+            record.kind,
+            record.type_name.as_deref().unwrap_or("-"),
+            record.reason.as_deref().unwrap_or("-")
+        )
+    };
+    let (summary, now) = limiter.admit(key, what, Instant::now());
+    if let Some(line) = summary {
+        tracing::warn!("{line}");
+    }
+    if !now {
+        return;
+    }
+    let line = &record.message;
+    match ev.kind {
+        EVENT_FAIL_OPEN => tracing::error!("{line}"),
+        EVENT_DENIED | EVENT_WARN | EVENT_BREAKER => tracing::warn!("{line}"),
+        _ => tracing::info!("{line}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_is_logged_then_counted_and_summed_up_once() {
+        let mut l = LogLimiter::new(3, Duration::from_secs(10));
+        let t0 = Instant::now();
+        let key = (1, EVENT_DENIED, 0);
+        let logged: Vec<bool> = (0..100)
+            .map(|i| {
+                let (summary, log) =
+                    l.admit(key, || "denials".into(), t0 + Duration::from_millis(i));
+                assert!(summary.is_none());
+                log
+            })
+            .collect();
+        assert_eq!(logged.iter().filter(|&&x| x).count(), 3);
+        assert!(logged[..3].iter().all(|&x| x));
+        // Another key has its own budget.
+        assert!(l.admit((2, EVENT_DENIED, 0), || "other".into(), t0).1);
+        // The next window starts with the summary of the last one.
+        let (summary, log) = l.admit(key, || unreachable!(), t0 + Duration::from_secs(11));
+        assert_eq!(
+            summary.as_deref(),
+            Some("suppressed 97 more denials in the last 10s")
+        );
+        assert!(log);
+        // A quiet key's summary comes from flush, once.
+        for i in 0..10 {
+            l.admit(
+                key,
+                || unreachable!(),
+                t0 + Duration::from_secs(11) + Duration::from_millis(i),
+            );
+        }
+        let lines = l.flush(t0 + Duration::from_secs(30));
+        assert_eq!(
+            lines,
+            vec!["suppressed 7 more denials in the last 10s".to_owned()]
+        );
+        assert!(l.flush(t0 + Duration::from_secs(60)).is_empty());
+    }
+
+    #[test]
+    fn a_denial_becomes_a_versioned_json_line_with_usage_and_limit() {
+        let mut comm = [0u8; 16];
+        comm[..7].copy_from_slice(b"sg-bomb");
+        let mut parent = [0u8; 16];
+        parent[..4].copy_from_slice(b"bash");
+        let ev = Event {
+            ts_ns: crate::status::monotonic_ns(),
+            instance: 42,
+            usage: 40,
+            limit: 40,
+            kind: EVENT_DENIED,
+            reason: REASON_MAX_TASKS,
+            cause: CAUSE_FORK,
+            type_idx: 0,
+            pid: 7,
+            tgid: 7,
+            target_pid: 8,
+            backend: BACKEND_KILL,
+            comm,
+            parent_comm: parent,
+        };
+        let r = EventRecord::from_event(&ev, &mut Names::new(vec![]));
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["schema"], 1);
+        assert_eq!(v["kind"], "denied");
+        assert_eq!(v["reason"], "max_tasks");
+        assert_eq!(v["usage"], 40);
+        assert_eq!(v["limit"], 40);
+        assert_eq!(v["comm"], "sg-bomb");
+        assert_eq!(v["parent_comm"], "bash");
+        assert_eq!(v["target_pid"], 8);
+        assert_eq!(v["cause"], "fork");
+        assert_eq!(v["instance"], "cgroup id 42");
+        assert!(v["time"].as_str().unwrap().ends_with('Z'));
     }
 }

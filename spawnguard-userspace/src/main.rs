@@ -5,11 +5,15 @@ mod btf;
 mod cgroupfs;
 mod control;
 mod daemon;
+mod demo;
 mod events;
 mod kfunc;
 mod loader;
+mod mapbatch;
+mod metrics;
 mod policy;
 mod status;
+mod top;
 
 use std::{
     ffi::OsString,
@@ -59,6 +63,13 @@ enum Command {
         /// pinned and keeps enforcing the last policy; a restarted daemon adopts it.
         #[arg(long)]
         no_pin: bool,
+        /// Where to serve Prometheus metrics (`/metrics`), or `off`.
+        #[arg(long, value_name = "ADDR|off", default_value = metrics::DEFAULT_LISTEN)]
+        metrics_listen: metrics::Listen,
+        /// Series of their own for the N instances with the most tasks (`top:N`, N up to
+        /// 1000), or `off`. Off by default: per-instance series multiply with agents.
+        #[arg(long, value_name = "off|top:N", default_value = "off")]
+        metrics_instances: metrics::InstanceSeries,
     },
     /// Detach and remove the pinned enforcer (the daemon must be stopped first).
     Uninstall {
@@ -98,6 +109,40 @@ enum Command {
         #[command(subcommand)]
         command: BreakerCommand,
     },
+    /// What the kernel reported: denials (with the budget and its usage), admissions,
+    /// breaker transitions, warnings, max-age actions, fail-opens. The daemon keeps the last
+    /// 1000; `--follow` streams new ones. With no daemon, reads the kernel's ring directly.
+    Events {
+        /// Keep streaming new events until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only this type's events.
+        #[arg(long = "type")]
+        type_name: Option<String>,
+        /// `json`: one object a line, schema in the README ("Event stream").
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// A live view of the types and their hottest instances: tasks against budgets, spawns
+    /// and denials per second, breaker state, age. `q` quits. Reads the pinned maps.
+    Top {
+        /// Time between refreshes.
+        #[arg(long, default_value = "1s", value_parser = parse_interval)]
+        interval: std::time::Duration,
+        /// Hottest instances shown under each type.
+        #[arg(long, default_value_t = 5)]
+        instances: usize,
+        /// Print one frame and exit (also what happens when stdout is not a terminal).
+        #[arg(long)]
+        once: bool,
+    },
+    /// A one-minute tour: adds a throw-away type to the running daemon's policy (or starts a
+    /// daemon of its own), runs a bounded fork bomb, thread bomb and crash-respawn loop in it,
+    /// shows each being contained, and removes everything it made.
+    Demo,
+    /// A bomb of `spawnguard demo`, run inside its instance cgroup (bounded).
+    #[command(hide = true)]
+    DemoWorker { kind: String },
     /// Exit 0 when a new instance of TYPE would be admitted now; otherwise exit 1 with one line
     /// saying why not. Reads the pinned maps directly: no daemon round trip. Call it before
     /// spawning an agent.
@@ -146,6 +191,15 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     policy::parse_duration(s)
 }
 
+/// A refresh interval: 100ms or more.
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 500ms, 2s)"))?;
+    if d < std::time::Duration::from_millis(100) {
+        return Err(format!("{s:?} is shorter than 100ms"));
+    }
+    Ok(d)
+}
+
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// Print the embedded default policy.
@@ -174,7 +228,10 @@ enum PolicyCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // `gate` sits in a runtime's spawn path: no logging set-up (an env-filter parse) for it.
-    if !matches!(cli.command, Command::Gate { .. }) {
+    if !matches!(
+        cli.command,
+        Command::Gate { .. } | Command::DemoWorker { .. }
+    ) {
         tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -199,12 +256,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             policy,
             backend,
             no_pin,
+            metrics_listen,
+            metrics_instances,
         } => {
             let (parsed, text) = load_policy(policy.as_deref())?;
             let opts = daemon::Options {
                 policy_file: policy,
                 backend,
                 no_pin,
+                metrics_listen,
+                metrics_instances,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -256,6 +317,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Output::Table => status::print_table(&s),
             }
         }
+        Command::Events {
+            follow,
+            type_name,
+            output,
+        } => events_command(follow, type_name, output)?,
+        Command::Top {
+            interval,
+            instances,
+            once,
+        } => top::run(interval, instances, once)?,
+        Command::Demo => demo::run()?,
+        Command::DemoWorker { kind } => demo::worker(&kind)?,
         Command::Policy { command } => return policy_command(command),
         Command::Breaker { command } => breaker_command(command)?,
         Command::Gate { type_name } => {
@@ -272,6 +345,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn events_command(follow: bool, type_name: Option<String>, output: Output) -> Result<()> {
+    use std::io::Write;
+    let print = |r: events::EventRecord| -> Result<()> {
+        let mut out = std::io::stdout().lock();
+        match output {
+            Output::Json => writeln!(out, "{}", serde_json::to_string(&r)?)?,
+            Output::Table => writeln!(out, "{} {:<12} {}", r.time, r.kind, r.message)?,
+        }
+        // A reader at the other end of a pipe sees each event as it happens.
+        out.flush()?;
+        Ok(())
+    };
+    match control::follow_events(follow, type_name.clone(), print) {
+        Ok(()) => Ok(()),
+        Err(Unreachable::NotRunning) => {
+            eprintln!(
+                "spawnguard: the daemon is not running; reading the kernel's event ring directly \
+                 (events read here are not seen by a daemon started later)"
+            );
+            events::read_pinned(follow, type_name.as_deref(), print)
+        }
+        Err(Unreachable::Other(e)) => Err(e),
+    }
 }
 
 /// Breaker commands go through the daemon when it runs (it logs them), and straight to the

@@ -11,6 +11,8 @@ use spawnguard_common::{
     TypeState, MAX_TYPES, MODE_ENFORCE, NO_LIMIT, REASONS,
 };
 
+use spawnguard_ebpf::{BREAKER_CLOSED, BREAKER_OPEN, BREAKER_PROBING};
+
 use crate::{
     events::{reason_name, Names},
     loader::{name_of, open_installed, DaemonState},
@@ -43,6 +45,21 @@ impl Denials {
         }
     }
 
+    /// (reason name, count) for every reason, in `REASON_*` order.
+    pub fn by_reason(&self) -> [(&'static str, u64); REASONS] {
+        let n = [
+            self.max_tasks,
+            self.max_threads,
+            self.fork_rate,
+            self.max_instances,
+            self.max_total_tasks,
+            self.host_max_tasks,
+            self.max_age,
+            self.breaker_open,
+        ];
+        std::array::from_fn(|r| (reason_name(r as u32), n[r]))
+    }
+
     pub fn total(&self) -> u64 {
         self.max_tasks
             + self.max_threads
@@ -53,6 +70,43 @@ impl Denials {
             + self.max_age
             + self.breaker_open
     }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct BreakerEntered {
+    pub closed: u64,
+    pub open: u64,
+    pub half_open: u64,
+}
+
+/// Tasks let through uncounted, by why (the kernel side fails open, never closed).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct FailedOpen {
+    pub instances_full: u64,
+    pub processes_full: u64,
+    pub doomed_full: u64,
+    pub read_error: u64,
+    pub contended: u64,
+    pub kill_failed: u64,
+}
+
+impl FailedOpen {
+    pub fn total(&self) -> u64 {
+        self.instances_full
+            + self.processes_full
+            + self.doomed_full
+            + self.read_error
+            + self.contended
+            + self.kill_failed
+    }
+}
+
+/// How full one of the kernel's hash maps is (past capacity, new entries fail open).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MapUsage {
+    pub map: String,
+    pub entries: u64,
+    pub capacity: u64,
 }
 
 fn limit(v: u64) -> Option<u64> {
@@ -79,6 +133,8 @@ pub struct TypeStatus {
     pub migrations_denied: u64,
     pub instances_admitted: u64,
     pub warnings: u64,
+    /// Breaker transitions, by the state entered.
+    pub breaker_entered: BreakerEntered,
     pub denied: Denials,
     pub audit_denied: Denials,
     /// The type's circuit breaker, when it has one.
@@ -118,6 +174,10 @@ pub struct Status {
     pub instances: Vec<InstanceStatus>,
     pub events_dropped: u64,
     pub failed_open: u64,
+    #[serde(default)]
+    pub failed_open_by: FailedOpen,
+    #[serde(default)]
+    pub maps: Vec<MapUsage>,
 }
 
 pub fn monotonic_ns() -> u64 {
@@ -134,7 +194,21 @@ fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Everything the pinned maps say, with each instance's path resolved (for `status`).
 pub fn read() -> Result<Status> {
+    let mut s = snapshot()?;
+    let daemon = DaemonState::read();
+    let mut names = Names::new(daemon.map(|d| d.types).unwrap_or_default());
+    for i in &mut s.instances {
+        i.path = names.instance(i.id);
+    }
+    s.instances.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(s)
+}
+
+/// Everything the pinned maps say; instance paths left empty (resolving 10,000 of them costs
+/// more than reading the maps: `metrics` resolves only those it shows).
+pub fn snapshot() -> Result<Status> {
     let budgets: Array<MapData, TypeLimits> = Array::try_from(open_installed(maps::TYPE_POLICY)?)?;
     let type_state: Array<MapData, TypeState> = Array::try_from(open_installed(maps::TYPE_STATE)?)?;
     let host_limits: Array<MapData, HostLimits> =
@@ -146,8 +220,10 @@ pub fn read() -> Result<Status> {
         PerCpuArray::try_from(open_installed(maps::TYPE_COUNTERS)?)?;
     let global: PerCpuArray<MapData, GlobalCounters> =
         PerCpuArray::try_from(open_installed(maps::GLOBAL_COUNTERS)?)?;
+    let processes: HashMap<MapData, u32, spawnguard_common::ProcessRecord> =
+        HashMap::try_from(open_installed(maps::PROCESSES)?)?;
+    let doomed: HashMap<MapData, u32, u32> = HashMap::try_from(open_installed(maps::DOOMED)?)?;
     let daemon = DaemonState::read();
-    let mut names = Names::new(daemon.as_ref().map(|d| d.types.clone()).unwrap_or_default());
 
     let mut types = Vec::new();
     for index in 0..MAX_TYPES {
@@ -178,6 +254,7 @@ pub fn read() -> Result<Status> {
             migrations_denied: 0,
             instances_admitted: 0,
             warnings: 0,
+            breaker_entered: BreakerEntered::default(),
             denied: Denials::default(),
             audit_denied: Denials::default(),
             breaker: None,
@@ -191,6 +268,9 @@ pub fn read() -> Result<Status> {
             t.migrations_denied += c.migrations_denied;
             t.instances_admitted += c.instances_admitted;
             t.warnings += c.warnings;
+            t.breaker_entered.closed += c.breaker_entered[BREAKER_CLOSED as usize];
+            t.breaker_entered.open += c.breaker_entered[BREAKER_OPEN as usize];
+            t.breaker_entered.half_open += c.breaker_entered[BREAKER_PROBING as usize];
             for r in 0..REASONS {
                 denied[r] += c.denied[r];
                 audit[r] += c.audit_denied[r];
@@ -203,8 +283,9 @@ pub fn read() -> Result<Status> {
 
     let now = monotonic_ns();
     let mut list = Vec::new();
-    for entry in instances.iter() {
-        let (id, s) = entry?;
+    let all = crate::mapbatch::entries(&instances)?;
+    let instance_entries = all.len() as u64;
+    for (id, s) in all {
         let Some((_, t)) = types.iter_mut().find(|(i, _)| *i == s.type_idx) else {
             continue;
         };
@@ -212,7 +293,7 @@ pub fn read() -> Result<Status> {
         t.threads += s.threads;
         list.push(InstanceStatus {
             id,
-            path: names.instance(id),
+            path: String::new(),
             type_name: t.name.clone(),
             tasks: spawnguard_ebpf::word_tasks(s.tasks),
             admitted: s.tasks & spawnguard_ebpf::ADMITTED != 0,
@@ -221,18 +302,34 @@ pub fn read() -> Result<Status> {
             age_seconds: now.saturating_sub(s.created_ns) as f64 / 1e9,
         });
     }
-    list.sort_by(|a, b| a.path.cmp(&b.path));
-
-    let (mut dropped, mut failed_open) = (0, 0);
+    let mut dropped = 0;
+    let mut f = FailedOpen::default();
     for g in global.get(&0, 0)?.iter() {
         dropped += g.events_dropped;
-        failed_open += g.instances_full
-            + g.processes_full
-            + g.doomed_full
-            + g.read_errors
-            + g.contended
-            + g.kill_failed;
+        f.instances_full += g.instances_full;
+        f.processes_full += g.processes_full;
+        f.doomed_full += g.doomed_full;
+        f.read_error += g.read_errors;
+        f.contended += g.contended;
+        f.kill_failed += g.kill_failed;
     }
+    let maps = vec![
+        MapUsage {
+            map: maps::INSTANCES.to_lowercase(),
+            entries: instance_entries,
+            capacity: spawnguard_common::MAX_INSTANCES.into(),
+        },
+        MapUsage {
+            map: maps::PROCESSES.to_lowercase(),
+            entries: crate::mapbatch::entries(&processes)?.len() as u64,
+            capacity: spawnguard_common::MAX_PROCESSES.into(),
+        },
+        MapUsage {
+            map: maps::DOOMED.to_lowercase(),
+            entries: crate::mapbatch::entries(&doomed)?.len() as u64,
+            capacity: spawnguard_common::MAX_DOOMED.into(),
+        },
+    ];
     let hl = host_limits.get(&0, 0)?;
     let host = HostStatus {
         tasks: host_state.get(&0, 0)?.tasks,
@@ -250,7 +347,9 @@ pub fn read() -> Result<Status> {
         types: types.into_iter().map(|(_, t)| t).collect(),
         instances: list,
         events_dropped: dropped,
-        failed_open,
+        failed_open: f.total(),
+        failed_open_by: f,
+        maps,
     })
 }
 
@@ -302,19 +401,9 @@ pub fn print_table(s: &Status) {
             t.max_threads,
             t.denied.total()
         );
-        let d = &t.denied;
-        for (r, n) in [
-            (0, d.max_tasks),
-            (1, d.max_threads),
-            (2, d.fork_rate),
-            (3, d.max_instances),
-            (4, d.max_total_tasks),
-            (5, d.host_max_tasks),
-            (6, d.max_age),
-            (7, d.breaker_open),
-        ] {
+        for (reason, n) in t.denied.by_reason() {
             if n > 0 {
-                println!("  denied by {}: {n}", reason_name(r));
+                println!("  denied by {reason}: {n}");
             }
         }
         if let Some(b) = &t.breaker {

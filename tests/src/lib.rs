@@ -249,6 +249,14 @@ impl Daemon {
         Self::launch(policy, &["--backend", backend, "--no-pin"])
     }
 
+    /// `start` with extra `spawnguard run` arguments (kill backend).
+    pub fn start_with(policy: &str, args: &[&str]) -> Result<Self> {
+        uninstall();
+        let mut all = vec!["--backend", "kill", "--no-pin"];
+        all.extend_from_slice(args);
+        Self::launch(policy, &all)
+    }
+
     /// A daemon in the default, pinned mode (the enforcer outlives it); adopts what is pinned.
     pub fn start_pinned(policy: &str) -> Result<Self> {
         Self::launch(policy, &[])
@@ -485,4 +493,46 @@ pub fn as_nobody(args: &[&str]) -> std::process::Output {
         });
     }
     cmd.output().unwrap()
+}
+
+/// The body of `GET PATH` from a loopback HTTP server (HTTP/1.0: the server closes when done).
+pub fn http_get(addr: &str, path: &str) -> Result<String> {
+    use std::io::Write;
+    let mut stream =
+        std::net::TcpStream::connect(addr).with_context(|| format!("connecting {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no HTTP header end in {answer:?}"))?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {head}");
+    }
+    Ok(body.to_owned())
+}
+
+/// The value of the series `name{labels}` in a text exposition (labels as Prometheus writes
+/// them: sorted, e.g. `reason="max_tasks",type="t"`; empty for none).
+pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let series = if labels.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    text.lines().find_map(|l| {
+        l.strip_prefix(&series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Series (sample lines) in a text exposition.
+pub fn series_count(text: &str) -> usize {
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .count()
 }

@@ -19,6 +19,8 @@ const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "clang-22",
     "libpolly-22-dev",
+    // promtool and a Prometheus server for the metrics tests.
+    "prometheus",
 ];
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 const RUST_SRC: &str = "/usr/lib/rustlib/src/rust/library/core";
@@ -33,7 +35,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what is missing: Debian's rustc and rust-src, LLVM 22, bpf-linker.
+    /// Install what is missing: Debian's rustc and rust-src, LLVM 22, bpf-linker, Prometheus.
     Setup,
     /// setup, then build the eBPF object and the `spawnguard` binary (release).
     Build,
@@ -126,7 +128,9 @@ fn is_root() -> bool {
 fn setup() -> Result<()> {
     let have_toolchain = Path::new(DEBIAN_RUSTC).exists()
         && Path::new(RUST_SRC).exists()
-        && Path::new("/usr/lib/llvm-22/bin/llvm-config").exists();
+        && Path::new("/usr/lib/llvm-22/bin/llvm-config").exists()
+        && Path::new("/usr/bin/promtool").exists()
+        && Path::new("/usr/bin/prometheus").exists();
     if !have_toolchain {
         if !is_root() {
             bail!(
