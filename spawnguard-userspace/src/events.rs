@@ -638,7 +638,7 @@ mod tests {
         let lines = l.flush(t0 + Duration::from_secs(30));
         assert_eq!(
             lines,
-            vec!["suppressed 7 more denials in the last 10s".to_owned()]
+            vec!["suppressed 8 more denials in the last 10s".to_owned()]
         );
         assert!(l.flush(t0 + Duration::from_secs(60)).is_empty());
     }

@@ -4,12 +4,17 @@
 //! Rounds alternate baseline (no spawnguard) and loaded (daemon running in enforce mode with
 //! 1,000 idle instances registered); each measures outside every instance and inside one.
 //!
-//!   sg-bench [--rounds N (default 7)] [--backend kill|kill-compat|both]
+//! The scrape benchmark times `GET /metrics` with 0 (the baseline), 1,000 and 10,000
+//! instances registered, with the daemon's CPU time per scrape and its resident memory.
+//!
+//!   sg-bench [--rounds N (default 7)] [--backend kill|kill-compat|both] [--only overhead|scrape]
 //!   sg-bench measure            (internal: one measurement, printed as key=value)
 
 use std::{fs, path::Path, process::Command, time::Instant};
 
-use spawnguard_tests::{cgroup2_mount, policy, spawnguard_bin, CgroupTree, Daemon};
+use spawnguard_tests::{
+    bomb_bin, cgroup2_mount, http_get, policy, series_count, spawnguard_bin, CgroupTree, Daemon,
+};
 
 const FORKS: u32 = 1_000;
 const THREADS: u32 = 2_000;
@@ -226,6 +231,101 @@ fn bench_backend(backend: &str, rounds: usize) {
     drop(tree);
 }
 
+/// The daemon's CPU time (user + system) in clock ticks, and its resident memory in KiB.
+fn daemon_usage(pid: u32) -> (u64, u64) {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let after = stat.rsplit_once(')').unwrap().1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    (ticks, rss)
+}
+
+const SCRAPES: usize = 40;
+const SCRAPE_ADDR: &str = "127.0.0.1:19618";
+
+fn bench_scrape() {
+    let rel = "spawnguard-bench/scrape";
+    let tree = CgroupTree::new(cgroup2_mount().join("spawnguard-bench"));
+    let agents = cgroup2_mount().join(rel);
+    let text = policy("scrape", rel, "max_tasks = 1000");
+    let daemon = Daemon::start_with(
+        &text,
+        &[
+            "--metrics-listen",
+            SCRAPE_ADDR,
+            "--metrics-instances",
+            "top:20",
+        ],
+    )
+    .expect("start the daemon");
+    // SAFETY: sysconf has no preconditions.
+    let tick_ms = 1000.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    println!(
+        "\nscrape cost: `GET /metrics` with --metrics-instances top:20, {SCRAPES} scrapes each"
+    );
+    println!("| instances registered | scrape (median) | ratio to 0 | daemon CPU per scrape | daemon RSS | series |");
+    println!("|---|---|---|---|---|---|");
+    let mut holders = Vec::new();
+    let mut made = 0;
+    let mut baseline = 0.0;
+    for n in [0usize, 1_000, 10_000] {
+        while made < n {
+            let dir = agents.join(format!("i{made}"));
+            fs::create_dir_all(&dir).unwrap();
+            // 25 of them with a live task: the top:20 series then name real instances.
+            if made < 25 {
+                let mut cmd = Command::new(bomb_bin());
+                cmd.args(["hold", "600000"]);
+                let procs = dir.join("cgroup.procs");
+                // SAFETY: only a write(2) of our pid into cgroup.procs before exec.
+                unsafe {
+                    std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                        fs::write(&procs, std::process::id().to_string())
+                    })
+                };
+                holders.push(cmd.spawn().unwrap());
+            }
+            made += 1;
+        }
+        for _ in 0..3 {
+            http_get(SCRAPE_ADDR, "/metrics").unwrap();
+        }
+        let (ticks0, _) = daemon_usage(daemon.pid());
+        let mut times = Vec::new();
+        let mut series = 0;
+        for _ in 0..SCRAPES {
+            let t = Instant::now();
+            let body = http_get(SCRAPE_ADDR, "/metrics").unwrap();
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            series = series_count(&body);
+        }
+        let (ticks1, rss) = daemon_usage(daemon.pid());
+        let ms = median(times);
+        if n == 0 {
+            baseline = ms;
+        }
+        println!(
+            "| {n} | {ms:.2} ms | {:.2} | {:.2} ms | {:.1} MB | {series} |",
+            ms / baseline,
+            (ticks1 - ticks0) as f64 * tick_ms / SCRAPES as f64,
+            rss as f64 / 1024.0
+        );
+    }
+    for mut h in holders {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
+    drop(daemon);
+    drop(tree);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("measure") {
@@ -248,7 +348,13 @@ fn main() {
         "{} missing: run through `cargo xtask bench`",
         spawnguard_bin().display()
     );
-    for b in backends {
-        bench_backend(b, rounds);
+    let only = flag("--only");
+    if only.as_deref() != Some("scrape") {
+        for b in &backends {
+            bench_backend(b, rounds);
+        }
+    }
+    if only.as_deref() != Some("overhead") {
+        bench_scrape();
     }
 }
