@@ -15,6 +15,9 @@ use serde_json::Value;
 
 pub const BACKENDS: [&str; 2] = ["kill", "kill-compat"];
 
+/// Where the enforcer is pinned (`v` + the map layout version).
+pub const PIN_DIR: &str = "/sys/fs/bpf/spawnguard/v2";
+
 /// Whether privileged tests can run here. Under `CI=true` they must: not being able to is a
 /// failure, not a skip.
 pub fn privileged() -> bool {

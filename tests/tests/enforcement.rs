@@ -274,8 +274,8 @@ fn no_pin_daemon_detaches_cleanly_on_sigterm() {
     }
     let (rel, _tree) = test_type("detach");
     let mut daemon = Daemon::start(&policy("dt", &rel, "max_tasks = 4"), "kill").unwrap();
-    assert!(Path::new("/sys/fs/bpf/spawnguard/v1/maps/INSTANCES").exists());
-    assert!(Path::new("/sys/fs/bpf/spawnguard/v1/links/sched_process_fork").exists());
+    assert!(Path::new(PIN_DIR).join("maps/INSTANCES").exists());
+    assert!(Path::new(PIN_DIR).join("links/sched_process_fork").exists());
     let second = Command::new(spawnguard_bin())
         .args(["run"])
         .output()

@@ -494,7 +494,7 @@ fn demo_runs_alone_and_leaves_nothing_behind() {
     assert!(text.contains("never more than 32 tasks"), "{text}");
     assert!(text.contains("breaker went closed -> open"), "{text}");
     assert!(
-        !Path::new("/sys/fs/bpf/spawnguard").join("v2").exists(),
+        !Path::new(PIN_DIR).exists(),
         "the demo's daemon left its enforcer"
     );
 }

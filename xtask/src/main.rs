@@ -192,7 +192,14 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     let e2e = unit.as_ref().ok().map(|_| {
         run_tests(
             cargo()
-                .args(["test", "--release", "--package", "spawnguard-tests", "--"])
+                .args([
+                    "test",
+                    "--release",
+                    "--no-fail-fast",
+                    "--package",
+                    "spawnguard-tests",
+                    "--",
+                ])
                 .arg("--test-threads=1")
                 .args(args)
                 .env("SPAWNGUARD_BIN", root.join("target/release/spawnguard")),
