@@ -143,6 +143,44 @@ pub fn procs(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// `FILEID_KERNFS`: a kernfs file handle is the node's 64-bit id, which is the cgroup id.
+const FILEID_KERNFS: i32 = 0xfe;
+
+/// The path of the cgroup with id `id` on the hierarchy mounted at `mount` (an open directory
+/// of that mount): `open_by_handle_at` with a kernfs handle, O(1) whatever the number of
+/// cgroups. None when the cgroup is gone, or where the call is not allowed (it needs
+/// CAP_DAC_READ_SEARCH).
+pub fn path_of_id(mount: &std::fs::File, id: u64) -> Option<PathBuf> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    #[repr(C)]
+    struct KernfsHandle {
+        handle_bytes: u32,
+        handle_type: i32,
+        id: u64,
+    }
+    let handle = KernfsHandle {
+        handle_bytes: 8,
+        handle_type: FILEID_KERNFS,
+        id,
+    };
+    // SAFETY: the handle is a `struct file_handle` with its 8 bytes of payload; the kernel only
+    // reads it. A returned descriptor is new and owned here.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount.as_raw_fd(),
+            &raw const handle,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: as above: a new descriptor, owned from here on (closed on drop).
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()
+}
+
 /// Child directories of a cgroup (the instances of a type directory).
 pub fn children(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {

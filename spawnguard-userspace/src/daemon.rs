@@ -106,6 +106,10 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
     }
     let mut types = loader::place_types(&policy, &cg)?;
     let enforcer = Enforcer::start(opts.backend, &policy, &mut types)?;
+    // Loading parsed the kernel's BTF (tens of MB, freed now): give the freed heap back to the
+    // system, or the daemon's resident size keeps it for its whole life.
+    // SAFETY: malloc_trim only returns free heap pages; it touches no live allocation.
+    unsafe { libc::malloc_trim(0) };
     tracing::info!("backend {}: {}", enforcer.backend, enforcer.backend_reason);
     if enforcer.adopted {
         tracing::info!(

@@ -31,8 +31,10 @@ pub struct Names {
     /// (type index, name, type directory)
     types: Vec<(u32, String, PathBuf)>,
     instances: HashMap<u64, PathBuf>,
-    /// When the type directories were last listed: a miss lists them again at most once a
-    /// second (ids of removed or foreign cgroups would otherwise cost a listing each).
+    /// The cgroup2 mount, to open a cgroup by its id.
+    mount: Option<std::fs::File>,
+    /// When the type directories were last listed (only where opening by id is not allowed):
+    /// a miss lists them again at most once a second.
     listed: Option<std::time::Instant>,
 }
 
@@ -44,6 +46,9 @@ impl Names {
                 .map(|t| (t.index, t.name, t.dir))
                 .collect(),
             instances: HashMap::new(),
+            mount: cgroupfs::Cgroup2::discover()
+                .ok()
+                .and_then(|cg| std::fs::File::open(cg.mount).ok()),
             listed: None,
         }
     }
@@ -70,8 +75,21 @@ impl Names {
             .map_or("?", |t| t.1.as_str())
     }
 
-    /// The instance's directory (relative to its type's parent), looked up on first sight.
+    /// The instance's directory, looked up on first sight: opened by its id, or (where that is
+    /// not allowed) found by listing the type directories.
     pub fn instance(&mut self, id: u64) -> String {
+        if let Some(p) = self.instances.get(&id) {
+            return p.display().to_string();
+        }
+        if let Some(path) = self
+            .mount
+            .as_ref()
+            .and_then(|m| cgroupfs::path_of_id(m, id))
+        {
+            let shown = path.display().to_string();
+            self.instances.insert(id, path);
+            return shown;
+        }
         let stale = self
             .listed
             .is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(1));

@@ -170,10 +170,30 @@ fn build() -> Result<()> {
         "build",
         "--release",
         "--package",
-        "spawnguard-userspace",
-        "--package",
         "spawnguard-tests",
         "--bins",
+    ]))?;
+    build_spawnguard()
+}
+
+/// `target/release/spawnguard`, linked statically (glibc included) and not position-independent:
+/// one self-contained file to install, and the fastest start (no dynamic loader, no start-up
+/// relocations), which `spawnguard gate` needs in a runtime's spawn path (BENCHMARKS.md).
+/// `cargo test` relinks it dynamically for the package's own tests; the end-to-end suite runs
+/// against this one, so what is tested is what ships.
+fn build_spawnguard() -> Result<()> {
+    run(cargo().args([
+        "rustc",
+        "--release",
+        "--package",
+        "spawnguard-userspace",
+        "--bin",
+        "spawnguard",
+        "--",
+        "-C",
+        "target-feature=+crt-static",
+        "-C",
+        "relocation-model=static",
     ]))
 }
 
@@ -189,7 +209,9 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         "spawnguard-tests",
     ]));
     // End-to-end: real programs, real cgroups, real bombs. One daemon at a time, so serial.
+    // Against the binary that ships (the unit tests' build relinked it).
     let e2e = unit.as_ref().ok().map(|_| {
+        build_spawnguard()?;
         run_tests(
             cargo()
                 .args([
