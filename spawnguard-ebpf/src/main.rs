@@ -10,6 +10,8 @@ mod cgroup_dir;
 #[cfg(target_arch = "bpf")]
 mod kernel;
 #[cfg(target_arch = "bpf")]
+mod lsm_probe;
+#[cfg(target_arch = "bpf")]
 mod sched_process_exit;
 #[cfg(target_arch = "bpf")]
 mod sched_process_fork;

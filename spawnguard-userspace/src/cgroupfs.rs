@@ -269,6 +269,27 @@ fn mount(fs: &'static str, path: &'static str) -> Result<(), CgroupError> {
     Ok(())
 }
 
+const SECURITYFS_MAGIC: i64 = 0x7363_6673;
+pub const SECURITYFS: &str = "/sys/kernel/security";
+
+/// Mounts securityfs (where the kernel lists its active LSMs) if it is missing; returns
+/// whether it mounted it.
+pub fn ensure_securityfs() -> Result<bool, CgroupError> {
+    if fs_magic(SECURITYFS) == Some(SECURITYFS_MAGIC) {
+        return Ok(false);
+    }
+    mount("securityfs", SECURITYFS)?;
+    Ok(true)
+}
+
+/// Whether bpffs and tracefs are mounted where spawnguard uses them.
+pub fn pseudo_filesystems() -> [(&'static str, bool); 2] {
+    [
+        (BPF_FS, fs_magic(BPF_FS) == Some(BPF_FS_MAGIC)),
+        (TRACEFS, fs_magic(TRACEFS) == Some(TRACEFS_MAGIC)),
+    ]
+}
+
 /// Mounts bpffs (for pinning) and tracefs where missing; returns what it mounted.
 pub fn ensure_pseudo_filesystems() -> Result<Vec<&'static str>, CgroupError> {
     let mut mounted = Vec::new();

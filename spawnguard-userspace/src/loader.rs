@@ -35,7 +35,7 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/spawnguard";
 pub const RUN_DIR: &str = "/run/spawnguard";
 pub const STATE_FILE: &str = "/run/spawnguard/state.json";
 
-const KILL_KFUNC: &str = "bpf_send_signal_task";
+pub const KILL_KFUNC: &str = "bpf_send_signal_task";
 
 /// The backend asked for on the command line.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -303,6 +303,29 @@ pub struct Enforcer {
 }
 
 /// Fails with one sentence when spawnguard cannot run here at all.
+/// Loads, attaches and at once detaches a BPF LSM program that allows everything: Ok when this
+/// kernel can run BPF LSM programs (what the lsm backend needs), else why not.
+pub fn probe_lsm() -> Result<()> {
+    let btf = Btf::from_sys_fs()?;
+    let mut object = EBPF_OBJECT.to_vec();
+    patch_kfunc_calls(&mut object, &btf)?;
+    let mut ebpf = EbpfLoader::new()
+        .load(&object)
+        .context("loading the eBPF object")?;
+    let kernel_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    let prog: &mut aya::programs::Lsm = ebpf
+        .program_mut("lsm_probe")
+        .ok_or_else(|| anyhow!("program lsm_probe missing from the eBPF object"))?
+        .try_into()?;
+    prog.load("task_alloc", &kernel_btf)
+        .context("loading an lsm/task_alloc program")?;
+    let link = prog
+        .attach()
+        .context("attaching an lsm/task_alloc program")?;
+    prog.detach(link)?;
+    Ok(())
+}
+
 pub fn preflight() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {

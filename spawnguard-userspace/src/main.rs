@@ -6,6 +6,7 @@ mod cgroupfs;
 mod control;
 mod daemon;
 mod demo;
+mod doctor;
 mod events;
 mod kfunc;
 mod loader;
@@ -135,6 +136,13 @@ enum Command {
         /// Print one frame and exit (also what happens when stdout is not a terminal).
         #[arg(long)]
         once: bool,
+    },
+    /// What this host offers spawnguard: kernel, BTF, LSMs and whether BPF LSM programs load,
+    /// the kill kfunc, cgroup2, bpffs, tracefs; the backend `auto` would choose and why; one
+    /// line of advice per missing piece. Exits non-zero when spawnguard cannot run at all.
+    Doctor {
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
     /// A one-minute tour: adds a throw-away type to the running daemon's policy (or starts a
     /// daemon of its own), runs a bounded fork bomb, thread bomb and crash-respawn loop in it,
@@ -335,6 +343,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             instances,
             once,
         } => top::run(interval, instances, once)?,
+        Command::Doctor { output } => {
+            let report = doctor::run();
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Output::Table => doctor::print_table(&report),
+            }
+            if !report.can_run {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Demo => demo::run()?,
         Command::DemoWorker { kind } => demo::worker(&kind)?,
         Command::Policy { command } => return policy_command(command),

@@ -43,6 +43,23 @@ fn fork_bomb(type_name: &str, instance: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Checks in a scrape that every fork a bomb made (its report: attempts, failed) was either
+/// counted in or denied, nothing lost; returns the denials.
+fn every_fork_counted(text: &str, type_name: &str, report: &str) -> f64 {
+    let value = |name: &str, label: &str| {
+        metric(text, name, &format!(r#"{label},type="{type_name}""#))
+            .unwrap_or_else(|| panic!("no {name} for {type_name}: {text}"))
+    };
+    let denied = value("spawnguard_denials_total", r#"reason="max_tasks""#);
+    let allowed = value("spawnguard_spawns_allowed_total", r#"kind="process""#);
+    assert_eq!(
+        (denied + allowed) as u64,
+        report_value(report, "attempts") - report_value(report, "failed"),
+        "a fork went uncounted: {report}\n{text}"
+    );
+    denied
+}
+
 #[test]
 fn metrics_count_every_fork_and_denial_and_pass_promtool() {
     if !privileged() {
@@ -61,28 +78,8 @@ fn metrics_count_every_fork_and_denial_and_pass_promtool() {
         "{before}"
     );
     let report = fork_bomb("mx", "i1");
-    let attempts = report_value(&report, "attempts");
-    let failed = report_value(&report, "failed");
     let text = scrape();
-    let denied = metric(
-        &text,
-        "spawnguard_denials_total",
-        r#"reason="max_tasks",type="mx""#,
-    )
-    .unwrap();
-    let allowed = metric(
-        &text,
-        "spawnguard_spawns_allowed_total",
-        r#"kind="process",type="mx""#,
-    )
-    .unwrap();
-    assert!(denied > 0.0, "{text}");
-    // Every fork the bomb made was either counted in or denied: nothing is lost.
-    assert_eq!(
-        (denied + allowed) as u64,
-        attempts - failed,
-        "{report}\n{text}"
-    );
+    assert!(every_fork_counted(&text, "mx", &report) > 0.0, "{text}");
     assert_eq!(
         metric(
             &text,
@@ -349,24 +346,8 @@ fn a_full_ring_buffer_shows_in_the_dropped_counter_never_as_a_missed_denial() {
     let report = String::from_utf8_lossy(&out.stdout);
     let text = scrape();
     let dropped = metric(&text, "spawnguard_events_dropped_total", "").unwrap();
-    let denied = metric(
-        &text,
-        "spawnguard_denials_total",
-        r#"reason="max_tasks",type="of""#,
-    )
-    .unwrap();
-    let allowed = metric(
-        &text,
-        "spawnguard_spawns_allowed_total",
-        r#"kind="process",type="of""#,
-    )
-    .unwrap();
     assert!(dropped > 0.0, "{text}");
-    assert_eq!(
-        (denied + allowed) as u64,
-        report_value(&report, "attempts") - report_value(&report, "failed"),
-        "a denial went uncounted while events were dropped: {report}\n{text}"
-    );
+    every_fork_counted(&text, "of", &report);
 }
 
 /// Runs `spawnguard top` on a pseudo-terminal; returns everything it drew until `q`.

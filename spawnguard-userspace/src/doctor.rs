@@ -1,0 +1,347 @@
+//! `spawnguard doctor`: what this host offers spawnguard, which backend `auto` would choose and
+//! why, and one line of advice for each missing piece.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{btf::Btf, cgroupfs, loader};
+
+/// Oldest kernel the programs are written for: BPF atomic fetch-and-add/compare-and-swap
+/// (5.12), ring buffers (5.8), BTF tracepoints (5.5).
+pub const MIN_KERNEL: (u32, u32) = (5, 12);
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    Ok,
+    /// Missing, but spawnguard runs (a backend is unavailable, or `run` fixes it).
+    Warn,
+    /// spawnguard cannot run until this is fixed.
+    Fatal,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Check {
+    pub name: String,
+    pub level: Level,
+    pub detail: String,
+    pub advice: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub kernel: String,
+    pub checks: Vec<Check>,
+    /// What `spawnguard run --backend auto` would use, and why (None: it cannot run).
+    pub backend: Option<String>,
+    pub backend_reason: String,
+    pub can_run: bool,
+}
+
+fn check(name: &str, level: Level, detail: impl Into<String>, advice: Option<&str>) -> Check {
+    Check {
+        name: name.to_owned(),
+        level,
+        detail: detail.into(),
+        advice: advice.map(str::to_owned),
+    }
+}
+
+/// "6.18.44-fc" -> (6, 18)
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+const LSM_LIST: &str = "/sys/kernel/security/lsm";
+
+pub fn run() -> Report {
+    let mut checks = Vec::new();
+    let release = crate::metrics::kernel_release();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    checks.push(if root {
+        check("root", Level::Ok, "running as root", None)
+    } else {
+        check(
+            "root",
+            Level::Fatal,
+            "not root: the kernel checks below need root",
+            Some("run spawnguard (and this check) as root"),
+        )
+    });
+    let version = kernel_version(&release);
+    checks.push(match version {
+        Some(v) if v >= MIN_KERNEL => check(
+            "kernel",
+            Level::Ok,
+            format!("{release} (minimum {}.{})", MIN_KERNEL.0, MIN_KERNEL.1),
+            None,
+        ),
+        _ => check(
+            "kernel",
+            Level::Fatal,
+            format!(
+                "{release}: older than {}.{} (BPF atomics)",
+                MIN_KERNEL.0, MIN_KERNEL.1
+            ),
+            Some("upgrade the kernel to 5.12 or newer"),
+        ),
+    });
+
+    let btf = Btf::from_sys_fs();
+    checks.push(match &btf {
+        Ok(b) => match b.kernel_offsets() {
+            Ok(_) => check(
+                "btf",
+                Level::Ok,
+                "/sys/kernel/btf/vmlinux: every struct offset spawnguard reads is there",
+                None,
+            ),
+            Err(e) => check(
+                "btf",
+                Level::Fatal,
+                format!("{e}"),
+                Some("report this kernel to spawnguard: a struct it reads has changed"),
+            ),
+        },
+        Err(e) => check(
+            "btf",
+            Level::Fatal,
+            format!("{e}"),
+            Some("use a kernel built with CONFIG_DEBUG_INFO_BTF=y (all major distributions)"),
+        ),
+    });
+    let has_kfunc = btf
+        .as_ref()
+        .is_ok_and(|b| b.func_id(loader::KILL_KFUNC).is_some());
+    checks.push(if has_kfunc {
+        check(
+            "kfunc",
+            Level::Ok,
+            "bpf_send_signal_task present: the kill backend can run",
+            None,
+        )
+    } else {
+        check(
+            "kfunc",
+            Level::Warn,
+            "bpf_send_signal_task missing (kernel < 6.13): no kill backend",
+            Some(
+                "kill-compat is used instead (a hook on every syscall exit, about +130 ns a \
+                 syscall); a 6.13+ kernel removes that cost",
+            ),
+        )
+    });
+
+    // The kernel lists its LSMs in securityfs: mounted here if missing (as `run` mounts bpffs).
+    let mounted = root && cgroupfs::ensure_securityfs().unwrap_or(false);
+    let lsms = std::fs::read_to_string(LSM_LIST).ok().map(|l| {
+        if mounted {
+            format!("{} (mounted securityfs to read it)", l.trim())
+        } else {
+            l
+        }
+    });
+    let bpf_lsm = lsms
+        .as_deref()
+        .is_some_and(|l| l.split([',', ' ']).any(|m| m == "bpf"));
+    checks.push(match &lsms {
+        Some(list) if bpf_lsm => check("lsm list", Level::Ok, list.trim(), None),
+        Some(list) => check(
+            "lsm list",
+            Level::Warn,
+            format!("{} (no bpf)", list.trim()),
+            Some(&format!(
+                "add bpf to the kernel command line's LSM list (lsm={},bpf) to allow the \
+                 lsm backend",
+                list.split(' ').next().unwrap_or_default().trim()
+            )),
+        ),
+        None => check(
+            "lsm list",
+            Level::Warn,
+            format!("{LSM_LIST} unreadable (securityfs not mounted?)"),
+            Some("mount securityfs: mount -t securityfs none /sys/kernel/security"),
+        ),
+    });
+    let probe = if root && btf.is_ok() {
+        // aya appends the (empty) verifier log to a refused load: only the reason is kept.
+        loader::probe_lsm().map_err(|e| {
+            let e = format!("{e:#}");
+            e.split(". Verifier output")
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+    } else {
+        Err("not tried (needs root and BTF)".into())
+    };
+    checks.push(match &probe {
+        Ok(()) => check(
+            "bpf lsm programs",
+            Level::Ok,
+            "an lsm/task_alloc program loads and attaches",
+            None,
+        ),
+        Err(e) => check(
+            "bpf lsm programs",
+            Level::Warn,
+            e.clone(),
+            Some(if bpf_lsm {
+                "this kernel refuses BPF trampolines (a hypervisor or lockdown policy): the lsm \
+                 backend cannot run here"
+            } else {
+                "needs bpf in the LSM list (see above) and CONFIG_BPF_LSM=y"
+            }),
+        ),
+    });
+
+    let cgroup2 = cgroupfs::Cgroup2::discover();
+    checks.push(match &cgroup2 {
+        Ok(cg) => {
+            let controllers =
+                std::fs::read_to_string(cg.mount.join("cgroup.controllers")).unwrap_or_default();
+            let hybrid = cg.mount != Path::new("/sys/fs/cgroup");
+            check(
+                "cgroup2",
+                Level::Ok,
+                format!(
+                    "{}{}; controllers: {}",
+                    cg.mount.display(),
+                    if hybrid {
+                        " (hybrid: other controllers are on cgroup v1)"
+                    } else {
+                        ""
+                    },
+                    match controllers.trim() {
+                        "" => "none",
+                        c => c,
+                    }
+                ),
+                None,
+            )
+        }
+        Err(e) => check(
+            "cgroup2",
+            Level::Fatal,
+            format!("{e}"),
+            Some("mount cgroup2 (mount -t cgroup2 none /sys/fs/cgroup/unified), or boot with systemd.unified_cgroup_hierarchy=1"),
+        ),
+    });
+    for (path, mounted) in cgroupfs::pseudo_filesystems() {
+        let name = if path == cgroupfs::BPF_FS {
+            "bpffs"
+        } else {
+            "tracefs"
+        };
+        checks.push(if mounted {
+            check(name, Level::Ok, format!("mounted at {path}"), None)
+        } else {
+            check(
+                name,
+                Level::Warn,
+                format!("not mounted at {path}"),
+                Some("`spawnguard run` mounts it at start"),
+            )
+        });
+    }
+    let installed = loader::pin_dir();
+    checks.push(if installed.join("links").exists() {
+        let daemon = loader::DaemonState::read()
+            .map(|d| d.pid)
+            .filter(|p| Path::new(&format!("/proc/{p}")).exists());
+        check(
+            "enforcer",
+            Level::Ok,
+            match daemon {
+                Some(pid) => format!("installed at {}, daemon pid {pid}", installed.display()),
+                None => format!(
+                    "installed at {}, daemon not running (the last policy is enforced)",
+                    installed.display()
+                ),
+            },
+            None,
+        )
+    } else {
+        check(
+            "enforcer",
+            Level::Ok,
+            "not installed (`spawnguard run` installs it)",
+            None,
+        )
+    });
+
+    let can_run = checks.iter().all(|c| c.level != Level::Fatal);
+    let (backend, backend_reason) = match (can_run, has_kfunc) {
+        (false, _) => (
+            None,
+            "spawnguard cannot run here: see the fatal checks".to_owned(),
+        ),
+        (true, true) => (
+            Some("kill".to_owned()),
+            "the kernel has the bpf_send_signal_task kfunc (no per-syscall cost)".to_owned(),
+        ),
+        (true, false) => (
+            Some("kill-compat".to_owned()),
+            "the kernel lacks the bpf_send_signal_task kfunc (needs >= 6.13)".to_owned(),
+        ),
+    };
+    let backend_reason = match (&backend, &probe) {
+        (Some(_), Ok(())) => format!(
+            "{backend_reason}; BPF LSM programs work here, but this version has no lsm backend yet"
+        ),
+        _ => backend_reason,
+    };
+    Report {
+        kernel: release,
+        checks,
+        backend,
+        backend_reason,
+        can_run,
+    }
+}
+
+pub fn print_table(r: &Report) {
+    println!("{:<18} {:<6} DETAIL", "CHECK", "STATUS");
+    for c in &r.checks {
+        let level = match c.level {
+            Level::Ok => "ok",
+            Level::Warn => "warn",
+            Level::Fatal => "FATAL",
+        };
+        println!("{:<18} {:<6} {}", c.name, level, c.detail);
+    }
+    println!();
+    match &r.backend {
+        Some(b) => println!("backend `auto` would choose: {b}: {}", r.backend_reason),
+        None => println!("{}", r.backend_reason),
+    }
+    let advice: Vec<_> = r
+        .checks
+        .iter()
+        .filter_map(|c| Some((c.name.as_str(), c.advice.as_deref()?)))
+        .collect();
+    if !advice.is_empty() {
+        println!("\nadvice:");
+        for (name, a) in advice {
+            println!("  {name}: {a}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions_parse_from_releases() {
+        assert_eq!(kernel_version("6.18.44-fc-v669"), Some((6, 18)));
+        assert_eq!(kernel_version("5.10.0-30-amd64"), Some((5, 10)));
+        assert_eq!(kernel_version("6.1"), Some((6, 1)));
+        assert_eq!(kernel_version("garbage"), None);
+        assert!(kernel_version("5.10.0").unwrap() < MIN_KERNEL);
+        assert!(kernel_version("5.12.1").unwrap() >= MIN_KERNEL);
+    }
+}
