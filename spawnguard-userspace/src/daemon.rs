@@ -327,13 +327,23 @@ fn reload(
 }
 
 /// Applies `on_max_age` to instances older than their type's `max_age`, once per instance.
-async fn watch_max_age(types: watch::Receiver<Vec<PlacedType>>) -> Result<()> {
+async fn watch_max_age(mut types: watch::Receiver<Vec<PlacedType>>) -> Result<()> {
     let mut acted: HashSet<u64> = HashSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut names = events::Names::new(types.borrow_and_update().clone());
     loop {
         tick.tick().await;
+        if types.has_changed().unwrap_or(false) {
+            names = events::Names::new(types.borrow_and_update().clone());
+        }
         let current = types.borrow().clone();
-        let Ok(s) = status::read() else { continue };
+        // Most policies set no max_age: then there is nothing to read.
+        if current.iter().all(|t| t.max_age.is_none()) {
+            acted.clear();
+            continue;
+        }
+        // Without paths: only the instances acted on are looked up by id.
+        let Ok(s) = status::snapshot() else { continue };
         for i in &s.instances {
             let Some(t) = current.iter().find(|t| t.name == i.type_name) else {
                 continue;
@@ -342,7 +352,8 @@ async fn watch_max_age(types: watch::Receiver<Vec<PlacedType>>) -> Result<()> {
             if i.age_seconds < max_age.as_secs_f64() || !acted.insert(i.id) {
                 continue;
             }
-            let dir = Path::new(&i.path);
+            let path = names.instance(i.id);
+            let dir = Path::new(&path);
             let outcome = match t.on_max_age {
                 OnMaxAge::Event => Ok("reported"),
                 OnMaxAge::Freeze => cgroupfs::freeze(dir).map(|()| "frozen"),
@@ -350,16 +361,16 @@ async fn watch_max_age(types: watch::Receiver<Vec<PlacedType>>) -> Result<()> {
             };
             match outcome {
                 Ok(what) => tracing::warn!(
-                    "max age: instance {} (type {}) is {:.0}s old, over its max_age of {}s: {what}",
-                    i.path,
+                    "max age: instance {path} (type {}) is {:.0}s old, over its max_age of {}s: {what}",
                     t.name,
                     i.age_seconds,
                     max_age.as_secs()
                 ),
-                Err(e) => tracing::error!("max age: instance {}: {e:#}", i.path),
+                Err(e) => tracing::error!("max age: instance {path}: {e:#}"),
             }
         }
-        acted.retain(|id| s.instances.iter().any(|i| i.id == *id));
+        let live: HashSet<u64> = s.instances.iter().map(|i| i.id).collect();
+        acted.retain(|id| live.contains(id));
     }
 }
 
