@@ -140,7 +140,9 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
         types,
     };
     let (subscribe_tx, subscribe_rx) = mpsc::channel(16);
-    let mut events_task = tokio::spawn(events::run(ring, names_rx.clone(), subscribe_rx));
+    let (report_tx, report_rx) = mpsc::channel(256);
+    let mut events_task =
+        tokio::spawn(events::run(ring, names_rx.clone(), subscribe_rx, report_rx));
     let control_task = tokio::spawn(control::serve(listener, jobs_tx, subscribe_tx));
     let metrics_task = metrics_listener.map(|(addr, listener)| {
         tracing::info!("metrics at http://{addr}/metrics");
@@ -155,12 +157,12 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
             names_rx.clone(),
         ))
     });
-    let max_age_task = tokio::spawn(watch_max_age(names_rx));
+    let max_age_task = tokio::spawn(watch_max_age(names_rx, report_tx.clone()));
     let mut jobs = jobs_rx;
     loop {
         tokio::select! {
             Some((request, reply)) = jobs.recv() => {
-                let answer = serve(&enforcer, &cg, &mut in_force, &names_tx, request);
+                let answer = serve(&enforcer, &cg, &mut in_force, &names_tx, &report_tx, request);
                 let _ = reply.send(Reply::from(answer));
             }
             _ = hup.recv() => reload(&enforcer, &cg, &mut in_force, &names_tx, opts.policy_file.as_deref()),
@@ -219,6 +221,7 @@ fn serve(
     cg: &Cgroup2,
     in_force: &mut InForce,
     names: &watch::Sender<Vec<PlacedType>>,
+    report: &mpsc::Sender<events::EventRecord>,
     request: Request,
 ) -> Result<Value> {
     match request {
@@ -227,9 +230,40 @@ fn serve(
             "text": in_force.text,
             "policy": in_force.policy,
         })),
-        Request::BreakerOpen { .. }
-        | Request::BreakerClose { .. }
-        | Request::BreakerReportFailure { .. } => breaker_request(&request),
+        Request::BreakerOpen { ref type_name, .. }
+        | Request::BreakerClose { ref type_name }
+        | Request::BreakerReportFailure { ref type_name, .. } => {
+            let before = crate::breaker::status(Some(type_name)).ok();
+            let answer = breaker_request(&request)?;
+            let after: crate::breaker::BreakerView =
+                serde_json::from_value(answer["breaker"].clone())?;
+            let from = before
+                .and_then(|v| v.into_iter().next())
+                .map(|v| v.state)
+                .unwrap_or_default();
+            let message = answer["message"].as_str().unwrap_or_default().to_owned();
+            let mut record = if from == after.state {
+                events::EventRecord::from_daemon(
+                    "failure_reported",
+                    "manual",
+                    Some(type_name),
+                    message,
+                )
+            } else {
+                events::EventRecord::from_daemon("breaker", "manual", Some(type_name), message)
+            };
+            if from != after.state {
+                record.breaker = Some(events::BreakerChange {
+                    from,
+                    to: after.state.clone(),
+                    retry_at: None,
+                });
+            }
+            record.reason = Some("manual".into());
+            // The stream is a report: a full queue drops the record, never the command.
+            let _ = report.try_send(record);
+            Ok(answer)
+        }
         Request::Events { .. } => bail!("events are served by the event task"),
         Request::PolicyApply { file, text } => {
             let policy = Policy::parse(&text, &file)?;
@@ -327,7 +361,10 @@ fn reload(
 }
 
 /// Applies `on_max_age` to instances older than their type's `max_age`, once per instance.
-async fn watch_max_age(mut types: watch::Receiver<Vec<PlacedType>>) -> Result<()> {
+async fn watch_max_age(
+    mut types: watch::Receiver<Vec<PlacedType>>,
+    report: mpsc::Sender<events::EventRecord>,
+) -> Result<()> {
     let mut acted: HashSet<u64> = HashSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut names = events::Names::new(types.borrow_and_update().clone());
@@ -359,15 +396,24 @@ async fn watch_max_age(mut types: watch::Receiver<Vec<PlacedType>>) -> Result<()
                 OnMaxAge::Freeze => cgroupfs::freeze(dir).map(|()| "frozen"),
                 OnMaxAge::Kill => cgroupfs::kill(dir).map(|()| "killed"),
             };
-            match outcome {
-                Ok(what) => tracing::warn!(
+            let message = match outcome {
+                Ok(what) => format!(
                     "max age: instance {path} (type {}) is {:.0}s old, over its max_age of {}s: {what}",
                     t.name,
                     i.age_seconds,
                     max_age.as_secs()
                 ),
-                Err(e) => tracing::error!("max age: instance {path}: {e:#}"),
-            }
+                Err(e) => format!("max age: instance {path}: {e:#}"),
+            };
+            tracing::warn!("{message}");
+            let mut record =
+                events::EventRecord::from_daemon("max_age", "timer", Some(&t.name), message);
+            record.instance = Some(path.clone());
+            record.instance_id = i.id;
+            record.reason = Some("max_age".into());
+            record.usage = Some(i.age_seconds as u64);
+            record.limit = Some(max_age.as_secs());
+            let _ = report.try_send(record);
         }
         let live: HashSet<u64> = s.instances.iter().map(|i| i.id).collect();
         acted.retain(|id| live.contains(id));

@@ -403,27 +403,43 @@ impl EventRecord {
         r
     }
 
-    /// A record for a follower that fell behind: `missed` events were skipped for it.
-    pub fn lagged(missed: u64) -> Self {
+    /// An event the daemon made itself (cause `timer` or `manual`), not the kernel.
+    pub fn from_daemon(kind: &str, cause: &str, type_name: Option<&str>, message: String) -> Self {
         Self {
             schema: EVENT_SCHEMA,
             time: rfc3339(std::time::SystemTime::now()),
-            kind: "lagged".into(),
-            type_name: None,
+            kind: kind.into(),
+            type_name: type_name.map(str::to_owned),
             instance: None,
             instance_id: 0,
-            cause: String::new(),
+            cause: cause.into(),
             reason: None,
-            usage: Some(missed),
+            usage: None,
             limit: None,
-            pid: 0,
-            tgid: 0,
-            comm: String::new(),
+            pid: std::process::id(),
+            tgid: std::process::id(),
+            comm: "spawnguard".into(),
             parent_comm: String::new(),
             target_pid: None,
             backend: String::new(),
             breaker: None,
-            message: format!("{missed} events skipped: this reader was too slow"),
+            message,
+        }
+    }
+
+    /// A record for a follower that fell behind: `missed` events were skipped for it.
+    pub fn lagged(missed: u64) -> Self {
+        Self {
+            usage: Some(missed),
+            pid: 0,
+            tgid: 0,
+            comm: String::new(),
+            ..Self::from_daemon(
+                "lagged",
+                "",
+                None,
+                format!("{missed} events skipped: this reader was too slow"),
+            )
         }
     }
 }
@@ -521,11 +537,13 @@ const HISTORY: usize = 1000;
 pub type Subscription = (Vec<Arc<EventRecord>>, broadcast::Receiver<Arc<EventRecord>>);
 
 /// Owns the ring buffer until it goes away: logs every event (rate-limited), keeps the recent
-/// ones and streams them to followers. `types` follows the policy in force.
+/// ones and streams them to followers, with the events the daemon makes itself
+/// (`from_daemon`). `types` follows the policy in force.
 pub async fn run(
     ring: RingBuf<MapData>,
     mut types: tokio::sync::watch::Receiver<Vec<PlacedType>>,
     mut subscribe: mpsc::Receiver<oneshot::Sender<Subscription>>,
+    mut from_daemon: mpsc::Receiver<EventRecord>,
 ) -> Result<()> {
     let mut names = Names::new(types.borrow_and_update().clone());
     let mut limiter = LogLimiter::new(LOG_BURST, LOG_WINDOW);
@@ -555,6 +573,15 @@ pub async fn run(
                     let _ = live.send(record);
                 }
                 guard.clear_ready();
+            }
+            // Events the daemon made (max-age actions, breaker commands): already logged.
+            Some(record) = from_daemon.recv() => {
+                let record = Arc::new(record);
+                if history.len() == HISTORY {
+                    history.pop_front();
+                }
+                history.push_back(record.clone());
+                let _ = live.send(record);
             }
             Some(reply) = subscribe.recv() => {
                 let _ = reply.send((history.iter().cloned().collect(), live.subscribe()));

@@ -328,6 +328,74 @@ fn a_denial_appears_in_the_event_stream_with_its_budget_and_usage() {
     assert!(other.status.success() && other.stdout.is_empty());
 }
 
+/// What the daemon does itself (a max-age kill, a breaker opened by hand) is in the stream too.
+#[test]
+fn daemon_actions_appear_in_the_event_stream() {
+    if !privileged() {
+        return;
+    }
+    let (rel, _tree) = test_type("daemon-events");
+    let _daemon = start(
+        &policy(
+            "de",
+            &rel,
+            "max_tasks = 5\nmax_age = \"1s\"\non_max_age = \"kill\"\n[type.breaker]\nstartup_window = \"1s\"",
+        ),
+        &[],
+    );
+    let mut old = Reaped(exec_bomb("de", "old", &["hold", "20000"]).spawn().unwrap());
+    assert!(wait_for(Duration::from_secs(5), || old
+        .0
+        .try_wait()
+        .unwrap()
+        .is_some()));
+    let out = cli(&[
+        "breaker",
+        "open",
+        "de",
+        "--for",
+        "30s",
+        "--reason",
+        "upstream down",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = cli(&["events", "--output", "json", "--type", "de"]);
+    let lines: Vec<Value> = String::from_utf8_lossy(&events.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let aged = lines
+        .iter()
+        .find(|v| v["kind"] == "max_age" && v["cause"] == "timer")
+        .unwrap_or_else(|| panic!("no max-age action: {lines:?}"));
+    assert!(
+        aged["instance"].as_str().unwrap().ends_with("/old"),
+        "{aged}"
+    );
+    assert!(
+        aged["message"].as_str().unwrap().ends_with("killed"),
+        "{aged}"
+    );
+    assert_eq!(aged["limit"], 1, "{aged}");
+    let opened = lines
+        .iter()
+        .find(|v| v["kind"] == "breaker" && v["cause"] == "manual")
+        .unwrap_or_else(|| panic!("no manual breaker transition: {lines:?}"));
+    assert_eq!(opened["breaker"]["from"], "closed", "{opened}");
+    assert_eq!(opened["breaker"]["to"], "open", "{opened}");
+    assert!(
+        opened["message"]
+            .as_str()
+            .unwrap()
+            .contains("upstream down"),
+        "{opened}"
+    );
+}
+
 #[test]
 fn a_full_ring_buffer_shows_in_the_dropped_counter_never_as_a_missed_denial() {
     if !privileged() {
