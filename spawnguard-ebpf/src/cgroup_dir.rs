@@ -28,10 +28,16 @@ pub fn cgroup_mkdir(ctx: BtfTracePointContext) -> i32 {
     if !on_cgroup2(cgrp) {
         return 0;
     }
-    if let (Ok(Some(p)), Ok(id)) = (place(cgrp), kernel::cgroup_id(cgrp)) {
-        if p.instance == id {
-            let _ = instance(p);
-        }
+    // One step at a time: evaluated together, LLVM loaded the placement's fields before
+    // knowing there was one, a read of uninitialized stack that kernels before 6.5 refuse.
+    let Ok(id) = kernel::cgroup_id(cgrp) else {
+        return 0;
+    };
+    let Ok(Some(p)) = place(cgrp) else {
+        return 0;
+    };
+    if p.instance == id {
+        let _ = instance(p);
     }
     0
 }

@@ -67,13 +67,31 @@ pub fn task_live_threads(task: Task) -> Result<u32, i32> {
     read::<u32>(signal, o.signal_live)
 }
 
-/// The name of the task's parent (`task->real_parent->comm`); empty when unreadable.
+/// Writes the name of the task's parent (`task->real_parent->comm`, 16 bytes) to `dst`;
+/// zeros when unreadable.
+///
+/// # Safety
+/// `dst` must be valid for writing `TASK_COMM_LEN` bytes.
 #[inline(always)]
-pub fn parent_comm(task: Task) -> [u8; spawnguard_common::TASK_COMM_LEN] {
+pub unsafe fn parent_comm_into(task: Task, dst: *mut u8) {
     let o = offsets();
-    read::<*const u8>(task, o.task_real_parent)
-        .and_then(|parent| read::<[u8; spawnguard_common::TASK_COMM_LEN]>(parent, o.task_comm))
-        .unwrap_or_default()
+    let len = spawnguard_common::TASK_COMM_LEN as u32;
+    let copied = match read::<*const u8>(task, o.task_real_parent) {
+        // SAFETY: the helper copies `len` bytes through the kernel's fault-checked accessor
+        // into `dst` (valid per this function's contract) and zeroes it on failure.
+        Ok(parent) => unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+                dst.cast(),
+                len,
+                parent.wrapping_add(o.task_comm as usize).cast(),
+            ) == 0
+        },
+        Err(_) => false,
+    };
+    if !copied {
+        // SAFETY: as above, `dst` is valid for `len` bytes.
+        unsafe { core::ptr::write_bytes(dst, 0, len as usize) };
+    }
 }
 
 const PF_IO_WORKER: u32 = 0x10;

@@ -5,9 +5,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST},
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
-    },
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, generated},
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
@@ -17,7 +15,7 @@ use spawnguard_common::{
     EVENT_ADMITTED, EVENT_AUDIT_DENIED, EVENT_BREAKER, EVENT_DENIED, EVENT_FAIL_OPEN, EVENT_WARN,
     MAX_DOOMED, MAX_INSTANCES, MAX_PROCESSES, MAX_TYPES, MAX_TYPE_LEVELS, MODE_ENFORCE,
     REASON_FORK_RATE, REASON_HOST_TASKS, REASON_MAX_AGE, REASON_MAX_INSTANCES, REASON_MAX_TASKS,
-    REASON_MAX_THREADS, REASON_TYPE_TASKS,
+    REASON_MAX_THREADS, REASON_TYPE_TASKS, TASK_COMM_LEN,
 };
 use spawnguard_ebpf::{
     admit, breaker_abandon_probe, breaker_denial, breaker_gate, breaker_instance_ended,
@@ -528,7 +526,10 @@ pub fn fail_open(reason: u32, r: &Report) {
 }
 
 /// Not inlined: one copy of the ring-buffer write as a BPF subprogram, not one per call site
-/// (the programs are close to the verifier's complexity limit).
+/// (the programs are close to the verifier's complexity limit). Its frame must stay small: the
+/// verifier limits the stack of a program and its subprograms together to 512 bytes, so every
+/// field is written straight into the reserved ring-buffer record, with no `Event` on the
+/// stack (kernel 6.1 refused a 272-byte frame here).
 #[inline(never)]
 fn emit(kind: u32, reason: u32, r: &Report, usage: u64, limit: u64) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
@@ -537,25 +538,33 @@ fn emit(kind: u32, reason: u32, r: &Report, usage: u64, limit: u64) {
         }
         return;
     };
+    let ev = entry.as_mut_ptr();
     let id = bpf_get_current_pid_tgid();
-    entry.write(Event {
-        ts_ns: now(),
-        instance: r.instance,
-        usage,
-        limit,
-        kind,
-        reason,
-        cause: r.cause,
-        type_idx: r.type_idx,
-        pid: id as u32,
-        tgid: (id >> 32) as u32,
-        target_pid: r.target_pid,
-        backend: backend(),
-        comm: bpf_get_current_comm().unwrap_or_default(),
-        // SAFETY: bpf_get_current_task returns the running task; it is only read through
-        // bpf_probe_read_kernel.
-        parent_comm: crate::kernel::parent_comm(unsafe { bpf_get_current_task() } as *const u8),
-    });
+    // SAFETY: `ev` points to a reserved record of `size_of::<Event>()` bytes that only this
+    // program writes until it is submitted; every field is written (no kernel memory leaks
+    // out); the helpers write at most 16 bytes into the 16-byte name fields.
+    unsafe {
+        (*ev).ts_ns = now();
+        (*ev).instance = r.instance;
+        (*ev).usage = usage;
+        (*ev).limit = limit;
+        (*ev).kind = kind;
+        (*ev).reason = reason;
+        (*ev).cause = r.cause;
+        (*ev).type_idx = r.type_idx;
+        (*ev).pid = id as u32;
+        (*ev).tgid = (id >> 32) as u32;
+        (*ev).target_pid = r.target_pid;
+        (*ev).backend = backend();
+        let comm = (&raw mut (*ev).comm).cast::<c_void>();
+        if generated::bpf_get_current_comm(comm, TASK_COMM_LEN as u32) != 0 {
+            core::ptr::write_bytes((&raw mut (*ev).comm).cast::<u8>(), 0, TASK_COMM_LEN);
+        }
+        crate::kernel::parent_comm_into(
+            bpf_get_current_task() as *const u8,
+            (&raw mut (*ev).parent_comm).cast::<u8>(),
+        );
+    }
     entry.submit(0);
 }
 

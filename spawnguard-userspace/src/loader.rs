@@ -322,7 +322,17 @@ pub fn probe_lsm() -> Result<()> {
     let link = prog
         .attach()
         .context("attaching an lsm/task_alloc program")?;
+    // A new thread passes task_alloc: the program must have run. (Where `bpf` is not an
+    // active LSM, the program attaches but the kernel never calls it.)
+    let _ = std::thread::spawn(|| {}).join();
     prog.detach(link)?;
+    let runs: Array<_, u64> = Array::try_from(
+        ebpf.map("LSM_PROBE_RUNS")
+            .ok_or_else(|| anyhow!("map LSM_PROBE_RUNS missing from the eBPF object"))?,
+    )?;
+    if runs.get(&0, 0)? == 0 {
+        bail!("an lsm/task_alloc program attaches but never runs: bpf is not an active LSM");
+    }
     Ok(())
 }
 
@@ -330,6 +340,14 @@ pub fn preflight() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("spawnguard must run as root: it loads eBPF programs and manages cgroups (try sudo)");
+    }
+    let release = crate::metrics::kernel_release();
+    let (major, minor) = crate::doctor::MIN_KERNEL;
+    if crate::doctor::kernel_version(&release).is_some_and(|v| v < (major, minor)) {
+        bail!(
+            "spawnguard needs Linux {major}.{minor} or newer (its programs use BPF atomic \
+             operations); this kernel is {release} (`spawnguard doctor` checks a host)"
+        );
     }
     if !Path::new(crate::btf::VMLINUX).exists() {
         bail!(

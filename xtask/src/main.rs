@@ -13,6 +13,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod vm;
+
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -21,6 +23,10 @@ const APT_PACKAGES: &[&str] = &[
     "libpolly-22-dev",
     // promtool and a Prometheus server for the metrics tests.
     "prometheus",
+    // The vm-test guests: qemu, and busybox and cpio for their initramfs.
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
 ];
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 const RUST_SRC: &str = "/usr/lib/rustlib/src/rust/library/core";
@@ -50,6 +56,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// build, then boot Debian's 5.10, 6.1 and 6.12 kernels in qemu guests and check
+    /// spawnguard in each (part of `test`).
+    VmTest {
+        /// all, 5.10, 6.1 or 6.12.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+    },
     /// build, then measure fork/thread/syscall overhead with and without spawnguard.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -73,6 +86,15 @@ fn main() -> Result<()> {
             Err(std::os::unix::process::CommandExt::exec(&mut cmd).into())
         }
         Cmd::Test { args } => test(&root, &args),
+        Cmd::VmTest { kernel } => {
+            build()?;
+            let (passed, failed) = vm::test(&root, &kernel)?;
+            println!("vm-test: {passed} passed, {failed} failed");
+            if failed > 0 {
+                bail!("vm-test failed");
+            }
+            Ok(())
+        }
         Cmd::Bench { args } => {
             build()?;
             run(Command::new(root.join("target/release/sg-bench"))
@@ -130,7 +152,10 @@ fn setup() -> Result<()> {
         && Path::new(RUST_SRC).exists()
         && Path::new("/usr/lib/llvm-22/bin/llvm-config").exists()
         && Path::new("/usr/bin/promtool").exists()
-        && Path::new("/usr/bin/prometheus").exists();
+        && Path::new("/usr/bin/prometheus").exists()
+        && Path::new("/usr/bin/qemu-system-x86_64").exists()
+        && Path::new("/bin/busybox").exists()
+        && Path::new("/usr/bin/cpio").exists();
     if !have_toolchain {
         if !is_root() {
             bail!(
@@ -173,7 +198,25 @@ fn build() -> Result<()> {
         "spawnguard-tests",
         "--bins",
     ]))?;
-    build_spawnguard()
+    build_spawnguard()?;
+    build_static_bomb()
+}
+
+/// The bomb, static too: the vm-test guests have no shared libraries.
+fn build_static_bomb() -> Result<()> {
+    run(cargo().args([
+        "rustc",
+        "--release",
+        "--package",
+        "spawnguard-tests",
+        "--bin",
+        "sg-bomb",
+        "--",
+        "-C",
+        "target-feature=+crt-static",
+        "-C",
+        "relocation-model=static",
+    ]))
 }
 
 /// `target/release/spawnguard`, linked statically (glibc included) and not position-independent:
@@ -227,7 +270,26 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
                 .env("SPAWNGUARD_BIN", root.join("target/release/spawnguard")),
         )
     });
-    for t in [Some(&unit), e2e.as_ref()].into_iter().flatten().flatten() {
+    // The same checks on the kernels users run, in qemu guests (not with a test-name filter).
+    let vm = (unit.is_ok() && args.is_empty()).then(|| -> Result<Tally> {
+        // The e2e build relinked the bomb dynamically; the guests need it static.
+        build_static_bomb()?;
+        let (passed, failed) = vm::test(root, "all")?;
+        Ok(Tally { passed, failed })
+    });
+    let vm_failed = match &vm {
+        Some(Ok(t)) => t.failed > 0,
+        Some(Err(e)) => {
+            println!("vm-test could not run: {e:#}");
+            true
+        }
+        None => false,
+    };
+    for t in [Some(&unit), e2e.as_ref(), vm.as_ref()]
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         total.passed += t.passed;
         total.failed += t.failed;
     }
@@ -238,10 +300,14 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     // One closing line for the whole run (cargo prints one per test binary).
     println!(
         "spawnguard: {} passed, {} failed",
-        total.passed, total.failed
+        total.passed,
+        total.failed + u64::from(matches!(vm, Some(Err(_))))
     );
     unit?;
     e2e.unwrap_or_else(|| Ok(Tally::default()))?;
+    if vm_failed {
+        bail!("vm-test failed (guest logs in target/vm/)");
+    }
     Ok(())
 }
 

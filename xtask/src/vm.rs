@@ -1,0 +1,326 @@
+//! `cargo xtask vm-test`: spawnguard on the kernels users run, each in a qemu guest (TCG: this
+//! machine has no usable KVM). Debian's own kernel packages are fetched with a private apt
+//! state (the host's apt configuration and /boot are not touched) and cached under
+//! `target/vm/`; the guest boots an initramfs of busybox, the static `spawnguard`, the static
+//! bomb and `vm/init.sh`, which prints one `SG-CHECK` line per check and `SG-DONE`.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+pub struct Kernel {
+    pub name: &'static str,
+    /// The Debian suite whose `linux-image-amd64` is this kernel.
+    suite: &'static str,
+    /// What the guest checks: `runs` (the whole smoke suite) or `too-old` (doctor and run
+    /// refuse clearly).
+    expect: &'static str,
+    /// The kernel command line's LSM list (None: the kernel's default).
+    lsm: Option<&'static str>,
+}
+
+pub const KERNELS: [Kernel; 3] = [
+    // Booted with its default LSM list, which lacks bpf: doctor must say how to add it.
+    Kernel {
+        name: "5.10",
+        suite: "bullseye",
+        expect: "too-old",
+        lsm: None,
+    },
+    Kernel {
+        name: "6.1",
+        suite: "bookworm",
+        expect: "runs",
+        lsm: Some("lockdown,capability,bpf"),
+    },
+    Kernel {
+        name: "6.12",
+        suite: "trixie",
+        expect: "runs",
+        lsm: Some("lockdown,capability,bpf"),
+    },
+];
+
+const INIT: &str = include_str!("../vm/init.sh");
+const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+const BOOT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// The Debian mirror the host's apt already uses.
+fn mirror() -> String {
+    let sources = fs::read_to_string("/etc/apt/sources.list.d/debian.sources")
+        .or_else(|_| fs::read_to_string("/etc/apt/sources.list"))
+        .unwrap_or_default();
+    sources
+        .lines()
+        .find_map(|l| {
+            let l = l.trim();
+            l.strip_prefix("URIs:")
+                .map(|u| u.trim().to_owned())
+                .or_else(|| {
+                    l.strip_prefix("deb ")
+                        .and_then(|r| r.split_whitespace().find(|w| w.starts_with("http")))
+                        .map(str::to_owned)
+                })
+        })
+        .filter(|u| u.contains("/debian") && !u.contains("security"))
+        .unwrap_or_else(|| "http://deb.debian.org/debian".to_owned())
+}
+
+/// `target/vm/kernels/NAME/vmlinuz`, downloaded and unpacked on first use.
+fn fetch_kernel(dir: &Path, k: &Kernel) -> Result<PathBuf> {
+    let kdir = dir.join("kernels").join(k.name);
+    let vmlinuz = kdir.join("vmlinuz");
+    if vmlinuz.exists() {
+        return Ok(vmlinuz);
+    }
+    let apt = dir.join("apt").join(k.suite);
+    fs::create_dir_all(apt.join("lists/partial"))?;
+    fs::create_dir_all(apt.join("cache/archives/partial"))?;
+    fs::write(
+        apt.join("sources.list"),
+        format!("deb [signed-by={KEYRING}] {} {} main\n", mirror(), k.suite),
+    )?;
+    let opts = [
+        format!(
+            "Dir::Etc::SourceList={}",
+            apt.join("sources.list").display()
+        ),
+        "Dir::Etc::SourceParts=/dev/null".to_owned(),
+        format!("Dir::State::Lists={}", apt.join("lists").display()),
+        format!("Dir::Cache={}", apt.join("cache").display()),
+        "Debug::NoLocking=1".to_owned(),
+        "APT::Sandbox::User=root".to_owned(),
+    ];
+    let apt_cmd = |program: &str| {
+        let mut c = Command::new(program);
+        for o in &opts {
+            c.arg("-o").arg(o);
+        }
+        c.current_dir(&apt);
+        c
+    };
+    eprintln!("xtask: fetching Debian {}'s kernel ({})", k.suite, k.name);
+    run(apt_cmd("apt-get").args(["update", "-qq"]))?;
+    let depends = apt_cmd("apt-cache")
+        .args(["depends", "linux-image-amd64"])
+        .output()?;
+    let text = String::from_utf8_lossy(&depends.stdout);
+    let package = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Depends: "))
+        .filter(|p| p.starts_with("linux-image-"))
+        .with_context(|| format!("no kernel package behind linux-image-amd64 in {text}"))?
+        .to_owned();
+    run(apt_cmd("apt-get").args(["download", "-qq", &package]))?;
+    let deb = fs::read_dir(&apt)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
+        })
+        .with_context(|| format!("{package} was not downloaded"))?;
+    fs::create_dir_all(&kdir)?;
+    run(Command::new("sh").arg("-c").arg(format!(
+        "dpkg-deb --fsys-tarfile '{}' | tar -x -C '{}' --wildcards './boot/vmlinuz-*'",
+        deb.display(),
+        kdir.display()
+    )))?;
+    let unpacked = fs::read_dir(kdir.join("boot"))?
+        .flatten()
+        .map(|e| e.path())
+        .next()
+        .context("no vmlinuz in the kernel package")?;
+    fs::rename(unpacked, &vmlinuz)?;
+    let _ = fs::remove_file(deb);
+    Ok(vmlinuz)
+}
+
+/// An initramfs with busybox, the static binaries and the guest's /init.
+fn initramfs(root: &Path, dir: &Path) -> Result<PathBuf> {
+    let rootfs = dir.join("root");
+    let _ = fs::remove_dir_all(&rootfs);
+    for d in ["bin", "proc", "sys", "dev", "tmp", "run"] {
+        fs::create_dir_all(rootfs.join(d))?;
+    }
+    for (from, name) in [
+        (PathBuf::from("/bin/busybox"), "busybox"),
+        (root.join("target/release/spawnguard"), "spawnguard"),
+        (root.join("target/release/sg-bomb"), "sg-bomb"),
+    ] {
+        fs::copy(&from, rootfs.join("bin").join(name))
+            .with_context(|| format!("copying {} into the guest", from.display()))?;
+    }
+    let init = rootfs.join("init");
+    fs::write(&init, INIT)?;
+    fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let image = dir.join("initramfs.gz");
+    run(Command::new("sh").arg("-c").arg(format!(
+        "cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
+        rootfs.display(),
+        image.display()
+    )))?;
+    Ok(image)
+}
+
+/// Boots the guest and returns its console output (terminal escapes removed).
+fn boot(dir: &Path, k: &Kernel, vmlinuz: &Path, image: &Path) -> Result<String> {
+    let log = dir.join(format!("guest-{}.log", k.name));
+    let mut append = format!("console=ttyS0 panic=-1 quiet sg.expect={}", k.expect);
+    if let Some(lsm) = k.lsm {
+        append += &format!(" lsm={lsm}");
+    }
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max,-la57",
+            "-smp",
+            "2",
+        ])
+        .args(["-m", "1G", "-nographic", "-no-reboot", "-kernel"])
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(image)
+        .arg("-append")
+        .arg(&append)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&log)?)
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let raw = fs::read(&log)?;
+    Ok(strip_escapes(&String::from_utf8_lossy(&raw)))
+}
+
+/// Removes terminal escape sequences and carriage returns from a console log.
+fn strip_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    for d in chars.by_ref() {
+                        if d.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                }
+            }
+            '\r' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// (passed, failed) checks of one guest; a guest that never said `SG-DONE` counts a failure.
+fn verdict(name: &str, log: &str) -> (u64, u64) {
+    let (mut passed, mut failed) = (0, 0);
+    for line in log.lines() {
+        let Some(rest) = line.split_once("SG-CHECK ").map(|(_, r)| r) else {
+            continue;
+        };
+        let mut words = rest.splitn(3, ' ');
+        let (check, result, detail) = (
+            words.next().unwrap_or_default(),
+            words.next().unwrap_or_default(),
+            words.next().unwrap_or_default(),
+        );
+        let ok = result == "ok";
+        println!(
+            "vm-test {name}: {check} ... {} ({detail})",
+            if ok { "ok" } else { "FAILED" }
+        );
+        if ok {
+            passed += 1;
+        } else {
+            failed += 1;
+        }
+    }
+    if !log.contains("SG-DONE") {
+        println!("vm-test {name}: the guest did not finish (see target/vm/guest-{name}.log)");
+        failed += 1;
+    }
+    (passed, failed)
+}
+
+/// Runs the guests named by `which` (`all`, or a kernel name); returns (passed, failed).
+pub fn test(root: &Path, which: &str) -> Result<(u64, u64)> {
+    let selected: Vec<&Kernel> = KERNELS
+        .iter()
+        .filter(|k| which == "all" || k.name == which)
+        .collect();
+    if selected.is_empty() {
+        bail!(
+            "--kernel {which}: choose all or one of {}",
+            KERNELS.map(|k| k.name).join(", ")
+        );
+    }
+    let dir = root.join("target/vm");
+    fs::create_dir_all(&dir)?;
+    let image = initramfs(root, &dir)?;
+    let (mut passed, mut failed) = (0, 0);
+    for k in selected {
+        let vmlinuz = fetch_kernel(&dir, k)?;
+        let started = Instant::now();
+        let log = boot(&dir, k, &vmlinuz, &image)?;
+        let (p, f) = verdict(k.name, &log);
+        println!(
+            "vm-test {}: {p} passed, {f} failed in {:.0} s",
+            k.name,
+            started.elapsed().as_secs_f64()
+        );
+        passed += p;
+        failed += f;
+    }
+    Ok((passed, failed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_escapes_are_stripped_and_checks_counted() {
+        let log = "\u{1b}[2J\u{1b}[?25lSG-BEGIN 6.1\r\nSG-CHECK a ok fine\r\nSG-CHECK b FAIL why\nSG-DONE\n";
+        let clean = strip_escapes(log);
+        assert!(clean.starts_with("SG-BEGIN 6.1\nSG-CHECK a ok fine"));
+        assert_eq!(verdict("t", &clean), (1, 1));
+        assert_eq!(
+            verdict("t", "SG-CHECK a ok x\n"),
+            (1, 1),
+            "no SG-DONE is a failure"
+        );
+    }
+}
