@@ -190,6 +190,7 @@ impl Live {
     }
 
     fn done(&mut self, line: &str) {
+        let line = if interrupted() { "interrupted" } else { line };
         if self.tty {
             println!("\r\x1b[2K  {line}");
         } else {
@@ -243,7 +244,7 @@ fn fork_bomb(exe: &Path, type_dir: &Path) -> Result<()> {
     let mut live = Live::new();
     let (mut peak, mut denied) = (0, 0);
     let end = Instant::now() + BOMB_TIME + Duration::from_millis(500);
-    while Instant::now() < end {
+    while Instant::now() < end && !interrupted() {
         let s = status::snapshot()?;
         let tasks = instance(&s, id).map_or(0, |i| i.tasks);
         peak = peak.max(tasks);
@@ -275,7 +276,7 @@ fn thread_bomb(exe: &Path, type_dir: &Path, backend: &str) -> Result<()> {
     let mut peak = 0;
     let end = Instant::now() + BOMB_TIME;
     let mut status = None;
-    while Instant::now() < end {
+    while Instant::now() < end && !interrupted() {
         let s = status::snapshot()?;
         let threads = instance(&s, id).map_or(0, |i| i.threads);
         peak = peak.max(threads);
@@ -318,7 +319,7 @@ fn respawn_loop(exe: &Path, type_dir: &Path) -> Result<()> {
     let mut live = Live::new();
     let end = Instant::now() + RESPAWN_TIME;
     let mut states = Vec::<String>::new();
-    while Instant::now() < end {
+    while Instant::now() < end && !interrupted() {
         launched += 1;
         let dir = type_dir.join(format!("respawn-{launched}"));
         cgroupfs::ensure_dir(&dir)?;
@@ -356,8 +357,24 @@ fn respawn_loop(exe: &Path, type_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Set by SIGINT/SIGTERM: the scenes stop and everything is cleaned up as on a normal end.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
 pub fn run() -> Result<()> {
     loader::preflight()?;
+    // Ctrl-C must not leave the throw-away type in the operator's policy.
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
     let exe = std::env::current_exe().context("finding the spawnguard binary")?;
     let host = start(&exe)?;
     let state =
@@ -371,15 +388,19 @@ pub fn run() -> Result<()> {
     let backend = state.backend.name();
     // A breaker left open by an earlier demo would spoil this one.
     let _ = crate::breaker::close(DEMO_TYPE);
-    let result = fork_bomb(&exe, &type_dir)
-        .and_then(|()| thread_bomb(&exe, &type_dir, backend))
-        .and_then(|()| respawn_loop(&exe, &type_dir));
+    let scene = |f: &dyn Fn() -> Result<()>| if interrupted() { Ok(()) } else { f() };
+    let result = scene(&|| fork_bomb(&exe, &type_dir))
+        .and_then(|()| scene(&|| thread_bomb(&exe, &type_dir, backend)))
+        .and_then(|()| scene(&|| respawn_loop(&exe, &type_dir)));
     for dir in cgroupfs::children(&type_dir) {
         let _ = cgroupfs::kill_and_remove(&dir);
     }
     drop(host);
     let _ = std::fs::remove_dir(&type_dir);
     result?;
+    if interrupted() {
+        bail!("interrupted; everything the demo made is removed");
+    }
     say(
         "\nEach was stopped in the kernel, at the fork, with no daemon round trip. See \
          `spawnguard status`, `spawnguard events`, `spawnguard top` and /metrics.",
