@@ -13,6 +13,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+use crate::run;
+
 pub struct Kernel {
     pub name: &'static str,
     /// The Debian suite whose `linux-image-amd64` is this kernel.
@@ -49,16 +51,6 @@ pub const KERNELS: [Kernel; 3] = [
 const INIT: &str = include_str!("../vm/init.sh");
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {:?}", cmd.get_program()))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
-}
 
 /// The Debian mirror the host's apt already uses.
 fn mirror() -> String {
