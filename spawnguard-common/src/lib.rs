@@ -28,7 +28,8 @@ pub mod maps {
     pub const META: &str = "META";
     pub const BREAKER_LIMITS: &str = "BREAKER_LIMITS";
     pub const BREAKER_STATE: &str = "BREAKER_STATE";
-    pub const ALL: [&str; 15] = [
+    pub const PENDING: &str = "PENDING";
+    pub const ALL: [&str; 16] = [
         META,
         BREAKER_LIMITS,
         BREAKER_STATE,
@@ -44,13 +45,14 @@ pub mod maps {
         TYPE_STATE,
         HOST_LIMITS,
         HOST_STATE,
+        PENDING,
     ];
 }
 
 /// Version of the layout of every map shared with a running (pinned) enforcer. A daemon adopts
 /// pinned state only of its own layout version; bump it whenever a map's key or value type, or
 /// a map's meaning, changes (the size snapshot test below catches most changes).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Element 0 of `META`: what is pinned, for the daemon that adopts it. Not read by the kernel.
 #[repr(C)]
@@ -107,14 +109,18 @@ pub struct BreakerState {
 pub const MAX_INSTANCES: u32 = 16_384;
 pub const MAX_PROCESSES: u32 = 65_536;
 pub const MAX_DOOMED: u32 = 8_192;
+/// Tasks between `task_alloc` and the fork tracepoint at once (lsm backend).
+pub const MAX_PENDING: u32 = 4_096;
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 
 pub const MODE_AUDIT: u32 = 0;
 pub const MODE_ENFORCE: u32 = 1;
 
-/// How a denied task is stopped. The `lsm` backend (fork fails with EAGAIN) slots in here.
+/// How a denied task is stopped: killed before it runs (kfunc), killed at its first syscall
+/// exit, or never created (`lsm/task_alloc` fails the fork with EAGAIN).
 pub const BACKEND_KILL: u32 = 1;
 pub const BACKEND_KILL_COMPAT: u32 = 2;
+pub const BACKEND_LSM: u32 = 3;
 
 /// Struct member offsets of the running kernel, read from its BTF by the loader and written into
 /// the programs' read-only globals before load. Never hard-coded.
@@ -291,6 +297,23 @@ pub struct ProcessRecord {
     pub live: u64,
 }
 
+/// A task the `lsm` backend admitted in `task_alloc`, keyed by its `task_struct` address until
+/// the fork tracepoint records it (or `task_free` releases it when the fork failed later on).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingTask {
+    pub instance: u64,
+    pub type_idx: u32,
+    /// `PENDING_*` bits.
+    pub flags: u32,
+}
+
+/// The task was counted in `instance` (a thread: in its process's instance); without this bit
+/// it was let through uncounted (fail open) and its exit must not be uncounted either.
+pub const PENDING_COUNTED: u32 = 1;
+/// The task is a thread of an existing process.
+pub const PENDING_THREAD: u32 = 2;
+
 pub const REASON_MAX_TASKS: u32 = 0;
 pub const REASON_MAX_THREADS: u32 = 1;
 pub const REASON_FORK_RATE: u32 = 2;
@@ -423,6 +446,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for ProcessRecord {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for PendingTask {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for TypeCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for GlobalCounters {}
@@ -436,8 +461,8 @@ mod tests {
 
     /// A change here changes what a pinned enforcer holds: bump `LAYOUT_VERSION` with it.
     #[test]
-    fn map_layouts_are_those_of_layout_version_2() {
-        assert_eq!(LAYOUT_VERSION, 2);
+    fn map_layouts_are_those_of_layout_version_3() {
+        assert_eq!(LAYOUT_VERSION, 3);
         let sizes = [
             size_of::<KernelOffsets>(),
             size_of::<TypeDir>(),
@@ -454,10 +479,11 @@ mod tests {
             size_of::<Meta>(),
             size_of::<BreakerLimits>(),
             size_of::<BreakerState>(),
+            size_of::<PendingTask>(),
         ];
         assert_eq!(
             sizes,
-            [60, 8, 20, 136, 16, 24, 8, 56, 16, 200, 72, 96, 16, 184, 192]
+            [60, 8, 20, 136, 16, 24, 8, 56, 16, 200, 72, 96, 16, 184, 192, 16]
         );
     }
 }

@@ -19,6 +19,10 @@ mod sched_process_fork;
 mod state;
 #[cfg(target_arch = "bpf")]
 mod sys_exit;
+#[cfg(target_arch = "bpf")]
+mod task_alloc;
+#[cfg(target_arch = "bpf")]
+mod task_free;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -5,17 +5,18 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use spawnguard_common::{
-    ProcessRecord, CAUSE_FORK, CAUSE_THREAD, FAIL_CONTENDED, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL,
-    FAIL_PROCESSES_FULL, FAIL_READ_ERROR,
+    PendingTask, ProcessRecord, BACKEND_LSM, CAUSE_FORK, CAUSE_THREAD, FAIL_CONTENDED,
+    FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL, FAIL_PROCESSES_FULL, FAIL_READ_ERROR, PENDING_COUNTED,
+    PENDING_THREAD,
 };
-use spawnguard_ebpf::{classify, release_tasks, Admission, Refusal, Request, TaskKind};
+use spawnguard_ebpf::{classify, release_tasks, Request, TaskKind};
 
 use crate::{
     kernel::{self, Task},
     state::{
-        abandon_probe, admit_task, budget, counters, doom, fail_open, instance, mark_uncounted,
-        needs_doom, now, past_max_age, place, process_live, record, stop_new_task, type_counters,
-        Report, DOOMED, INSTANCES, PROCESSES,
+        abandon_probe, admit_process, admit_task, backend, budget, counters, doom, fail_open,
+        instance, mark_uncounted, needs_doom, now, place, process_live, record, release_pending,
+        stop_new_task, type_counters, Report, DOOMED, INSTANCES, PENDING, PROCESSES,
     },
 };
 
@@ -31,6 +32,15 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     // Ids are reused: whatever a previous owner of this pid left in DOOMED must not apply to
     // the new task (it would be killed, or its exit skipped).
     let _ = DOOMED.remove(&child_pid);
+    if backend() == BACKEND_LSM {
+        let key = child as u64;
+        // SAFETY: the value is copied out at once.
+        if let Some(p) = unsafe { PENDING.get(&key) }.copied() {
+            let _ = PENDING.remove(&key);
+            settle_pending(&p, child_pid, child_tgid);
+            return 0;
+        }
+    }
     let parent_tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     match classify(parent_tgid, child_tgid) {
         TaskKind::Thread => new_thread(child, child_pid, child_tgid),
@@ -46,6 +56,50 @@ fn report(cause: u32, type_idx: u32, instance: u64, target_pid: u32) -> Report {
         type_idx,
         instance,
         target_pid,
+    }
+}
+
+/// lsm backend: `task_alloc` decided this task; record it where it was charged.
+#[inline(always)]
+fn settle_pending(p: &PendingTask, pid: u32, tgid: u32) {
+    let counted = p.flags & PENDING_COUNTED != 0;
+    if p.flags & PENDING_THREAD != 0 {
+        if !counted {
+            mark_uncounted(pid);
+            return;
+        }
+        match PROCESSES.get_ptr_mut(&tgid) {
+            Some(rec) => {
+                process_live(rec).fetch_add(1);
+                if let Some(tc) = type_counters(p.type_idx) {
+                    tc.threads_allowed += 1;
+                }
+            }
+            // Its process ended meanwhile: nothing will uncount the thread.
+            None => release_pending(p),
+        }
+        return;
+    }
+    if !counted {
+        // Not counted: no record of an earlier process with this tgid may apply to it.
+        let _ = PROCESSES.remove(&tgid);
+        return;
+    }
+    let rec = ProcessRecord {
+        instance: p.instance,
+        live: 1,
+    };
+    if PROCESSES.insert(&tgid, &rec, BPF_ANY as u64).is_err() {
+        // Uncountable at exit, so not counted now.
+        release_pending(p);
+        fail_open(
+            FAIL_PROCESSES_FULL,
+            &report(CAUSE_FORK, p.type_idx, p.instance, pid),
+        );
+        return;
+    }
+    if let Some(tc) = type_counters(p.type_idx) {
+        tc.forks_allowed += 1;
     }
 }
 
@@ -132,18 +186,7 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
     let Some(c) = counters(state, placement.type_idx) else {
         return;
     };
-    let request = Request {
-        tasks: 1,
-        threads: 0,
-        processes: 1,
-        rate: true,
-        now: now(),
-    };
-    let adm = if past_max_age(state, placement.type_idx, &r) {
-        Admission::refused(Refusal::MaxAge)
-    } else {
-        admit_task(&c, &b, &request, state, &r)
-    };
+    let adm = admit_process(&c, &b, state, &r);
     if adm.counted {
         let rec = ProcessRecord {
             instance: placement.instance,

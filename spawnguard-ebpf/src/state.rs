@@ -10,12 +10,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use spawnguard_common::{
-    Event, GlobalCounters, HostLimits, HostState, InstanceState, ProcessRecord, TypeCounters,
-    TypeDir, TypeLevels, TypeLimits, TypeState, BACKEND_KILL, CAUSE_MIGRATION, EVENTS_BYTES,
+    Event, GlobalCounters, HostLimits, HostState, InstanceState, PendingTask, ProcessRecord,
+    TypeCounters, TypeDir, TypeLevels, TypeLimits, TypeState, CAUSE_MIGRATION, EVENTS_BYTES,
     EVENT_ADMITTED, EVENT_AUDIT_DENIED, EVENT_BREAKER, EVENT_DENIED, EVENT_FAIL_OPEN, EVENT_WARN,
-    MAX_DOOMED, MAX_INSTANCES, MAX_PROCESSES, MAX_TYPES, MAX_TYPE_LEVELS, MODE_ENFORCE,
-    REASON_FORK_RATE, REASON_HOST_TASKS, REASON_MAX_AGE, REASON_MAX_INSTANCES, REASON_MAX_TASKS,
-    REASON_MAX_THREADS, REASON_TYPE_TASKS, TASK_COMM_LEN,
+    MAX_DOOMED, MAX_INSTANCES, MAX_PENDING, MAX_PROCESSES, MAX_TYPES, MAX_TYPE_LEVELS,
+    MODE_ENFORCE, REASON_FORK_RATE, REASON_HOST_TASKS, REASON_MAX_AGE, REASON_MAX_INSTANCES,
+    REASON_MAX_TASKS, REASON_MAX_THREADS, REASON_TYPE_TASKS, TASK_COMM_LEN,
 };
 use spawnguard_ebpf::{
     admit, breaker_abandon_probe, breaker_denial, breaker_gate, breaker_instance_ended,
@@ -60,6 +60,10 @@ pub static PROCESSES: HashMap<u32, ProcessRecord> =
 /// the kill-compat backend kills the refused ones at their next syscall exit.
 #[map]
 pub static DOOMED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DOOMED, 0);
+/// lsm backend: tasks admitted in `task_alloc`, by `task_struct` address, until the fork
+/// tracepoint records them or `task_free` releases a fork that failed after `task_alloc`.
+#[map]
+pub static PENDING: HashMap<u64, PendingTask> = HashMap::with_max_entries(MAX_PENDING, 0);
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 #[map]
@@ -71,10 +75,22 @@ pub static GLOBAL_COUNTERS: PerCpuArray<GlobalCounters> = PerCpuArray::with_max_
 #[unsafe(no_mangle)]
 static BACKEND: u32 = 0;
 
+/// 1 when a task the programs must stop after it exists (every refused task with `kill`; with
+/// `lsm` only a `CLONE_INTO_CGROUP` child or a migration) is killed with the kfunc, 0 when it is
+/// doomed and killed at its next syscall exit by `sys_exit` (then attached). Set by the loader.
+#[unsafe(no_mangle)]
+static STOP_WITH_KFUNC: u32 = 0;
+
 #[inline(always)]
 pub fn backend() -> u32 {
     // SAFETY: a plain read of our own read-only global (volatile: the loader replaces it).
     unsafe { core::ptr::read_volatile(&raw const BACKEND) }
+}
+
+#[inline(always)]
+fn stop_with_kfunc() -> bool {
+    // SAFETY: as for `backend`.
+    unsafe { core::ptr::read_volatile(&raw const STOP_WITH_KFUNC) != 0 }
 }
 
 const SIGKILL: i32 = 9;
@@ -422,6 +438,28 @@ pub fn admit_task(
     adm
 }
 
+/// A new process in an instance (`r` names it): refused while the instance is past a
+/// condemning max age, else counted in like any task.
+#[inline(always)]
+pub fn admit_process(
+    c: &Counters<'_>,
+    b: &Budget,
+    state: *mut InstanceState,
+    r: &Report,
+) -> Admission {
+    if past_max_age(state, r.type_idx, r) {
+        return Admission::refused(Refusal::MaxAge);
+    }
+    let request = Request {
+        tasks: 1,
+        threads: 0,
+        processes: 1,
+        rate: true,
+        now: now(),
+    };
+    admit_task(c, b, &request, state, r)
+}
+
 /// Tells the breaker that an instance ended (its last task left). A start-up failure counts
 /// toward opening it; the probe's end decides the half-open state.
 #[inline(always)]
@@ -586,26 +624,27 @@ pub fn mark_uncounted(pid: u32) -> bool {
     DOOMED.insert(&pid, &DOOM_UNCOUNTED, BPF_ANY as u64).is_ok()
 }
 
-/// Stops a new task that was refused. A new thread cannot die alone (SIGKILL takes its whole
-/// thread group), so with the kill backends a refused thread ends its process; the lsm backend
-/// will fail the clone instead. Under kill-compat the caller has doomed the task and `sys_exit`
-/// kills it before it returns to user code.
+/// Stops a new task that was refused after it was created. A new thread cannot die alone
+/// (SIGKILL takes its whole thread group), so with the kill backends a refused thread ends its
+/// process; the lsm backend fails the clone in `task_alloc` instead and gets here only for what
+/// `task_alloc` could not decide. Without the kfunc the caller has doomed the task and
+/// `sys_exit` kills it before it returns to user code.
 /// Returns false when the kernel refused the signal (the task then runs, uncounted).
 #[inline(always)]
 pub fn stop_new_task(task: Task) -> bool {
-    if backend() == BACKEND_KILL {
+    if stop_with_kfunc() {
         // SAFETY: `task` is the tracepoint's own trusted task pointer, passed unchanged.
         return unsafe { bpf_send_signal_task(task as *mut c_void, SIGKILL, PIDTYPE_PID, 0) } == 0;
     }
     true
 }
 
-/// Stops a whole process that migrated into an instance over its budget (kill-compat: doomed by
-/// the caller, killed at its next syscall exit).
+/// Stops a whole process that migrated into an instance over its budget (without the kfunc:
+/// doomed by the caller, killed at its next syscall exit).
 /// Returns false when the kernel refused the signal (the process then runs, uncounted).
 #[inline(always)]
 pub fn stop_process(task: Task) -> bool {
-    if backend() == BACKEND_KILL {
+    if stop_with_kfunc() {
         // SAFETY: `task` is the tracepoint's own trusted task pointer, passed unchanged.
         return unsafe { bpf_send_signal_task(task as *mut c_void, SIGKILL, PIDTYPE_TGID, 0) } == 0;
     }
@@ -613,8 +652,35 @@ pub fn stop_process(task: Task) -> bool {
 }
 
 /// Whether a refused task must be in DOOMED before it is stopped: threads always (their exit
-/// must not be uncounted), processes when kill-compat does the killing.
+/// must not be uncounted), processes when `sys_exit` does the killing.
 #[inline(always)]
 pub fn needs_doom(thread: bool) -> bool {
-    thread || backend() != BACKEND_KILL
+    thread || !stop_with_kfunc()
+}
+
+/// Gives back what `task_alloc` charged for a task that will never run.
+#[inline(always)]
+pub fn release_pending(p: &PendingTask) {
+    if p.flags & spawnguard_common::PENDING_COUNTED == 0 {
+        return;
+    }
+    let Some(state) = INSTANCES.get_ptr_mut(&p.instance) else {
+        return;
+    };
+    let Some(c) = counters(state, p.type_idx) else {
+        return;
+    };
+    let thread = p.flags & spawnguard_common::PENDING_THREAD != 0;
+    let (threads, processes) = if thread { (1, 0) } else { (0, 1) };
+    let left = release_tasks(&c, 1, threads, processes);
+    if left.closed {
+        // The instance it opened never started: not a start-up failure, but no longer the
+        // breaker's probe either.
+        abandon_probe(&Report {
+            cause: spawnguard_common::CAUSE_FORK,
+            type_idx: p.type_idx,
+            instance: p.instance,
+            target_pid: 0,
+        });
+    }
 }

@@ -129,8 +129,9 @@ pub fn run() -> Report {
             Level::Warn,
             "bpf_send_signal_task missing (kernel < 6.13): no kill backend",
             Some(
-                "kill-compat is used instead (a hook on every syscall exit, about +130 ns a \
-                 syscall); a 6.13+ kernel removes that cost",
+                "kill-compat, and lsm for what task_alloc cannot refuse (migrations), use a \
+                 hook on every syscall exit instead (about +130 ns a syscall); a 6.13+ kernel \
+                 removes that cost",
             ),
         )
     });
@@ -167,14 +168,7 @@ pub fn run() -> Report {
         ),
     });
     let probe = if root && btf.is_ok() {
-        // aya appends the (empty) verifier log to a refused load: only the reason is kept.
-        loader::probe_lsm().map_err(|e| {
-            let e = format!("{e:#}");
-            e.split(". Verifier output")
-                .next()
-                .unwrap_or_default()
-                .to_owned()
-        })
+        loader::probe_lsm_reason()
     } else {
         Err("not tried (needs root and BTF)".into())
     };
@@ -274,25 +268,16 @@ pub fn run() -> Report {
     });
 
     let can_run = checks.iter().all(|c| c.level != Level::Fatal);
-    let (backend, backend_reason) = match (can_run, has_kfunc) {
-        (false, _) => (
+    let (backend, backend_reason) = if can_run {
+        match loader::Backend::select(loader::BackendChoice::Auto, has_kfunc, &probe) {
+            Ok((b, why)) => (Some(b.name().to_owned()), why),
+            Err(e) => (None, format!("{e:#}")),
+        }
+    } else {
+        (
             None,
             "spawnguard cannot run here: see the fatal checks".to_owned(),
-        ),
-        (true, true) => (
-            Some("kill".to_owned()),
-            "the kernel has the bpf_send_signal_task kfunc (no per-syscall cost)".to_owned(),
-        ),
-        (true, false) => (
-            Some("kill-compat".to_owned()),
-            "the kernel lacks the bpf_send_signal_task kfunc (needs >= 6.13)".to_owned(),
-        ),
-    };
-    let backend_reason = match (&backend, &probe) {
-        (Some(_), Ok(())) => format!(
-            "{backend_reason}; BPF LSM programs work here, but this version has no lsm backend yet"
-        ),
-        _ => backend_reason,
+        )
     };
     Report {
         kernel: release,

@@ -12,8 +12,8 @@ use anyhow::Result;
 use aya::maps::{Array, MapData, RingBuf};
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
-    maps, Event, BACKEND_KILL, CAUSE_EXIT, CAUSE_FORK, CAUSE_MIGRATION, CAUSE_THREAD,
-    EVENT_ADMITTED, EVENT_AUDIT_DENIED, EVENT_BREAKER, EVENT_DENIED, EVENT_FAIL_OPEN,
+    maps, Event, BACKEND_KILL, BACKEND_KILL_COMPAT, CAUSE_EXIT, CAUSE_FORK, CAUSE_MIGRATION,
+    CAUSE_THREAD, EVENT_ADMITTED, EVENT_AUDIT_DENIED, EVENT_BREAKER, EVENT_DENIED, EVENT_FAIL_OPEN,
     EVENT_MAX_AGE, EVENT_WARN, FAIL_CONTENDED, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL,
     FAIL_PROCESSES_FULL, REASON_FORK_RATE, REASON_HOST_TASKS, REASON_MAX_AGE, REASON_MAX_INSTANCES,
     REASON_MAX_TASKS, REASON_MAX_THREADS, REASON_TYPE_TASKS,
@@ -155,11 +155,17 @@ pub fn describe(ev: &Event, names: &mut Names) -> String {
         r => format!("{} {}/{}", reason_name(r), ev.usage, ev.limit),
     };
     match ev.kind {
+        EVENT_DENIED if ev.target_pid == 0 => format!(
+            "denied {what} in {instance} (type {type_name}): {limit}; pid {} ({}) got EAGAIN, \
+             no task was created",
+            ev.pid,
+            comm(ev),
+        ),
         EVENT_DENIED => {
-            let action = if ev.backend == BACKEND_KILL {
-                "killed before it ran"
-            } else {
-                "killed at its first syscall exit"
+            let action = match ev.backend {
+                BACKEND_KILL => "killed before it ran",
+                BACKEND_KILL_COMPAT => "killed at its first syscall exit",
+                _ => "killed",
             };
             format!(
                 "denied {what} in {instance} (type {type_name}): {limit}; pid {} ({}), \
@@ -354,12 +360,9 @@ impl EventRecord {
             comm: comm(ev),
             parent_comm: text(&ev.parent_comm),
             target_pid: (ev.target_pid != 0).then_some(ev.target_pid),
-            backend: if ev.backend == BACKEND_KILL {
-                "kill"
-            } else {
-                "kill-compat"
-            }
-            .to_owned(),
+            backend: crate::loader::Backend::from_code(ev.backend)
+                .name()
+                .to_owned(),
             breaker: None,
             message,
         };

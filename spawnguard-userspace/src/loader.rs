@@ -9,21 +9,22 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Array, HashMap, Map, MapData, RingBuf},
-    programs::{links::FdLink, BtfTracePoint, RawTracePoint},
+    programs::{links::FdLink, BtfTracePoint, Lsm, RawTracePoint},
     Ebpf, EbpfLoader,
 };
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
     maps, BreakerLimits, HostLimits, InstanceState, Meta, TypeDir, TypeLevels, TypeLimits,
-    BACKEND_KILL, BACKEND_KILL_COMPAT, LAYOUT_VERSION, MAX_TYPES, MAX_TYPE_LEVELS, MODE_AUDIT,
-    MODE_ENFORCE, NO_LIMIT, ON_MAX_AGE_EVENT, ON_MAX_AGE_FREEZE, ON_MAX_AGE_KILL, TYPE_NAME_LEN,
+    BACKEND_KILL, BACKEND_KILL_COMPAT, BACKEND_LSM, LAYOUT_VERSION, MAX_TYPES, MAX_TYPE_LEVELS,
+    MODE_AUDIT, MODE_ENFORCE, NO_LIMIT, ON_MAX_AGE_EVENT, ON_MAX_AGE_FREEZE, ON_MAX_AGE_KILL,
+    TYPE_NAME_LEN,
 };
 use spawnguard_ebpf::{rate_interval_ns, rate_window_ns};
 
 use crate::{
     btf::Btf,
     cgroupfs::{self, Cgroup2},
-    kfunc::{patch_kfunc_calls, KfuncPatch},
+    kfunc::patch_kfunc_calls,
     policy::{Mode, OnMaxAge, Policy},
 };
 
@@ -42,14 +43,17 @@ pub const KILL_KFUNC: &str = "bpf_send_signal_task";
 pub enum BackendChoice {
     #[default]
     Auto,
+    Lsm,
     Kill,
     KillCompat,
 }
 
-/// How a denied task is stopped. `lsm` (fork fails with EAGAIN) will be the third.
+/// How a denied task is stopped: `lsm` fails the fork with EAGAIN (nothing is killed); `kill`
+/// and `kill-compat` kill the new task before it runs user code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Backend {
+    Lsm,
     Kill,
     KillCompat,
 }
@@ -57,37 +61,85 @@ pub enum Backend {
 impl Backend {
     fn code(self) -> u32 {
         match self {
+            Backend::Lsm => BACKEND_LSM,
             Backend::Kill => BACKEND_KILL,
             Backend::KillCompat => BACKEND_KILL_COMPAT,
         }
     }
 
+    pub fn from_code(code: u32) -> Self {
+        match code {
+            BACKEND_LSM => Backend::Lsm,
+            BACKEND_KILL => Backend::Kill,
+            _ => Backend::KillCompat,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
+            Backend::Lsm => "lsm",
             Backend::Kill => "kill",
             Backend::KillCompat => "kill-compat",
         }
     }
 
-    /// Picks the best backend this kernel supports, or checks a forced one.
-    pub fn select(choice: BackendChoice, kfuncs: &KfuncPatch) -> Result<(Self, &'static str)> {
-        let has_kill = kfuncs.has(KILL_KFUNC);
-        match choice {
-            BackendChoice::Auto if has_kill => Ok((
+    /// Whether a task refused after it exists is killed with the kfunc (else `sys_exit` kills
+    /// it at its next syscall exit, and is attached for that).
+    fn stops_with_kfunc(self, has_kill: bool) -> bool {
+        match self {
+            Backend::Kill => true,
+            Backend::Lsm => has_kill,
+            Backend::KillCompat => false,
+        }
+    }
+
+    /// Picks the best backend this kernel supports (`lsm` where BPF LSM programs run, then
+    /// `kill` where the kfunc exists, then `kill-compat`), or checks a forced one. `lsm` is
+    /// the outcome of `probe_lsm`. Returns the backend and why, in one line.
+    pub fn select(
+        choice: BackendChoice,
+        has_kill: bool,
+        lsm: &std::result::Result<(), String>,
+    ) -> Result<(Self, String)> {
+        let after_kill = if has_kill {
+            "with the bpf_send_signal_task kfunc for migrations (no per-syscall cost)"
+        } else {
+            "with a syscall-exit hook for migrations (no bpf_send_signal_task kfunc, needs \
+             >= 6.13)"
+        };
+        Ok(match (choice, lsm) {
+            (BackendChoice::Auto, Ok(())) => (
+                Backend::Lsm,
+                format!("BPF LSM programs run here: a denied fork fails with EAGAIN, {after_kill}"),
+            ),
+            (BackendChoice::Auto, Err(why)) if has_kill => (
                 Backend::Kill,
-                "the kernel has the bpf_send_signal_task kfunc (no per-syscall cost)",
-            )),
-            BackendChoice::Auto => Ok((
+                format!(
+                    "no lsm backend ({why}); the kernel has the bpf_send_signal_task kfunc \
+                     (no per-syscall cost)"
+                ),
+            ),
+            (BackendChoice::Auto, Err(why)) => (
                 Backend::KillCompat,
-                "the kernel lacks the bpf_send_signal_task kfunc (needs >= 6.13)",
-            )),
-            BackendChoice::Kill if !has_kill => bail!(
+                format!(
+                    "no lsm backend ({why}); the kernel lacks the bpf_send_signal_task kfunc \
+                     (needs >= 6.13)"
+                ),
+            ),
+            (BackendChoice::Lsm, Err(why)) => bail!(
+                "--backend lsm needs BPF LSM programs, which this kernel does not run: {why} \
+                 (`spawnguard doctor` says what to change; or use --backend auto)"
+            ),
+            (BackendChoice::Lsm, Ok(())) => {
+                (Backend::Lsm, format!("forced with --backend, {after_kill}"))
+            }
+            (BackendChoice::Kill, _) if !has_kill => bail!(
                 "--backend kill needs the bpf_send_signal_task kfunc (kernel >= 6.13), which \
                  this kernel lacks; use --backend kill-compat or auto"
             ),
-            BackendChoice::Kill => Ok((Backend::Kill, "forced with --backend")),
-            BackendChoice::KillCompat => Ok((Backend::KillCompat, "forced with --backend")),
-        }
+            (BackendChoice::Kill, _) => (Backend::Kill, "forced with --backend".into()),
+            (BackendChoice::KillCompat, _) => (Backend::KillCompat, "forced with --backend".into()),
+        })
     }
 }
 
@@ -336,6 +388,17 @@ pub fn probe_lsm() -> Result<()> {
     Ok(())
 }
 
+/// `probe_lsm` with its error as one line (aya appends an empty verifier log to a refused load).
+pub fn probe_lsm_reason() -> std::result::Result<(), String> {
+    probe_lsm().map_err(|e| {
+        format!("{e:#}")
+            .split(". Verifier output")
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    })
+}
+
 pub fn preflight() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -394,12 +457,10 @@ impl Enforcer {
                 meta.layout_version
             );
         }
-        let backend = match meta.backend {
-            BACKEND_KILL => Backend::Kill,
-            _ => Backend::KillCompat,
-        };
+        let backend = Backend::from_code(meta.backend);
         let forced = match choice {
             BackendChoice::Auto => None,
+            BackendChoice::Lsm => Some(Backend::Lsm),
             BackendChoice::Kill => Some(Backend::Kill),
             BackendChoice::KillCompat => Some(Backend::KillCompat),
         };
@@ -430,15 +491,21 @@ impl Enforcer {
             .context("reading struct offsets from the kernel's BTF")?;
         let mut object = EBPF_OBJECT.to_vec();
         let kfuncs = patch_kfunc_calls(&mut object, &btf)?;
-        let (backend, reason) = Backend::select(choice, &kfuncs)?;
-        let mut backend_reason = reason.to_owned();
+        let has_kill = kfuncs.has(KILL_KFUNC);
+        let lsm = match choice {
+            BackendChoice::Auto | BackendChoice::Lsm => probe_lsm_reason(),
+            _ => Err("not asked for".into()),
+        };
+        let (backend, mut backend_reason) = Backend::select(choice, has_kill, &lsm)?;
         if !kfuncs.missing.is_empty() {
             backend_reason += &format!("; kfuncs missing: {}", kfuncs.missing.join(", "));
         }
         let backend_code = backend.code();
+        let stop_with_kfunc = u32::from(backend.stops_with_kfunc(has_kill));
         let mut ebpf = EbpfLoader::new()
             .override_global("KERNEL_OFFSETS", &offsets, true)
             .override_global("BACKEND", &backend_code, true)
+            .override_global("STOP_WITH_KFUNC", &stop_with_kfunc, true)
             .load(&object)
             .context("loading the eBPF object")?;
         std::fs::create_dir_all(dir.join("maps"))
@@ -469,7 +536,7 @@ impl Enforcer {
         // Count what already runs in the instances before enforcing: in audit mode, so the
         // agents found running are counted, never stopped.
         enforcer.apply_policy(policy, types, true)?;
-        attach_and_pin(&mut ebpf, backend, &enforcer.dir)?;
+        attach_and_pin(&mut ebpf, backend, stop_with_kfunc != 0, &enforcer.dir)?;
         drop(ebpf);
         let reconciled = reconcile(&enforcer.dir, types)?;
         enforcer.apply_policy(policy, types, false)?;
@@ -601,7 +668,7 @@ fn assign_indices(existing: &[Option<String>], types: &[PlacedType]) -> Vec<u32>
 }
 
 /// Loads every hook, attaches it, and pins the link so the hook outlives this process.
-fn attach_and_pin(ebpf: &mut Ebpf, backend: Backend, dir: &Path) -> Result<()> {
+fn attach_and_pin(ebpf: &mut Ebpf, backend: Backend, kfunc: bool, dir: &Path) -> Result<()> {
     let links = dir.join("links");
     std::fs::create_dir_all(&links).with_context(|| format!("creating {}", links.display()))?;
     let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
@@ -619,7 +686,24 @@ fn attach_and_pin(ebpf: &mut Ebpf, backend: Backend, dir: &Path) -> Result<()> {
             .pin(links.join(hook))
             .with_context(|| format!("pinning the {hook} link"))?;
     }
-    if backend == Backend::KillCompat {
+    if backend == Backend::Lsm {
+        // task_free first: a fork admitted by task_alloc must always be released if it fails.
+        for hook in ["task_free", "task_alloc"] {
+            let prog: &mut Lsm = ebpf
+                .program_mut(hook)
+                .ok_or_else(|| anyhow!("program {hook} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load(hook, &btf)
+                .with_context(|| format!("loading the lsm/{hook} program"))?;
+            let id = prog
+                .attach()
+                .with_context(|| format!("attaching the lsm/{hook} program"))?;
+            FdLink::from(prog.take_link(id)?)
+                .pin(links.join(hook))
+                .with_context(|| format!("pinning the lsm/{hook} link"))?;
+        }
+    }
+    if !kfunc {
         let prog: &mut RawTracePoint = ebpf
             .program_mut("sys_exit")
             .ok_or_else(|| anyhow!("program sys_exit missing from the eBPF object"))?
@@ -682,4 +766,49 @@ pub fn uninstall() -> Result<bool> {
     }
     std::fs::remove_dir_all(root).with_context(|| format!("removing {PIN_ROOT}"))?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_prefers_lsm_then_kill_then_kill_compat() {
+        let lsm_ok = Ok(());
+        let no_lsm: std::result::Result<(), String> = Err("bpf is not an active LSM".into());
+        let pick = |has_kill, lsm: &std::result::Result<(), String>| {
+            Backend::select(BackendChoice::Auto, has_kill, lsm).unwrap()
+        };
+        assert_eq!(pick(true, &lsm_ok).0, Backend::Lsm);
+        assert_eq!(pick(false, &lsm_ok).0, Backend::Lsm);
+        let (b, why) = pick(true, &no_lsm);
+        assert_eq!(b, Backend::Kill);
+        assert!(why.contains("bpf is not an active LSM"), "{why}");
+        let (b, why) = pick(false, &no_lsm);
+        assert_eq!(b, Backend::KillCompat);
+        assert!(
+            why.contains("lacks the bpf_send_signal_task kfunc"),
+            "{why}"
+        );
+        // lsm kills what task_alloc cannot refuse with the kfunc where there is one.
+        assert!(Backend::Lsm.stops_with_kfunc(true));
+        assert!(!Backend::Lsm.stops_with_kfunc(false));
+        assert!(!Backend::KillCompat.stops_with_kfunc(true));
+    }
+
+    #[test]
+    fn a_forced_backend_the_kernel_lacks_is_refused_with_the_reason() {
+        let no_lsm: std::result::Result<(), String> = Err("EPERM loading it".into());
+        let e = Backend::select(BackendChoice::Lsm, true, &no_lsm).unwrap_err();
+        assert!(
+            format!("{e}").starts_with("--backend lsm needs BPF LSM programs")
+                && format!("{e}").contains("EPERM loading it"),
+            "{e}"
+        );
+        let e = Backend::select(BackendChoice::Kill, false, &Ok(())).unwrap_err();
+        assert!(format!("{e}").starts_with("--backend kill needs"), "{e}");
+        for code in [BACKEND_LSM, BACKEND_KILL, BACKEND_KILL_COMPAT] {
+            assert_eq!(Backend::from_code(code).code(), code);
+        }
+    }
 }

@@ -57,7 +57,9 @@ enum Command {
         /// Policy file (TOML); the embedded default policy when omitted.
         #[arg(long)]
         policy: Option<PathBuf>,
-        /// How denied tasks are stopped; `auto` picks the best this kernel supports.
+        /// How denied tasks are stopped: `lsm` fails the fork with EAGAIN, `kill` and
+        /// `kill-compat` kill the new task before it runs; `auto` picks the first of these
+        /// this kernel supports.
         #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
         backend: BackendChoice,
         /// Remove the enforcer from the kernel when the daemon stops. By default it stays

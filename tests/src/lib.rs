@@ -13,10 +13,79 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-pub const BACKENDS: [&str; 2] = ["kill", "kill-compat"];
+/// Every backend; which of them run depends on the kernel (`backend_runs_here`).
+pub const BACKENDS: [&str; 3] = ["lsm", "kill", "kill-compat"];
+
+/// Whether `backend` can run on this kernel: the comma-separated list in `SG_TEST_BACKENDS`
+/// when set (the vm-test guests set it), else what `spawnguard doctor` finds here.
+pub fn backend_runs_here(backend: &str) -> bool {
+    static HERE: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    HERE.get_or_init(|| {
+        if let Ok(list) = std::env::var("SG_TEST_BACKENDS") {
+            return list.split(',').map(|b| b.trim().to_owned()).collect();
+        }
+        let out = Command::new(spawnguard_bin())
+            .args(["doctor", "--output", "json"])
+            .output()
+            .expect("run spawnguard doctor");
+        let r: Value = serde_json::from_slice(&out.stdout).expect("doctor's JSON");
+        let ok = |name: &str| {
+            r["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["name"] == name && c["level"] == "ok")
+        };
+        let mut here = vec!["kill-compat".to_owned()];
+        if ok("kfunc") {
+            here.push("kill".into());
+        }
+        if ok("bpf lsm programs") {
+            here.push("lsm".into());
+        }
+        here
+    })
+    .iter()
+    .any(|b| b == backend)
+}
+
+/// A backend this kernel cannot run: `run --backend` refuses it with one line that says why,
+/// and leaves nothing loaded.
+pub fn assert_backend_refused(backend: &str) {
+    uninstall();
+    let out = Command::new(spawnguard_bin())
+        .args(["run", "--no-pin", "--backend", backend])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "--backend {backend} ran: {err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("spawnguard: ") && last.contains(&format!("--backend {backend} needs")),
+        "{err}"
+    );
+    assert!(
+        !Path::new(PIN_DIR).join("links").exists(),
+        "a refused backend left an enforcer behind"
+    );
+}
+
+/// Runs `test` with `backend` where this kernel has it; elsewhere checks that the backend is
+/// refused cleanly (the vm-test guests run it for real).
+pub fn with_backend(backend: &str, test: fn(&str)) {
+    if !privileged() {
+        return;
+    }
+    if backend_runs_here(backend) {
+        test(backend);
+    } else {
+        assert_backend_refused(backend);
+    }
+}
 
 /// Where the enforcer is pinned (`v` + the map layout version).
-pub const PIN_DIR: &str = "/sys/fs/bpf/spawnguard/v2";
+pub const PIN_DIR: &str = "/sys/fs/bpf/spawnguard/v3";
 
 /// Whether privileged tests can run here. Under `CI=true` they must: not being able to is a
 /// failure, not a skip.
@@ -48,7 +117,9 @@ pub fn spawnguard_bin() -> PathBuf {
 }
 
 pub fn bomb_bin() -> PathBuf {
-    workspace_target().join("sg-bomb")
+    std::env::var_os("SG_BOMB_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_target().join("sg-bomb"))
 }
 
 /// The cgroup2 mount point, from /proc/self/mountinfo.
@@ -252,10 +323,10 @@ impl Daemon {
         Self::launch(policy, &["--backend", backend, "--no-pin"])
     }
 
-    /// `start` with extra `spawnguard run` arguments (kill backend).
+    /// `start` with extra `spawnguard run` arguments (the backend `auto` picks).
     pub fn start_with(policy: &str, args: &[&str]) -> Result<Self> {
         uninstall();
-        let mut all = vec!["--backend", "kill", "--no-pin"];
+        let mut all = vec!["--backend", "auto", "--no-pin"];
         all.extend_from_slice(args);
         Self::launch(policy, &all)
     }

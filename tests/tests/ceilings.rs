@@ -24,7 +24,7 @@ fn a_type_at_its_ceiling_admits_no_new_instance() {
     let (rel, tree) = test_type("ceiling");
     let daemon = Daemon::start(
         &policy("ce", &rel, "max_tasks = 10\nmax_instances = 3"),
-        "kill",
+        "auto",
     )
     .unwrap();
     let mut live: Vec<_> = ["a", "b", "c"]
@@ -81,7 +81,7 @@ fn instances_racing_for_the_last_slot_one_wins() {
     let (rel, tree) = test_type("race");
     let _daemon = Daemon::start(
         &policy("ra", &rel, "max_tasks = 10\nmax_instances = 2"),
-        "kill",
+        "auto",
     )
     .unwrap();
     let mut holder = exec_bomb("ra", "holder", &["hold", "60000"])
@@ -131,7 +131,7 @@ fn type_and_host_budgets_deny_with_their_own_reason() {
     {
         let _daemon = Daemon::start(
             &policy("tt", &rel, "max_tasks = 10\nmax_total_tasks = 6"),
-            "kill",
+            "auto",
         )
         .unwrap();
         let mut a = exec_bomb("tt", "a", &["threads", "300", "3", "3000"])
@@ -159,7 +159,7 @@ fn type_and_host_budgets_deny_with_their_own_reason() {
             "[host]\nmax_tasks = 10\nwarn_at = 0.3\ndeny_at = 0.5\n\n{}",
             policy("hb", &rel, "max_tasks = 100")
         ),
-        "kill",
+        "auto",
     )
     .unwrap();
     let inst = tree.root.join("a");
@@ -197,7 +197,7 @@ fn an_exempt_type_is_counted_and_reported_never_denied() {
             &rel,
             "max_tasks = 5\nmax_instances = 1\nexempt = true",
         ),
-        "kill",
+        "auto",
     )
     .unwrap();
     let out = exec_bomb("ex", "a", &["fork", "800", "15", "600"])

@@ -5,14 +5,18 @@ use std::{fs, path::Path, process::Command, thread::sleep, time::Duration};
 
 use spawnguard_tests::*;
 
-/// Runs `body` for each backend (`kill`, `kill-compat`) unless privileged tests cannot run.
+/// Runs each test once per backend (`lsm`, `kill`, `kill-compat`): for real where this kernel
+/// has the backend, else as a check that `run` refuses it cleanly.
 macro_rules! per_backend {
     ($($name:ident),* $(,)?) => {
+        mod lsm {
+            $(#[test] fn $name() { super::with_backend("lsm", super::$name); })*
+        }
         mod kill {
-            $(#[test] fn $name() { if super::privileged() { super::$name("kill"); } })*
+            $(#[test] fn $name() { super::with_backend("kill", super::$name); })*
         }
         mod kill_compat {
-            $(#[test] fn $name() { if super::privileged() { super::$name("kill-compat"); } })*
+            $(#[test] fn $name() { super::with_backend("kill-compat", super::$name); })*
         }
     };
 }
@@ -58,6 +62,20 @@ fn fork_bomb_is_held_at_max_tasks(backend: &str) {
     let out = bomb.wait_with_output().unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(report_value(&report, "attempts") > 40, "{report}");
+    if backend == "lsm" {
+        // Every denial was a fork() failing with EAGAIN in the bomb; nothing was killed.
+        assert!(report_value(&report, "eagain") > 0, "{report}");
+        assert_eq!(
+            report_value(&report, "failed"),
+            report_value(&report, "eagain"),
+            "{report}"
+        );
+        assert_eq!(report_value(&report, "killed"), 0, "{report}");
+    } else {
+        // Every fork() succeeded; the denied children were killed before they ran.
+        assert_eq!(report_value(&report, "failed"), 0, "{report}");
+        assert!(report_value(&report, "killed") > 0, "{report}");
+    }
     assert!(wait_for(Duration::from_secs(10), || subtree_threads(&inst)
         .is_empty()));
     assert!(
@@ -94,15 +112,27 @@ fn thread_bomb_is_held_at_max_threads(backend: &str) {
         == (0, 0, 0)));
 
     // Over the budget: never more than 16 threads. With the kill backends a refused thread
-    // takes its process with it (SIGKILL is fatal to the whole thread group).
+    // takes its process with it (SIGKILL is fatal to the whole thread group); with lsm the
+    // 17th pthread_create fails.
     let inst = tree.root.join("over");
     let bomb = exec_bomb("tb", "over", &["threads", "2000", "500", "1500"])
         .spawn()
         .unwrap();
     let most = max_held(&inst, Duration::from_millis(2000), 16, true);
     assert!(most <= 16, "the instance held {most} threads, budget 16");
-    let status = bomb.wait_with_output().unwrap().status;
-    assert!(!status.success(), "the over-budget thread bomb was stopped");
+    let out = bomb.wait_with_output().unwrap();
+    if backend == "lsm" {
+        // pthread_create failed with EAGAIN past the budget; the process lived on.
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{:?} {report}", out.status);
+        assert_eq!(report_value(&report, "created"), 16, "{report}");
+        assert!(report_value(&report, "failed") > 0, "{report}");
+    } else {
+        assert!(
+            !out.status.success(),
+            "the over-budget thread bomb was stopped"
+        );
+    }
     let t = type_status("tb");
     // 10 threads in the first run, then exactly the 16 the budget allows: the bomb filled it
     // (too fast to be sampled: the refused 17th thread ends the process within microseconds).
@@ -134,7 +164,12 @@ fn fork_rate_gives_burst_plus_rate(backend: &str) {
         (ran - expected).abs() <= expected * 0.05,
         "{ran} children ran in {elapsed:.2} s; burst + rate allows {expected:.0} (±5 %): {report}"
     );
-    assert!(report_value(&report, "killed") > 0, "{report}");
+    if backend == "lsm" {
+        assert!(report_value(&report, "failed") > 0, "{report}");
+        assert_eq!(report_value(&report, "killed"), 0, "{report}");
+    } else {
+        assert!(report_value(&report, "killed") > 0, "{report}");
+    }
     let t = type_status("rt");
     assert!(t["denied"]["fork_rate"].as_u64().unwrap() > 0, "{t}");
     drop(tree);
@@ -273,7 +308,7 @@ fn no_pin_daemon_detaches_cleanly_on_sigterm() {
         return;
     }
     let (rel, _tree) = test_type("detach");
-    let mut daemon = Daemon::start(&policy("dt", &rel, "max_tasks = 4"), "kill").unwrap();
+    let mut daemon = Daemon::start(&policy("dt", &rel, "max_tasks = 4"), "auto").unwrap();
     assert!(Path::new(PIN_DIR).join("maps/INSTANCES").exists());
     assert!(Path::new(PIN_DIR).join("links/sched_process_fork").exists());
     let second = Command::new(spawnguard_bin())
@@ -323,7 +358,7 @@ fn full_ring_buffer_drops_events_not_denials() {
         return;
     }
     let (rel, tree) = test_type("ringfull");
-    let daemon = Daemon::start(&policy("rf", &rel, "max_tasks = 10"), "kill").unwrap();
+    let daemon = Daemon::start(&policy("rf", &rel, "max_tasks = 10"), "auto").unwrap();
     // SAFETY: stopping and resuming our own child.
     unsafe { libc::kill(daemon.pid() as i32, libc::SIGSTOP) };
     let inst = tree.root.join("i1");

@@ -81,10 +81,11 @@ fn a_first_daemon_counts_the_agents_already_running() {
         fs::write(dir.join("cgroup.procs"), child.id().to_string()).unwrap();
         child
     };
+    // They hold for 60 s: a first install verifies for up to 40 s in the TCG guests.
     let mut running = vec![
-        start(&a, &["threads", "100", "5", "10000"]),
-        start(&a, &["hold", "10000"]),
-        start(&nested, &["threads", "100", "2", "10000"]),
+        start(&a, &["threads", "100", "5", "60000"]),
+        start(&a, &["hold", "60000"]),
+        start(&nested, &["threads", "100", "2", "60000"]),
     ];
     // Already over budget: counted, not killed.
     let _daemon = Daemon::start_pinned(&policy("rc", &rel, "max_tasks = 5")).unwrap();

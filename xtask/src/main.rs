@@ -57,11 +57,21 @@ enum Cmd {
         args: Vec<String>,
     },
     /// build, then boot Debian's 5.10, 6.1 and 6.12 kernels in qemu guests and check
-    /// spawnguard in each (part of `test`).
+    /// spawnguard in each: smoke checks, then the end-to-end suite (part of `test`).
     VmTest {
-        /// all, 5.10, 6.1 or 6.12.
+        /// all, 5.10, 6.1, 6.12 or 6.12-no-bpf-lsm.
         #[arg(long, default_value = "all")]
         kernel: String,
+        /// Only the smoke checks, not the end-to-end suite.
+        #[arg(long)]
+        smoke: bool,
+        /// Run only the end-to-end tests whose names contain this.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Measure fork/thread/syscall overhead (lsm, kill-compat) in each guest instead of
+        /// running the end-to-end suite (TCG: compare ratios within a guest only).
+        #[arg(long)]
+        bench: bool,
     },
     /// build, then measure fork/thread/syscall overhead with and without spawnguard.
     Bench {
@@ -86,9 +96,23 @@ fn main() -> Result<()> {
             Err(std::os::unix::process::CommandExt::exec(&mut cmd).into())
         }
         Cmd::Test { args } => test(&root, &args),
-        Cmd::VmTest { kernel } => {
+        Cmd::VmTest {
+            kernel,
+            smoke,
+            filter,
+            bench,
+        } => {
             build()?;
-            let (passed, failed) = vm::test(&root, &kernel)?;
+            if bench {
+                build_static("sg-bench")?;
+            }
+            let e2e = if smoke || bench {
+                Vec::new()
+            } else {
+                build_static_e2e()?
+            };
+            let guests = vm::GuestRun { e2e, filter, bench };
+            let (passed, failed) = vm::test(&root, &kernel, &guests)?;
             println!("vm-test: {passed} passed, {failed} failed");
             if failed > 0 {
                 bail!("vm-test failed");
@@ -204,19 +228,68 @@ fn build() -> Result<()> {
 
 /// The bomb, static too: the vm-test guests have no shared libraries.
 fn build_static_bomb() -> Result<()> {
+    build_static("sg-bomb")
+}
+
+/// A binary of the tests package, relinked statically for the vm-test guests.
+fn build_static(bin: &str) -> Result<()> {
     run(cargo().args([
         "rustc",
         "--release",
         "--package",
         "spawnguard-tests",
         "--bin",
-        "sg-bomb",
+        bin,
         "--",
         "-C",
         "target-feature=+crt-static",
         "-C",
         "relocation-model=static",
     ]))
+}
+
+/// The end-to-end test binaries, linked statically for the vm-test guests (built for an explicit
+/// target so the static flag reaches only them, in their own directory under `target/`).
+/// Returns their paths.
+fn build_static_e2e() -> Result<Vec<PathBuf>> {
+    const TARGET: &str = "x86_64-unknown-linux-gnu";
+    let out = cargo()
+        .args([
+            "test",
+            "--release",
+            "--package",
+            "spawnguard-tests",
+            "--tests",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+            "--target",
+            TARGET,
+        ])
+        .env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+            "-C target-feature=+crt-static",
+        )
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("building the static end-to-end tests")?;
+    if !out.status.success() {
+        bail!("building the static end-to-end tests failed");
+    }
+    let mut tests = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] == "compiler-artifact" && msg["profile"]["test"] == true {
+            if let Some(exe) = msg["executable"].as_str() {
+                tests.push(PathBuf::from(exe));
+            }
+        }
+    }
+    if tests.is_empty() {
+        bail!("no end-to-end test binaries were built");
+    }
+    Ok(tests)
 }
 
 /// `target/release/spawnguard`, linked statically (glibc included) and not position-independent:
@@ -274,7 +347,12 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     let vm = (unit.is_ok() && args.is_empty()).then(|| -> Result<Tally> {
         // The e2e build relinked the bomb dynamically; the guests need it static.
         build_static_bomb()?;
-        let (passed, failed) = vm::test(root, "all")?;
+        let e2e = build_static_e2e()?;
+        let guests = vm::GuestRun {
+            e2e,
+            ..Default::default()
+        };
+        let (passed, failed) = vm::test(root, "all", &guests)?;
         Ok(Tally { passed, failed })
     });
     let vm_failed = match &vm {

@@ -7,7 +7,8 @@
 //! The scrape benchmark times `GET /metrics` with 0 (the baseline), 1,000 and 10,000
 //! instances registered, with the daemon's CPU time per scrape and its resident memory.
 //!
-//!   sg-bench [--rounds N (default 7)] [--backend kill|kill-compat|both] [--only overhead|scrape]
+//!   sg-bench [--rounds N (default 7)] [--backend LIST (lsm,kill,kill-compat; default both kill
+//!            backends)] [--only overhead|scrape]
 //!   sg-bench measure            (internal: one measurement, printed as key=value)
 
 use std::{fs, path::Path, process::Command, time::Instant};
@@ -339,10 +340,17 @@ fn main() {
             .cloned()
     };
     let rounds: usize = flag("--rounds").map_or(7, |r| r.parse().expect("--rounds N"));
-    let backends = match flag("--backend").as_deref() {
-        None | Some("both") => vec!["kill", "kill-compat"],
-        Some(b) => vec![if b == "kill" { "kill" } else { "kill-compat" }],
+    let backends: Vec<String> = match flag("--backend").as_deref() {
+        None | Some("both") => vec!["kill".into(), "kill-compat".into()],
+        Some(list) => list.split(',').map(str::to_owned).collect(),
     };
+    for b in &backends {
+        assert!(
+            spawnguard_tests::BACKENDS.contains(&b.as_str()),
+            "--backend {b}: one of {:?}, comma-separated",
+            spawnguard_tests::BACKENDS
+        );
+    }
     assert!(
         spawnguard_bin().exists(),
         "{} missing: run through `cargo xtask bench`",

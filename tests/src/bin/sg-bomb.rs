@@ -2,7 +2,9 @@
 //! so a bomb that escapes its limits still ends by itself.
 //!
 //! sg-bomb fork    DEADLINE_MS CAP HOLD_MS   every process forks until the deadline or until CAP
-//!                                           attempts in total; all then hold HOLD_MS and exit
+//!                                           attempts in total; all then hold HOLD_MS and exit;
+//!                                           prints attempts, failed forks (EAGAIN among them),
+//!                                           children forked and how many never reached the end
 //! sg-bomb threads DEADLINE_MS CAP HOLD_MS   one process creates up to CAP threads
 //! sg-bomb rate    DURATION_MS CAP           fork children that exit at once; prints how many ran
 //! sg-bomb clone-into DIR HOLD_MS            clone3(CLONE_INTO_CGROUP) a child into DIR; it holds
@@ -42,37 +44,69 @@ fn sleep_until(t: Instant) {
     }
 }
 
+/// Counters every process of a fork bomb shares (one anonymous shared mapping).
+#[derive(Default)]
+struct BombCounters {
+    attempts: AtomicU64,
+    /// fork() returned -1 (in any process).
+    failed: AtomicU64,
+    /// ... with EAGAIN.
+    eagain: AtomicU64,
+    /// fork() returned a child.
+    forked: AtomicU64,
+    /// Processes (the first included) that reached their end: the rest were killed.
+    exited: AtomicU64,
+}
+
 fn fork_bomb(deadline_ms: u64, cap: u64, hold_ms: u64) {
     let deadline = Instant::now() + Duration::from_millis(deadline_ms);
-    // SAFETY: a shared anonymous mapping for one counter, visible to every forked process.
-    let attempts = unsafe {
+    // SAFETY: a shared anonymous mapping (zero-filled, so all counters start at 0) visible to
+    // every forked process.
+    let c = unsafe {
         let p = libc::mmap(
             std::ptr::null_mut(),
-            8,
+            size_of::<BombCounters>(),
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED | libc::MAP_ANONYMOUS,
             -1,
             0,
         );
         assert_ne!(p, libc::MAP_FAILED);
-        &*(p as *const AtomicU64)
+        &*(p as *const BombCounters)
     };
     // SAFETY: children are reaped by the kernel; no handler runs.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
     let root = std::process::id();
-    let mut failed = 0u64;
-    while Instant::now() < deadline && attempts.fetch_add(1, Ordering::Relaxed) < cap {
+    while Instant::now() < deadline && c.attempts.fetch_add(1, Ordering::Relaxed) < cap {
         // SAFETY: single-threaded process; the child only continues this loop.
-        if unsafe { libc::fork() } == -1 {
-            failed += 1;
-            std::thread::sleep(Duration::from_millis(1));
+        match unsafe { libc::fork() } {
+            -1 => {
+                c.failed.fetch_add(1, Ordering::Relaxed);
+                if std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) {
+                    c.eagain.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            0 => {}
+            _ => {
+                c.forked.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
-    sleep_until(deadline + Duration::from_millis(hold_ms));
+    let end = deadline + Duration::from_millis(hold_ms);
+    sleep_until(end);
+    c.exited.fetch_add(1, Ordering::Relaxed);
     if std::process::id() == root {
+        // The others end at the same instant: give them time to count themselves.
+        sleep_until(end + Duration::from_millis(300));
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         println!(
-            "attempts={} failed={failed}",
-            attempts.load(Ordering::Relaxed).min(cap)
+            "attempts={} failed={} eagain={} forked={} killed={}",
+            n(&c.attempts).min(cap),
+            n(&c.failed),
+            n(&c.eagain),
+            n(&c.forked),
+            (n(&c.forked) + 1).saturating_sub(n(&c.exited)),
         );
     }
 }
