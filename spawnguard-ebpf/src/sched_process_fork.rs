@@ -25,21 +25,33 @@ use crate::{
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     let child: Task = ctx.arg(1);
+    // lsm backend: what task_alloc charged for this task (taken first, so that no path below
+    // can leave it to be released a second time by task_free).
+    let mut pending = None;
+    if backend() == BACKEND_LSM {
+        let key = child as u64;
+        // SAFETY: the value is copied out at once.
+        pending = unsafe { PENDING.get(&key) }.copied();
+        if pending.is_some() {
+            let _ = PENDING.remove(&key);
+        }
+    }
     let Ok((child_pid, child_tgid)) = kernel::task_ids(child) else {
+        if let Some(p) = pending {
+            release_pending(&p);
+        }
         fail_open(FAIL_READ_ERROR, &report(CAUSE_FORK, 0, 0, 0));
         return 0;
     };
     // Ids are reused: whatever a previous owner of this pid left in DOOMED must not apply to
     // the new task (it would be killed, or its exit skipped).
     let _ = DOOMED.remove(&child_pid);
-    if backend() == BACKEND_LSM {
-        let key = child as u64;
-        // SAFETY: the value is copied out at once.
-        if let Some(p) = unsafe { PENDING.get(&key) }.copied() {
-            let _ = PENDING.remove(&key);
-            settle_pending(&p, child_pid, child_tgid);
+    if let Some(p) = pending {
+        if settle_pending(&p, child, child_pid, child_tgid) {
             return 0;
         }
+        // The spawner moved to another instance while it forked: given back, decided below.
+        release_pending(&p);
     }
     let parent_tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     match classify(parent_tgid, child_tgid) {
@@ -59,47 +71,58 @@ fn report(cause: u32, type_idx: u32, instance: u64, target_pid: u32) -> Report {
     }
 }
 
-/// lsm backend: `task_alloc` decided this task; record it where it was charged.
+/// lsm backend: `task_alloc` decided this task; record it where it was charged. Returns false,
+/// with nothing done, when the task is not where it was charged: its spawner was moved to
+/// another cgroup between `task_alloc` and the move into place (a migration takes the
+/// threadgroup lock a fork waits for).
 #[inline(always)]
-fn settle_pending(p: &PendingTask, pid: u32, tgid: u32) {
+fn settle_pending(p: &PendingTask, child: Task, pid: u32, tgid: u32) -> bool {
     let counted = p.flags & PENDING_COUNTED != 0;
     if p.flags & PENDING_THREAD != 0 {
+        let rec = PROCESSES.get_ptr_mut(&tgid);
         if !counted {
             mark_uncounted(pid);
-            return;
+            return true;
         }
-        match PROCESSES.get_ptr_mut(&tgid) {
-            Some(rec) => {
+        match rec {
+            // SAFETY: live map value, plain read.
+            Some(rec) if unsafe { (*rec).instance } == p.instance => {
                 process_live(rec).fetch_add(1);
                 if let Some(tc) = type_counters(p.type_idx) {
                     tc.threads_allowed += 1;
                 }
+                true
             }
-            // Its process ended meanwhile: nothing will uncount the thread.
-            None => release_pending(p),
+            // Its process ended meanwhile (nothing will uncount the thread), or moved.
+            _ => false,
         }
-        return;
-    }
-    if !counted {
-        // Not counted: no record of an earlier process with this tgid may apply to it.
-        let _ = PROCESSES.remove(&tgid);
-        return;
-    }
-    let rec = ProcessRecord {
-        instance: p.instance,
-        live: 1,
-    };
-    if PROCESSES.insert(&tgid, &rec, BPF_ANY as u64).is_err() {
-        // Uncountable at exit, so not counted now.
-        release_pending(p);
-        fail_open(
-            FAIL_PROCESSES_FULL,
-            &report(CAUSE_FORK, p.type_idx, p.instance, pid),
-        );
-        return;
-    }
-    if let Some(tc) = type_counters(p.type_idx) {
-        tc.forks_allowed += 1;
+    } else {
+        if !counted {
+            // Not counted: no record of an earlier process with this tgid may apply to it.
+            let _ = PROCESSES.remove(&tgid);
+            return true;
+        }
+        match kernel::task_cgroup(child).and_then(place) {
+            Ok(Some(here)) if here.instance == p.instance => {}
+            _ => return false,
+        }
+        let rec = ProcessRecord {
+            instance: p.instance,
+            live: 1,
+        };
+        if PROCESSES.insert(&tgid, &rec, BPF_ANY as u64).is_err() {
+            // Uncountable at exit, so not counted now.
+            release_pending(p);
+            fail_open(
+                FAIL_PROCESSES_FULL,
+                &report(CAUSE_FORK, p.type_idx, p.instance, pid),
+            );
+            return true;
+        }
+        if let Some(tc) = type_counters(p.type_idx) {
+            tc.forks_allowed += 1;
+        }
+        true
     }
 }
 
@@ -194,8 +217,9 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
         };
         if PROCESSES.insert(&tgid, &rec, BPF_ANY as u64).is_err() {
             // Uncountable at exit, so not counted now.
-            release_tasks(&c, 1, 0, 1);
-            abandon_probe(&r);
+            if release_tasks(&c, 1, 0, 1).closed {
+                abandon_probe(&r);
+            }
             fail_open(FAIL_PROCESSES_FULL, &r);
             return;
         }

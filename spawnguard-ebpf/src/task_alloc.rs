@@ -111,10 +111,13 @@ fn new_thread(child: Task) -> i32 {
     // No max-age refusal for threads, as with the other backends.
     let mut adm = admit_task(&c, &b, &request, state, &r);
     if adm.contended {
-        // Fail open: count it after all, or let it through uncounted.
-        fail_open(FAIL_CONTENDED, &r);
+        // Fail open: count it after all, or let it through uncounted (`record` reports it
+        // once, as contended, when it stays uncounted).
         b.enforce = false;
         adm = admit_task(&c, &b, &request, state, &r);
+        if adm.counted {
+            fail_open(FAIL_CONTENDED, &r);
+        }
         adm.refusal = None;
         adm.contended = !adm.counted;
     }
@@ -155,8 +158,7 @@ fn new_process(child: Task) -> i32 {
     let flags = if adm.counted { PENDING_COUNTED } else { 0 };
     if (adm.counted || adm.contended) && !pend(child, placement.instance, placement.type_idx, flags)
     {
-        if adm.counted {
-            release_tasks(&c, 1, 0, 1);
+        if adm.counted && release_tasks(&c, 1, 0, 1).closed {
             abandon_probe(&r);
         }
         return 0;

@@ -140,11 +140,12 @@ fn start(exe: &Path) -> Result<Host> {
                 .spawn()
                 .context("starting the demo's daemon")?;
             let host = Host::Own { child, policy_file };
-            let deadline = Instant::now() + Duration::from_secs(30);
+            // Verifying the programs takes seconds on hardware, over 30 s in emulated guests.
+            let deadline = Instant::now() + Duration::from_secs(120);
             while !matches!(control::call(&Request::Status), Ok(Ok(_))) {
                 if Instant::now() > deadline {
                     bail!(
-                        "the demo's daemon did not come up in 30 s; see {}",
+                        "the demo's daemon did not come up in 120 s; see {}",
                         std::env::temp_dir().join("spawnguard-demo.log").display()
                     );
                 }

@@ -361,7 +361,7 @@ impl Daemon {
             policy_file,
         };
         let pid = daemon.pid();
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(180);
         loop {
             let state = fs::read_to_string("/run/spawnguard/state.json").unwrap_or_default();
             if serde_json::from_str::<Value>(&state)

@@ -18,9 +18,10 @@ fn live_policy_apply_changes_the_limit_a_running_bomb_sees() {
     let (rel, tree) = test_type("apply");
     let _daemon = Daemon::start(&policy("ap", &rel, "max_tasks = 20"), "auto").unwrap();
     let inst = tree.root.join("i1");
-    // With the lsm backend a denied fork fails at once and the bomb retries every 1 ms per
-    // process: the cap must outlast the 4 s deadline at 20 processes.
-    let bomb = exec_bomb("ap", "i1", &["fork", "4000", "200000", "1500"])
+    // Forking for 10 s: a `policy apply` in a slow (emulated) guest takes seconds, and the bomb
+    // must still be forking after it. With the lsm backend a denied fork fails at once and the
+    // bomb retries every 1 ms per process: the cap must outlast the deadline at 35 processes.
+    let bomb = exec_bomb("ap", "i1", &["fork", "10000", "500000", "1500"])
         .spawn()
         .unwrap();
     let first = max_held(&inst, Duration::from_millis(800), 20, false);

@@ -65,7 +65,7 @@ enum Cmd {
         /// Only the smoke checks, not the end-to-end suite.
         #[arg(long)]
         smoke: bool,
-        /// Run only the end-to-end tests whose names contain this.
+        /// Run only the end-to-end tests whose names contain this (several: comma-separated).
         #[arg(long)]
         filter: Option<String>,
         /// Measure fork/thread/syscall overhead (lsm, kill-compat) in each guest instead of

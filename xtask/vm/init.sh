@@ -128,7 +128,7 @@ P
             start=$(date +%s)
             CI=true SG_TEST_BACKENDS=lsm,kill-compat SPAWNGUARD_BIN=/bin/spawnguard \
                 SG_BOMB_BIN=/bin/sg-bomb RUST_BACKTRACE=1 \
-                "$t" --test-threads=1 $(cat /proc/cmdline | sed -n 's/.*sg.filter=\([^ ]*\).*/\1/p') \
+                "$t" --test-threads=1 $(cat /proc/cmdline | sed -n 's/.*sg.filter=\([^ ]*\).*/\1/p' | tr ',' ' ') \
                 --skip metrics_count_every_fork_and_denial_and_pass_promtool \
                 --skip a_real_prometheus_server_sees_the_denials_rise \
                 > /tmp/e2e.txt 2>&1

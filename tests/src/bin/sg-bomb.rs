@@ -85,7 +85,9 @@ fn fork_bomb(deadline_ms: u64, cap: u64, hold_ms: u64) {
                 if std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) {
                     c.eagain.fetch_add(1, Ordering::Relaxed);
                 }
-                std::thread::sleep(Duration::from_millis(1));
+                // Back off like a real spawner: a refused fork is cheap, and every process
+                // retrying at once would starve a small (emulated) machine.
+                std::thread::sleep(Duration::from_millis(10));
             }
             0 => {}
             _ => {
