@@ -79,12 +79,11 @@ fn report(cause: u32, type_idx: u32, instance: u64, target_pid: u32) -> Report {
 fn settle_pending(p: &PendingTask, child: Task, pid: u32, tgid: u32) -> bool {
     let counted = p.flags & PENDING_COUNTED != 0;
     if p.flags & PENDING_THREAD != 0 {
-        let rec = PROCESSES.get_ptr_mut(&tgid);
         if !counted {
             mark_uncounted(pid);
             return true;
         }
-        match rec {
+        match PROCESSES.get_ptr_mut(&tgid) {
             // SAFETY: live map value, plain read.
             Some(rec) if unsafe { (*rec).instance } == p.instance => {
                 process_live(rec).fetch_add(1);
