@@ -297,7 +297,49 @@ pub const fn past_max_age(created_ns: u64, now: u64, max_age_ns: u64) -> bool {
     now > created_ns && now - created_ns > max_age_ns
 }
 
+const REFUSALS: [Refusal; 8] = [
+    Refusal::MaxTasks,
+    Refusal::MaxThreads,
+    Refusal::ForkRate,
+    Refusal::MaxInstances,
+    Refusal::TypeTasks,
+    Refusal::HostTasks,
+    Refusal::MaxAge,
+    Refusal::BreakerOpen,
+];
+
 impl Admission {
+    /// The admission as one word: bits 0-3 the refusal (0 none, else 1 + its place in
+    /// `Refusal`), 4 counted, 5 opened, 6 contended, 7 rate_contended, 8-15 warnings.
+    pub fn to_word(&self) -> u64 {
+        let refusal = match self.refusal {
+            None => 0,
+            Some(r) => 1 + r as u64,
+        };
+        refusal
+            | (self.counted as u64) << 4
+            | (self.opened as u64) << 5
+            | (self.contended as u64) << 6
+            | (self.rate_contended as u64) << 7
+            | ((self.warnings & 0xff) as u64) << 8
+    }
+
+    pub fn from_word(word: u64) -> Self {
+        let code = (word & 0xf) as usize;
+        Self {
+            refusal: if code == 0 {
+                None
+            } else {
+                REFUSALS.get(code - 1).copied()
+            },
+            counted: word & 1 << 4 != 0,
+            opened: word & 1 << 5 != 0,
+            contended: word & 1 << 6 != 0,
+            rate_contended: word & 1 << 7 != 0,
+            warnings: ((word >> 8) & 0xff) as u32,
+        }
+    }
+
     pub const fn refused(refusal: Refusal) -> Self {
         Self {
             refusal: Some(refusal),
@@ -803,7 +845,7 @@ pub const fn rate_window_ns(interval_ns: u64, burst: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     extern crate std;
-    use std::{sync::Arc, thread, vec::Vec};
+    use std::{sync::Arc, thread, vec, vec::Vec};
 
     use super::*;
 
@@ -879,6 +921,35 @@ mod tests {
     fn classify_by_thread_group() {
         assert_eq!(classify(100, 100), TaskKind::Thread);
         assert_eq!(classify(100, 101), TaskKind::Process);
+    }
+
+    #[test]
+    fn an_admission_survives_its_word() {
+        let mut all = vec![None];
+        all.extend(REFUSALS.map(Some));
+        for refusal in all {
+            for bits in 0..16u32 {
+                for warnings in [0, WARN_INSTANCE_TASKS, WARN_TYPE_TASKS | WARN_HOST_TASKS, 7] {
+                    let adm = Admission {
+                        refusal,
+                        counted: bits & 1 != 0,
+                        opened: bits & 2 != 0,
+                        contended: bits & 4 != 0,
+                        rate_contended: bits & 8 != 0,
+                        warnings,
+                    };
+                    assert_eq!(Admission::from_word(adm.to_word()), adm);
+                }
+            }
+        }
+        assert_eq!(
+            REFUSALS.len(),
+            spawnguard_common::REASONS,
+            "one code per reason"
+        );
+        for (i, r) in REFUSALS.iter().enumerate() {
+            assert_eq!(*r as usize, i, "REFUSALS in declaration order");
+        }
     }
 
     #[test]

@@ -9,14 +9,15 @@ use spawnguard_common::{
     FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL, FAIL_PROCESSES_FULL, FAIL_READ_ERROR, PENDING_COUNTED,
     PENDING_THREAD,
 };
-use spawnguard_ebpf::{classify, release_tasks, Request, TaskKind};
+use spawnguard_ebpf::{classify, release_tasks, TaskKind};
 
 use crate::{
     kernel::{self, Task},
     state::{
-        abandon_probe, admit_process, admit_task, backend, budget, counters, doom, fail_open,
-        instance, mark_uncounted, needs_doom, now, place, process_live, record, release_pending,
-        stop_new_task, type_counters, Report, DOOMED, INSTANCES, PENDING, PROCESSES,
+        abandon_probe, admit_process, admit_thread, admit_thread_anyway, backend, budget, counters,
+        doom, fail_open, instance, mark_uncounted, needs_doom, now, place, process_live, record,
+        release_pending, stop_new_task, type_counters, Report, DOOMED, INSTANCES, PENDING,
+        PROCESSES,
     },
 };
 
@@ -139,20 +140,11 @@ fn new_thread(child: Task, pid: u32, tgid: u32) {
     };
     // SAFETY: live map value, plain read.
     let type_idx = unsafe { (*state).type_idx };
-    let (Some(mut b), Some(c)) = (budget(type_idx), counters(state, type_idx)) else {
+    let (Some(b), Some(c)) = (budget(type_idx), counters(state, type_idx)) else {
         return;
     };
     let r = report(CAUSE_THREAD, type_idx, inst, pid);
-    let request = Request {
-        tasks: 1,
-        threads: 1,
-        processes: 0,
-        rate: true,
-        now: now(),
-    };
-    // No max-age refusal for threads: a refused thread takes its whole process with it, which
-    // would turn `on_max_age = "freeze"` into a kill.
-    let mut adm = admit_task(&c, &b, &request, state, &r);
+    let mut adm = admit_thread(&c, &b, state, &r);
     // The thread's process is counted, so its exit will be uncounted unless DOOMED says
     // otherwise: a thread that is neither counted nor doomed would make the counts drift.
     // Fail open instead: count it after all, or mark it uncounted.
@@ -163,13 +155,11 @@ fn new_thread(child: Task, pid: u32, tgid: u32) {
             FAIL_DOOMED_FULL
         };
         fail_open(why, &r);
-        b.enforce = false;
-        adm = admit_task(&c, &b, &request, state, &r);
+        adm = admit_thread_anyway(&c, &b, state, &r);
         if !adm.counted {
             mark_uncounted(pid);
             return;
         }
-        adm.refusal = None;
     }
     if adm.counted {
         process_live(rec).fetch_add(1);

@@ -12,13 +12,13 @@ use spawnguard_common::{
     PendingTask, CAUSE_FORK, CAUSE_THREAD, FAIL_CONTENDED, FAIL_INSTANCES_FULL, PENDING_COUNTED,
     PENDING_THREAD,
 };
-use spawnguard_ebpf::{release_tasks, Admission, Request};
+use spawnguard_ebpf::{release_tasks, Admission};
 
 use crate::{
     kernel::{self, Task},
     state::{
-        abandon_probe, admit_process, admit_task, budget, counters, fail_open, instance, now,
-        place, record, Report, INSTANCES, PENDING, PROCESSES,
+        abandon_probe, admit_process, admit_thread, admit_thread_anyway, budget, counters,
+        fail_open, instance, place, record, Report, INSTANCES, PENDING, PROCESSES,
     },
 };
 
@@ -97,28 +97,18 @@ fn new_thread(child: Task) -> i32 {
     };
     // SAFETY: live map value, plain read.
     let type_idx = unsafe { (*state).type_idx };
-    let (Some(mut b), Some(c)) = (budget(type_idx), counters(state, type_idx)) else {
+    let (Some(b), Some(c)) = (budget(type_idx), counters(state, type_idx)) else {
         return 0;
     };
     let r = report(CAUSE_THREAD, type_idx, inst);
-    let request = Request {
-        tasks: 1,
-        threads: 1,
-        processes: 0,
-        rate: true,
-        now: now(),
-    };
-    // No max-age refusal for threads, as with the other backends.
-    let mut adm = admit_task(&c, &b, &request, state, &r);
+    let mut adm = admit_thread(&c, &b, state, &r);
     if adm.contended {
         // Fail open: count it after all, or let it through uncounted (`record` reports it
         // once, as contended, when it stays uncounted).
-        b.enforce = false;
-        adm = admit_task(&c, &b, &request, state, &r);
+        adm = admit_thread_anyway(&c, &b, state, &r);
         if adm.counted {
             fail_open(FAIL_CONTENDED, &r);
         }
-        adm.refusal = None;
         adm.contended = !adm.counted;
     }
     let flags = PENDING_THREAD | if adm.counted { PENDING_COUNTED } else { 0 };

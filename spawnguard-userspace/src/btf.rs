@@ -1,7 +1,7 @@
 //! A small reader of the kernel's BTF (`/sys/kernel/btf/vmlinux`): struct member offsets and
 //! function ids. aya 0.14 keeps its member lookup private, and spawnguard needs nothing else.
 
-use std::{collections::HashMap, path::Path};
+use std::path::Path;
 
 use spawnguard_common::KernelOffsets;
 
@@ -34,23 +34,24 @@ const KIND_DATASEC: u32 = 15;
 const KIND_DECL_TAG: u32 = 17;
 const KIND_ENUM64: u32 = 19;
 
-struct Member {
-    name: u32,
-    type_id: u32,
-    bit_offset: u32,
-}
-
+/// Where one type's record starts in the type section, and its header.
 struct Type {
     name: u32,
     kind: u32,
-    members: Vec<Member>,
+    vlen: u32,
+    kind_flag: bool,
+    at: u32,
 }
 
-/// The parsed type section, indexed by type id (id 0 is `void`).
+/// The parsed type section, indexed by type id (id 0 is `void`). Only headers are indexed:
+/// members are read from the raw bytes when asked for. Parsing is on the start-up path (an
+/// emulated guest spends seconds per parse of a 5 MB vmlinux BTF), so nothing per type is
+/// allocated and no name index is built: spawnguard looks up a dozen names, each a scan.
 pub struct Btf {
-    strings: Vec<u8>,
+    raw: Vec<u8>,
+    strings: std::ops::Range<usize>,
+    type_base: usize,
     types: Vec<Type>,
-    by_name: HashMap<(String, u32), u32>,
 }
 
 fn u32_at(data: &[u8], at: usize) -> Option<u32> {
@@ -68,115 +69,135 @@ impl Btf {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&data).ok_or_else(|| BtfError::Malformed(path.display().to_string()))
+        Self::parse(data).ok_or_else(|| BtfError::Malformed(path.display().to_string()))
     }
 
-    pub fn parse(data: &[u8]) -> Option<Self> {
-        if data.get(0..2)? != [0x9f, 0xeb] {
+    pub fn parse(data: impl Into<Vec<u8>>) -> Option<Self> {
+        let raw = data.into();
+        if raw.get(0..2)? != [0x9f, 0xeb] {
             return None;
         }
-        let hdr_len = u32_at(data, 4)? as usize;
-        let type_off = u32_at(data, 8)? as usize;
-        let type_len = u32_at(data, 12)? as usize;
-        let str_off = u32_at(data, 16)? as usize;
-        let str_len = u32_at(data, 20)? as usize;
-        let types_raw = data.get(hdr_len + type_off..hdr_len + type_off + type_len)?;
-        let strings = data
-            .get(hdr_len + str_off..hdr_len + str_off + str_len)?
-            .to_vec();
-        let mut types = vec![Type {
+        let hdr_len = u32_at(&raw, 4)? as usize;
+        let type_off = u32_at(&raw, 8)? as usize;
+        let type_len = u32_at(&raw, 12)? as usize;
+        let str_off = u32_at(&raw, 16)? as usize;
+        let str_len = u32_at(&raw, 20)? as usize;
+        let type_base = hdr_len + type_off;
+        let types_raw = raw.get(type_base..type_base + type_len)?;
+        let strings = hdr_len + str_off..hdr_len + str_off + str_len;
+        raw.get(strings.clone())?;
+        let mut types = Vec::with_capacity(type_len / 16);
+        types.push(Type {
             name: 0,
             kind: 0,
-            members: Vec::new(),
-        }];
+            vlen: 0,
+            kind_flag: false,
+            at: 0,
+        });
         let mut at = 0;
         while at < types_raw.len() {
             let name = u32_at(types_raw, at)?;
             let info = u32_at(types_raw, at + 4)?;
             let kind = (info >> 24) & 0x1f;
-            let vlen = (info & 0xffff) as usize;
-            let kind_flag = info >> 31 == 1;
-            at += 12;
-            let mut members = Vec::new();
-            match kind {
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => at += 4,
-                KIND_ARRAY => at += 12,
-                KIND_STRUCT | KIND_UNION => {
-                    for _ in 0..vlen {
-                        let offset = u32_at(types_raw, at + 8)?;
-                        members.push(Member {
-                            name: u32_at(types_raw, at)?,
-                            type_id: u32_at(types_raw, at + 4)?,
-                            bit_offset: if kind_flag {
-                                offset & 0xff_ffff
-                            } else {
-                                offset
-                            },
-                        });
-                        at += 12;
-                    }
-                }
-                KIND_ENUM | KIND_FUNC_PROTO => at += 8 * vlen,
-                KIND_DATASEC | KIND_ENUM64 => at += 12 * vlen,
-                _ => {}
-            }
+            let vlen = info & 0xffff;
             types.push(Type {
                 name,
                 kind,
-                members,
+                vlen,
+                kind_flag: info >> 31 == 1,
+                at: at as u32 + 12,
             });
-        }
-        let mut btf = Self {
-            strings,
-            types,
-            by_name: HashMap::new(),
-        };
-        for (id, t) in btf.types.iter().enumerate().skip(1) {
-            if t.name != 0 {
-                let key = (btf.string(t.name).to_owned(), t.kind);
-                btf.by_name.entry(key).or_insert(id as u32);
+            at += 12;
+            let vlen = vlen as usize;
+            match kind {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => at += 4,
+                KIND_ARRAY => at += 12,
+                KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => at += 12 * vlen,
+                KIND_ENUM | KIND_FUNC_PROTO => at += 8 * vlen,
+                _ => {}
             }
         }
-        Some(btf)
+        Some(Self {
+            raw,
+            strings,
+            type_base,
+            types,
+        })
     }
 
-    fn string(&self, off: u32) -> &str {
-        let rest = self.strings.get(off as usize..).unwrap_or_default();
+    fn string(&self, off: u32) -> &[u8] {
+        let strings = &self.raw[self.strings.clone()];
+        let rest = strings.get(off as usize..).unwrap_or_default();
         let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
-        std::str::from_utf8(&rest[..end]).unwrap_or("")
+        &rest[..end]
+    }
+
+    /// The first type of `kind` called `name` (the kernel's own types come first).
+    fn find(&self, name: &str, kind: u32) -> Option<u32> {
+        let name = name.as_bytes();
+        self.types
+            .iter()
+            .position(|t| t.kind == kind && t.name != 0 && self.string(t.name) == name)
+            .map(|id| id as u32)
     }
 
     /// BTF id of a kernel function (for kfunc calls).
     pub fn func_id(&self, name: &str) -> Option<u32> {
-        self.by_name.get(&(name.to_owned(), KIND_FUNC)).copied()
+        self.find(name, KIND_FUNC)
     }
 
     /// Byte offset of `member` in `struct name`, looking through anonymous structs and unions.
     pub fn member_offset(&self, name: &str, member: &str) -> Result<u32, BtfError> {
-        let id = *self
-            .by_name
-            .get(&(name.to_owned(), KIND_STRUCT))
+        let id = self
+            .find(name, KIND_STRUCT)
             .ok_or_else(|| BtfError::NoStruct(name.to_owned()))?;
-        self.find_member(id, member, 0)
+        self.find_member(id, member.as_bytes(), 0, 0)
             .map(|bits| bits / 8)
             .ok_or_else(|| BtfError::NoMember(name.to_owned(), member.to_owned()))
     }
 
-    fn find_member(&self, id: u32, member: &str, base_bits: u32) -> Option<u32> {
+    /// Members of a struct or union: (name, type id, bit offset).
+    fn members(&self, t: &Type) -> impl Iterator<Item = (u32, u32, u32)> + '_ {
+        let base = self.type_base + t.at as usize;
+        let n = if matches!(t.kind, KIND_STRUCT | KIND_UNION) {
+            t.vlen as usize
+        } else {
+            0
+        };
+        let kind_flag = t.kind_flag;
+        (0..n).filter_map(move |i| {
+            let at = base + 12 * i;
+            let offset = u32_at(&self.raw, at + 8)?;
+            Some((
+                u32_at(&self.raw, at)?,
+                u32_at(&self.raw, at + 4)?,
+                if kind_flag {
+                    offset & 0xff_ffff
+                } else {
+                    offset
+                },
+            ))
+        })
+    }
+
+    fn find_member(&self, id: u32, member: &[u8], base_bits: u32, depth: u32) -> Option<u32> {
+        // Anonymous members nest a few levels at most; the bound keeps a malformed blob from
+        // recursing forever.
+        if depth > 16 {
+            return None;
+        }
         let t = self.types.get(id as usize)?;
-        for m in &t.members {
-            if m.name != 0 && self.string(m.name) == member {
-                return Some(base_bits + m.bit_offset);
-            }
+        if let Some((_, _, bits)) = self
+            .members(t)
+            .find(|&(name, _, _)| name != 0 && self.string(name) == member)
+        {
+            return Some(base_bits + bits);
         }
-        for m in &t.members {
-            if m.name == 0 {
-                if let Some(found) = self.find_member(m.type_id, member, base_bits + m.bit_offset) {
-                    return Some(found);
-                }
-            }
-        }
-        None
+        self.members(t)
+            .filter(|&(name, _, _)| name == 0)
+            .find_map(|(_, type_id, bits)| {
+                self.find_member(type_id, member, base_bits + bits, depth + 1)
+            })
     }
 
     /// The offsets the programs need, from this kernel.
@@ -264,7 +285,7 @@ mod tests {
 
     #[test]
     fn finds_members_through_anonymous_unions() {
-        let btf = Btf::parse(&blob()).unwrap();
+        let btf = Btf::parse(blob()).unwrap();
         assert_eq!(btf.member_offset("outer", "a").unwrap(), 0);
         assert_eq!(btf.member_offset("outer", "c").unwrap(), 8);
         assert!(btf.member_offset("outer", "zz").is_err());
@@ -274,7 +295,7 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(Btf::parse(b"not btf at all").is_none());
+        assert!(Btf::parse(b"not btf at all".to_vec()).is_none());
     }
 
     #[test]

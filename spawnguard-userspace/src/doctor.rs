@@ -167,10 +167,9 @@ pub fn run() -> Report {
             Some("mount securityfs: mount -t securityfs none /sys/kernel/security"),
         ),
     });
-    let probe = if root && btf.is_ok() {
-        loader::probe_lsm_reason()
-    } else {
-        Err("not tried (needs root and BTF)".into())
+    let probe = match &btf {
+        Ok(b) if root => loader::probe_lsm_reason(b),
+        _ => Err("not tried (needs root and BTF)".into()),
     };
     checks.push(match &probe {
         Ok(()) => check(

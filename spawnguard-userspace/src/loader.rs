@@ -354,22 +354,25 @@ pub struct Enforcer {
     pub reconciled: usize,
 }
 
-/// Fails with one sentence when spawnguard cannot run here at all.
 /// Loads, attaches and at once detaches a BPF LSM program that allows everything: Ok when this
 /// kernel can run BPF LSM programs (what the lsm backend needs), else why not.
-pub fn probe_lsm() -> Result<()> {
-    let btf = Btf::from_sys_fs()?;
+pub fn probe_lsm(btf: &Btf) -> Result<()> {
+    let kernel_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
     let mut object = EBPF_OBJECT.to_vec();
-    patch_kfunc_calls(&mut object, &btf)?;
+    patch_kfunc_calls(&mut object, btf)?;
     let mut ebpf = EbpfLoader::new()
         .load(&object)
         .context("loading the eBPF object")?;
-    let kernel_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    run_lsm_probe(&mut ebpf, &kernel_btf)
+}
+
+/// The probe of `probe_lsm`, with the `lsm_probe` program of an object already loaded.
+fn run_lsm_probe(ebpf: &mut Ebpf, kernel_btf: &aya::Btf) -> Result<()> {
     let prog: &mut aya::programs::Lsm = ebpf
         .program_mut("lsm_probe")
         .ok_or_else(|| anyhow!("program lsm_probe missing from the eBPF object"))?
         .try_into()?;
-    prog.load("task_alloc", &kernel_btf)
+    prog.load("task_alloc", kernel_btf)
         .context("loading an lsm/task_alloc program")?;
     let link = prog
         .attach()
@@ -388,17 +391,21 @@ pub fn probe_lsm() -> Result<()> {
     Ok(())
 }
 
-/// `probe_lsm` with its error as one line (aya appends an empty verifier log to a refused load).
-pub fn probe_lsm_reason() -> std::result::Result<(), String> {
-    probe_lsm().map_err(|e| {
-        format!("{e:#}")
-            .split(". Verifier output")
-            .next()
-            .unwrap_or_default()
-            .to_owned()
-    })
+/// A probe's error as one line (aya appends an empty verifier log to a refused load).
+fn one_line(e: anyhow::Error) -> String {
+    format!("{e:#}")
+        .split(". Verifier output")
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
+/// `probe_lsm` with its error as one line.
+pub fn probe_lsm_reason(btf: &Btf) -> std::result::Result<(), String> {
+    probe_lsm(btf).map_err(one_line)
+}
+
+/// Fails with one sentence when spawnguard cannot run here at all.
 pub fn preflight() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -485,6 +492,9 @@ impl Enforcer {
         policy: &Policy,
         types: &mut [PlacedType],
     ) -> Result<Self> {
+        // The kernel's BTF is parsed once here, once by aya for program loads, and once by
+        // each `EbpfLoader` (its constructor always does): a parse of a 5 MB vmlinux BTF takes
+        // a quarter second on a fast host and seconds in an emulated guest.
         let btf = Btf::from_sys_fs()?;
         let offsets = btf
             .kernel_offsets()
@@ -492,8 +502,29 @@ impl Enforcer {
         let mut object = EBPF_OBJECT.to_vec();
         let kfuncs = patch_kfunc_calls(&mut object, &btf)?;
         let has_kill = kfuncs.has(KILL_KFUNC);
+        let kernel_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        let load = |backend: Backend| -> Result<Ebpf> {
+            let code = backend.code();
+            let stop_with_kfunc = u32::from(backend.stops_with_kfunc(has_kill));
+            EbpfLoader::new()
+                .override_global("KERNEL_OFFSETS", &offsets, true)
+                .override_global("BACKEND", &code, true)
+                .override_global("STOP_WITH_KFUNC", &stop_with_kfunc, true)
+                .load(&object)
+                .context("loading the eBPF object")
+        };
+        // Where lsm may be chosen, the object is loaded for it and the probe runs from it: on a
+        // kernel that has lsm, the object is loaded once.
+        let mut lsm_object = None;
         let lsm = match choice {
-            BackendChoice::Auto | BackendChoice::Lsm => probe_lsm_reason(),
+            BackendChoice::Auto | BackendChoice::Lsm => {
+                let mut ebpf = load(Backend::Lsm)?;
+                let probe = run_lsm_probe(&mut ebpf, &kernel_btf).map_err(one_line);
+                if probe.is_ok() {
+                    lsm_object = Some(ebpf);
+                }
+                probe
+            }
             _ => Err("not asked for".into()),
         };
         let (backend, mut backend_reason) = Backend::select(choice, has_kill, &lsm)?;
@@ -501,13 +532,11 @@ impl Enforcer {
             backend_reason += &format!("; kfuncs missing: {}", kfuncs.missing.join(", "));
         }
         let backend_code = backend.code();
-        let stop_with_kfunc = u32::from(backend.stops_with_kfunc(has_kill));
-        let mut ebpf = EbpfLoader::new()
-            .override_global("KERNEL_OFFSETS", &offsets, true)
-            .override_global("BACKEND", &backend_code, true)
-            .override_global("STOP_WITH_KFUNC", &stop_with_kfunc, true)
-            .load(&object)
-            .context("loading the eBPF object")?;
+        let stop_with_kfunc = backend.stops_with_kfunc(has_kill);
+        let mut ebpf = match lsm_object {
+            Some(ebpf) if backend == Backend::Lsm => ebpf,
+            _ => load(backend)?,
+        };
         std::fs::create_dir_all(dir.join("maps"))
             .with_context(|| format!("creating {}", dir.display()))?;
         for name in maps::ALL {
@@ -536,7 +565,13 @@ impl Enforcer {
         // Count what already runs in the instances before enforcing: in audit mode, so the
         // agents found running are counted, never stopped.
         enforcer.apply_policy(policy, types, true)?;
-        attach_and_pin(&mut ebpf, backend, stop_with_kfunc != 0, &enforcer.dir)?;
+        attach_and_pin(
+            &mut ebpf,
+            backend,
+            stop_with_kfunc,
+            &enforcer.dir,
+            &kernel_btf,
+        )?;
         drop(ebpf);
         let reconciled = reconcile(&enforcer.dir, types)?;
         enforcer.apply_policy(policy, types, false)?;
@@ -668,16 +703,21 @@ fn assign_indices(existing: &[Option<String>], types: &[PlacedType]) -> Vec<u32>
 }
 
 /// Loads every hook, attaches it, and pins the link so the hook outlives this process.
-fn attach_and_pin(ebpf: &mut Ebpf, backend: Backend, kfunc: bool, dir: &Path) -> Result<()> {
+fn attach_and_pin(
+    ebpf: &mut Ebpf,
+    backend: Backend,
+    kfunc: bool,
+    dir: &Path,
+    btf: &aya::Btf,
+) -> Result<()> {
     let links = dir.join("links");
     std::fs::create_dir_all(&links).with_context(|| format!("creating {}", links.display()))?;
-    let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
     for hook in HOOKS {
         let prog: &mut BtfTracePoint = ebpf
             .program_mut(hook)
             .ok_or_else(|| anyhow!("program {hook} missing from the eBPF object"))?
             .try_into()?;
-        prog.load(hook, &btf)
+        prog.load(hook, btf)
             .with_context(|| format!("loading the {hook} program"))?;
         let id = prog
             .attach()
@@ -693,7 +733,7 @@ fn attach_and_pin(ebpf: &mut Ebpf, backend: Backend, kfunc: bool, dir: &Path) ->
                 .program_mut(hook)
                 .ok_or_else(|| anyhow!("program {hook} missing from the eBPF object"))?
                 .try_into()?;
-            prog.load(hook, &btf)
+            prog.load(hook, btf)
                 .with_context(|| format!("loading the lsm/{hook} program"))?;
             let id = prog
                 .attach()
