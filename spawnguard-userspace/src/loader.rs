@@ -4,12 +4,13 @@
 use std::{
     fmt,
     path::{Path, PathBuf},
+    time::Instant,
 };
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Array, HashMap, Map, MapData, RingBuf},
-    programs::{links::FdLink, BtfTracePoint, Lsm, RawTracePoint},
+    programs::{links::FdLink, BtfTracePoint, Lsm, ProgramInfo, RawTracePoint},
     Ebpf, EbpfLoader,
 };
 use serde::{Deserialize, Serialize};
@@ -712,13 +713,27 @@ fn attach_and_pin(
 ) -> Result<()> {
     let links = dir.join("links");
     std::fs::create_dir_all(&links).with_context(|| format!("creating {}", links.display()))?;
+    // What the verifier cost, per program: most of a start's time on a slow machine.
+    let started = Instant::now();
+    let mut verified = Vec::new();
+    let mut note = |hook: &str, t: Instant, info: Option<ProgramInfo>| {
+        let steps = info.and_then(|i| i.verified_instruction_count());
+        tracing::debug!(
+            "verified {hook} in {} ms ({} instructions processed)",
+            t.elapsed().as_millis(),
+            steps.map_or("?".into(), |n| n.to_string())
+        );
+        verified.push(steps.unwrap_or(0));
+    };
     for hook in HOOKS {
         let prog: &mut BtfTracePoint = ebpf
             .program_mut(hook)
             .ok_or_else(|| anyhow!("program {hook} missing from the eBPF object"))?
             .try_into()?;
+        let t = Instant::now();
         prog.load(hook, btf)
             .with_context(|| format!("loading the {hook} program"))?;
+        note(hook, t, prog.info().ok());
         let id = prog
             .attach()
             .with_context(|| format!("attaching the {hook} program"))?;
@@ -733,8 +748,10 @@ fn attach_and_pin(
                 .program_mut(hook)
                 .ok_or_else(|| anyhow!("program {hook} missing from the eBPF object"))?
                 .try_into()?;
+            let t = Instant::now();
             prog.load(hook, btf)
                 .with_context(|| format!("loading the lsm/{hook} program"))?;
+            note(hook, t, prog.info().ok());
             let id = prog
                 .attach()
                 .with_context(|| format!("attaching the lsm/{hook} program"))?;
@@ -748,7 +765,9 @@ fn attach_and_pin(
             .program_mut("sys_exit")
             .ok_or_else(|| anyhow!("program sys_exit missing from the eBPF object"))?
             .try_into()?;
+        let t = Instant::now();
         prog.load().context("loading the sys_exit program")?;
+        note("sys_exit", t, prog.info().ok());
         let id = prog
             .attach("sys_exit")
             .context("attaching the sys_exit program")?;
@@ -756,6 +775,12 @@ fn attach_and_pin(
             .pin(links.join("sys_exit"))
             .context("pinning the sys_exit link")?;
     }
+    tracing::info!(
+        "loaded and attached {} programs in {:.2} s ({} instructions processed by the verifier)",
+        verified.len(),
+        started.elapsed().as_secs_f64(),
+        verified.iter().map(|&n| u64::from(n)).sum::<u64>()
+    );
     Ok(())
 }
 
