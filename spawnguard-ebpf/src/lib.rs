@@ -340,6 +340,18 @@ impl Admission {
         }
     }
 
+    /// Let through uncounted: the decision could not be made (fail open).
+    pub const fn contended() -> Self {
+        Self {
+            refusal: None,
+            counted: false,
+            opened: false,
+            warnings: 0,
+            contended: true,
+            rate_contended: false,
+        }
+    }
+
     pub const fn refused(refusal: Refusal) -> Self {
         Self {
             refusal: Some(refusal),
@@ -457,16 +469,7 @@ pub fn admit(c: &Counters<'_>, b: &Budget, r: &Request) -> Admission {
     let (opened, previous) = match enter_instance(c, b, r.tasks, &mut over) {
         Entry::Entered { opened, previous } => (opened, previous),
         Entry::Refused(why) => return Admission::refused(why),
-        Entry::Contended => {
-            return Admission {
-                refusal: None,
-                counted: false,
-                opened: false,
-                warnings: 0,
-                contended: true,
-                rate_contended: false,
-            };
-        }
+        Entry::Contended => return Admission::contended(),
     };
     let mut warnings = 0;
     if crossed(previous, r.tasks, b.warn_tasks) {
