@@ -269,6 +269,30 @@ pub struct Request {
     pub now: u64,
 }
 
+impl Request {
+    /// A new process: one task, one process, a fork-rate token.
+    pub const fn fork(now: u64) -> Self {
+        Self {
+            tasks: 1,
+            threads: 0,
+            processes: 1,
+            rate: true,
+            now,
+        }
+    }
+
+    /// A new thread: one task, one thread, a fork-rate token.
+    pub const fn thread(now: u64) -> Self {
+        Self {
+            tasks: 1,
+            threads: 1,
+            processes: 0,
+            rate: true,
+            now,
+        }
+    }
+}
+
 pub const WARN_INSTANCE_TASKS: u32 = 1;
 pub const WARN_TYPE_TASKS: u32 = 2;
 pub const WARN_HOST_TASKS: u32 = 4;
@@ -406,6 +430,13 @@ fn enter_instance(c: &Counters<'_>, b: &Budget, n: u64, over: &mut Option<Refusa
         // the last slot both add to `type_instances`; only one sees a previous value below
         // the limit.
         if !reserve(c.type_instances, 1, b.max_instances, !b.enforce) {
+            // The last slot may have gone to a task admitting this very instance since
+            // `current` was read: then this task joins it, it does not need a slot.
+            let seen = c.instance.load();
+            if seen & ADMITTED != 0 {
+                current = seen;
+                continue;
+            }
             if b.enforce {
                 return Entry::Refused(Refusal::MaxInstances);
             }
@@ -905,20 +936,8 @@ mod tests {
         }
     }
 
-    const FORK: Request = Request {
-        tasks: 1,
-        threads: 0,
-        processes: 1,
-        rate: true,
-        now: 0,
-    };
-    const THREAD: Request = Request {
-        tasks: 1,
-        threads: 1,
-        processes: 0,
-        rate: true,
-        now: 0,
-    };
+    const FORK: Request = Request::fork(0);
+    const THREAD: Request = Request::thread(0);
 
     #[test]
     fn classify_by_thread_group() {

@@ -482,14 +482,7 @@ pub fn admit_process(
     if past_max_age(state, r.type_idx, r) {
         return Admission::refused(Refusal::MaxAge);
     }
-    let request = Request {
-        tasks: 1,
-        threads: 0,
-        processes: 1,
-        rate: true,
-        now: now(),
-    };
-    admit_task(c, b, &request, state, r)
+    admit_task(c, b, &Request::fork(now()), state, r)
 }
 
 /// A new thread in an instance (`r` names it). No max-age refusal for threads: with the kill
@@ -502,14 +495,7 @@ pub fn admit_thread(
     state: *mut InstanceState,
     r: &Report,
 ) -> Admission {
-    let request = Request {
-        tasks: 1,
-        threads: 1,
-        processes: 0,
-        rate: true,
-        now: now(),
-    };
-    admit_task(c, b, &request, state, r)
+    admit_task(c, b, &Request::thread(now()), state, r)
 }
 
 /// Fail open for a thread that could not be decided (contended, or its refusal could not be
