@@ -15,7 +15,7 @@ use crate::{
     kernel::{self, Task},
     state::{
         abandon_probe, admit_process, admit_thread, admit_thread_anyway, backend, budget, counters,
-        doom, fail_open, instance, mark_uncounted, needs_doom, now, place, process_live, record,
+        doom, fail_open, instance, mark_uncounted, needs_doom, place, process_live, record,
         release_pending, stop_new_task, type_counters, Report, DOOMED, INSTANCES, PENDING,
         PROCESSES,
     },
