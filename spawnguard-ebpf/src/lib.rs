@@ -321,6 +321,7 @@ pub const fn past_max_age(created_ns: u64, now: u64, max_age_ns: u64) -> bool {
     now > created_ns && now - created_ns > max_age_ns
 }
 
+/// Every refusal, by code (`Admission::to_word`); a power of two long, for the mask there.
 const REFUSALS: [Refusal; 8] = [
     Refusal::MaxTasks,
     Refusal::MaxThreads,
@@ -331,6 +332,8 @@ const REFUSALS: [Refusal; 8] = [
     Refusal::MaxAge,
     Refusal::BreakerOpen,
 ];
+
+const _: () = assert!(REFUSALS.len().is_power_of_two());
 
 impl Admission {
     /// The admission as one word: bits 0-3 the refusal (0 none, else 1 + its place in
@@ -351,10 +354,12 @@ impl Admission {
     pub fn from_word(word: u64) -> Self {
         let code = (word & 0xf) as usize;
         Self {
+            // Masked, not `get`: LLVM may compute the table address before the bounds check,
+            // which verifiers before 6.18 refuse (an offset of -1 into the table).
             refusal: if code == 0 {
                 None
             } else {
-                REFUSALS.get(code - 1).copied()
+                Some(REFUSALS[(code - 1) & (REFUSALS.len() - 1)])
             },
             counted: word & 1 << 4 != 0,
             opened: word & 1 << 5 != 0,
@@ -430,14 +435,13 @@ fn enter_instance(c: &Counters<'_>, b: &Budget, n: u64, over: &mut Option<Refusa
         // the last slot both add to `type_instances`; only one sees a previous value below
         // the limit.
         if !reserve(c.type_instances, 1, b.max_instances, !b.enforce) {
-            // The last slot may have gone to a task admitting this very instance since
-            // `current` was read: then this task joins it, it does not need a slot.
-            let seen = c.instance.load();
-            if seen & ADMITTED != 0 {
-                current = seen;
-                continue;
-            }
             if b.enforce {
+                // The last slot may have gone to a task admitting this very instance since
+                // `current` was read: then this task joins it, it needs no slot.
+                let seen = c.instance.load();
+                if seen & ADMITTED != 0 {
+                    return join_admitted(c, b, n, seen);
+                }
                 return Entry::Refused(Refusal::MaxInstances);
             }
             if over.is_none() {
@@ -458,6 +462,24 @@ fn enter_instance(c: &Counters<'_>, b: &Budget, n: u64, over: &mut Option<Refusa
         }
     }
     Entry::Contended
+}
+
+/// Enforce mode: adds `n` tasks to an instance found admitted by a racing task (`seen`). Once,
+/// not in the retry loop: a second race here is contention (fail open), and the verifier
+/// walks a loop once more per path back into it.
+#[inline(always)]
+fn join_admitted(c: &Counters<'_>, b: &Budget, n: u64, seen: u64) -> Entry {
+    let tasks = word_tasks(seen);
+    if tasks.saturating_add(n) > b.max_tasks {
+        return Entry::Refused(Refusal::MaxTasks);
+    }
+    match c.instance.compare_exchange(seen, seen + n) {
+        Ok(_) => Entry::Entered {
+            opened: false,
+            previous: tasks,
+        },
+        Err(_) => Entry::Contended,
+    }
 }
 
 /// What leaving did to the instance.

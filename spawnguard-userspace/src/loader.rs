@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Array, HashMap, Map, MapData, RingBuf},
     programs::{links::FdLink, BtfTracePoint, Lsm, ProgramInfo, RawTracePoint},
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, VerifierLogLevel,
 };
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
@@ -38,6 +38,11 @@ pub const RUN_DIR: &str = "/run/spawnguard";
 pub const STATE_FILE: &str = "/run/spawnguard/state.json";
 
 pub const KILL_KFUNC: &str = "bpf_send_signal_task";
+
+/// What the kernel says when it refuses a program: its verdict and statistics, not the trace
+/// of every instruction (aya's default). The trace of a 50,000-step program overflows the log
+/// buffer, and the kernel then keeps only its start, so the reason was lost.
+const VERIFIER_LOG: VerifierLogLevel = VerifierLogLevel::STATS;
 
 /// The backend asked for on the command line.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -362,6 +367,7 @@ pub fn probe_lsm(btf: &Btf) -> Result<()> {
     let mut object = EBPF_OBJECT.to_vec();
     patch_kfunc_calls(&mut object, btf)?;
     let mut ebpf = EbpfLoader::new()
+        .verifier_log_level(VERIFIER_LOG)
         .load(&object)
         .context("loading the eBPF object")?;
     run_lsm_probe(&mut ebpf, &kernel_btf)
@@ -508,6 +514,7 @@ impl Enforcer {
             let code = backend.code();
             let stop_with_kfunc = u32::from(backend.stops_with_kfunc(has_kill));
             EbpfLoader::new()
+                .verifier_log_level(VERIFIER_LOG)
                 .override_global("KERNEL_OFFSETS", &offsets, true)
                 .override_global("BACKEND", &code, true)
                 .override_global("STOP_WITH_KFUNC", &stop_with_kfunc, true)

@@ -62,7 +62,7 @@ path = "agents/vm"
 max_tasks = 10
 max_threads = 10
 P
-    spawnguard run --policy /tmp/p.toml --no-pin --metrics-listen 127.0.0.1:9617 > /tmp/d.log 2>&1 &
+    RUST_LOG=spawnguard=debug spawnguard run --policy /tmp/p.toml --no-pin --metrics-listen 127.0.0.1:9617 > /tmp/d.log 2>&1 &
     daemon=$!
     i=0
     while [ ! -S /run/spawnguard/control.sock ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done
