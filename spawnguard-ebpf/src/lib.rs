@@ -517,6 +517,21 @@ pub fn leave_instance(c: &Counters<'_>, n: u64) -> Left {
 /// of `Refusal`; whatever was taken before a refusal is given back.
 #[inline(always)]
 pub fn admit(c: &Counters<'_>, b: &Budget, r: &Request) -> Admission {
+    admit_through(c, b, r, Some)
+}
+
+/// `admit`, with what entering the instance decided (opened, tasks before, audit overrun)
+/// passed through `hide` as one word. `admit` passes it unchanged; the eBPF programs pass a
+/// copy the verifier cannot follow, so that it walks the rest of the admission once, not once
+/// per way of entering (see `opaque` in the eBPF crate). `None` from `hide`: the entry is
+/// undone and the task let through uncounted (fail open).
+#[inline(always)]
+pub fn admit_through(
+    c: &Counters<'_>,
+    b: &Budget,
+    r: &Request,
+    hide: impl Fn(u64) -> Option<u64>,
+) -> Admission {
     let keep = !b.enforce;
     let mut over = None;
     let (opened, previous) = match enter_instance(c, b, r.tasks, &mut over) {
@@ -524,6 +539,22 @@ pub fn admit(c: &Counters<'_>, b: &Budget, r: &Request) -> Admission {
         Entry::Refused(why) => return Admission::refused(why),
         Entry::Contended => return Admission::contended(),
     };
+    let over_code = match over {
+        Some(Refusal::MaxTasks) => 1,
+        Some(_) => 2,
+        None => 0,
+    };
+    let Some(entered) = hide(previous << 3 | over_code << 1 | opened as u64) else {
+        leave_instance(c, r.tasks);
+        return Admission::contended();
+    };
+    let opened = entered & 1 != 0;
+    let over = match (entered >> 1) & 3 {
+        1 => Some(Refusal::MaxTasks),
+        2 => Some(Refusal::MaxInstances),
+        _ => None,
+    };
+    let previous = entered >> 3;
     let mut warnings = 0;
     if crossed(previous, r.tasks, b.warn_tasks) {
         warnings |= WARN_INSTANCE_TASKS;
@@ -994,6 +1025,19 @@ mod tests {
         for (i, r) in REFUSALS.iter().enumerate() {
             assert_eq!(*r as usize, i, "REFUSALS in declaration order");
         }
+    }
+
+    #[test]
+    fn an_entry_that_cannot_be_passed_on_is_undone() {
+        let f = Fixture::new();
+        let b = budget(10, 10, true);
+        let adm = admit_through(&f.counters(), &b, &FORK, |_| None);
+        assert_eq!(adm, Admission::contended());
+        assert_eq!(f.0[0].load(), 0, "the instance is empty and not admitted");
+        assert_eq!(f.get(4), 0, "its instance slot is given back");
+        let adm = admit_through(&f.counters(), &b, &FORK, Some);
+        assert!(adm.counted && adm.opened);
+        assert_eq!(f.0[0].load(), ADMITTED | 1);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use spawnguard_common::{
     REASON_MAX_TASKS, REASON_MAX_THREADS, REASON_TYPE_TASKS, TASK_COMM_LEN,
 };
 use spawnguard_ebpf::{
-    admit, breaker_abandon_probe, breaker_denial, breaker_gate, breaker_instance_ended,
+    admit_through, breaker_abandon_probe, breaker_denial, breaker_gate, breaker_instance_ended,
     release_tasks, word_tasks, Admission, AtomicU64, BreakerPolicy, Budget, Counters, Gate,
     Refusal, Request, Transition, BREAKER_OPEN, WARN_HOST_TASKS, WARN_INSTANCE_TASKS,
     WARN_TYPE_TASKS,
@@ -440,8 +440,8 @@ pub fn admit_task(
     r: &Report,
 ) -> Admission {
     // Undecidable if the decision cannot be passed on (it always can): fail open.
-    let mut adm =
-        opaque(admit(c, b, request).to_word()).map_or(Admission::contended(), Admission::from_word);
+    let mut adm = opaque(admit_through(c, b, request, opaque).to_word())
+        .map_or(Admission::contended(), Admission::from_word);
     if !(adm.counted && adm.opened) {
         return adm;
     }
