@@ -76,10 +76,6 @@ pub static GLOBAL_COUNTERS: PerCpuArray<GlobalCounters> = PerCpuArray::with_max_
 
 /// `v`, unknown to the verifier from here on. Each path through a decision ends with its own
 /// constants (refused or not, which warnings); while the code after it tests them, the verifier
-/// keeps every path apart and walks the rest once per path. As an unknown scalar they merge:
-/// the fork and migration programs verify in a tenth of the steps (and of the start-up time).
-/// `v`, unknown to the verifier from here on. Each path through a decision ends with its own
-/// constants (refused or not, which warnings); while the code after it tests them, the verifier
 /// keeps every path apart and walks the rest once per path. As unknown scalars the paths merge:
 /// the fork and migration programs verify in a tenth of the steps (and of the start-up time).
 /// Copied by a helper, which the verifier cannot see through (arithmetic with an unknown value

@@ -398,7 +398,7 @@ fn run_lsm_probe(ebpf: &mut Ebpf, kernel_btf: &aya::Btf) -> Result<()> {
     Ok(())
 }
 
-/// A probe's error as one line (aya appends an empty verifier log to a refused load).
+/// A probe's error as one line (aya appends the verifier's log to a refused load).
 fn one_line(e: anyhow::Error) -> String {
     format!("{e:#}")
         .split(". Verifier output")
