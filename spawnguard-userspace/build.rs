@@ -2,7 +2,11 @@
 //! embeds it in the binary: one file to install. The toolchain itself is installed by
 //! `cargo xtask setup` (see shared/TOOLCHAIN.md for why it is Debian's rustc).
 
-use std::{env, path::PathBuf, process::Command};
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 
@@ -16,21 +20,73 @@ fn main() {
         "cargo:rerun-if-changed={}",
         root.join("spawnguard-ebpf/Cargo.toml").display()
     );
-    println!("cargo:rerun-if-env-changed=SPAWNGUARD_EBPF_OBJECT");
-
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
-    let object = out.join("spawnguard.bpf.o");
-    if let Ok(prebuilt) = env::var("SPAWNGUARD_EBPF_OBJECT") {
-        std::fs::copy(&prebuilt, &object).expect("copy SPAWNGUARD_EBPF_OBJECT");
-        return;
+    // Two builds of the same programs: with atomic fetch and compare-and-swap instructions
+    // (kernel >= 5.12), and with them emulated for 5.10-5.11 (feature `emulated-atomics`).
+    let objects = [
+        Flavour {
+            object: "spawnguard.bpf.o",
+            target_dir: "ebpf-target",
+            prebuilt: "SPAWNGUARD_EBPF_OBJECT",
+            features: &[],
+            // v3: atomic fetch-and-add and compare-and-swap.
+            rustflags: "-Ctarget-cpu=v3",
+        },
+        Flavour {
+            object: "spawnguard-emulated-atomics.bpf.o",
+            target_dir: "ebpf-target-emulated-atomics",
+            prebuilt: "SPAWNGUARD_EBPF_EMULATED_ATOMICS_OBJECT",
+            features: &["--features", "emulated-atomics"],
+            // Still v3 (32-bit jumps, 5.1): only the atomic instructions are avoided.
+            rustflags: "-Ctarget-cpu=v3",
+        },
+    ];
+    let mut builds = Vec::new();
+    for flavour in &objects {
+        println!("cargo:rerun-if-env-changed={}", flavour.prebuilt);
+        let object = out.join(flavour.object);
+        if let Ok(prebuilt) = env::var(flavour.prebuilt) {
+            std::fs::copy(&prebuilt, &object)
+                .unwrap_or_else(|e| panic!("copy {} {prebuilt}: {e}", flavour.prebuilt));
+            continue;
+        }
+        if !std::path::Path::new(DEBIAN_RUSTC).exists() {
+            panic!(
+                "{DEBIAN_RUSTC} not found: the eBPF programs need Debian's rustc and rust-src. \
+                 Run `cargo xtask setup` (as root) first."
+            );
+        }
+        let target_dir = out.join(flavour.target_dir);
+        let child = ebpf_build(&root, &target_dir, flavour)
+            .spawn()
+            .expect("run cargo for the eBPF build");
+        builds.push((child, target_dir, object, flavour));
     }
-    if !std::path::Path::new(DEBIAN_RUSTC).exists() {
-        panic!(
-            "{DEBIAN_RUSTC} not found: the eBPF programs need Debian's rustc and rust-src. \
-             Run `cargo xtask setup` (as root) first."
-        );
+    // Both at once: they share nothing but the CPUs.
+    for (mut child, target_dir, object, flavour) in builds {
+        let status = child.wait().expect("wait for the eBPF build");
+        if !status.success() {
+            panic!(
+                "building the eBPF object {} failed (see the cargo output above)",
+                flavour.object
+            );
+        }
+        let built = target_dir.join("bpfel-unknown-none/release/spawnguard");
+        std::fs::copy(&built, &object).expect("copy the eBPF object");
     }
-    let target_dir = out.join("ebpf-target");
+}
+
+struct Flavour {
+    object: &'static str,
+    target_dir: &'static str,
+    /// An environment variable naming a prebuilt object to embed instead.
+    prebuilt: &'static str,
+    features: &'static [&'static str],
+    /// CARGO_ENCODED_RUSTFLAGS (0x1f-separated).
+    rustflags: &'static str,
+}
+
+fn ebpf_build(root: &Path, target_dir: &Path, flavour: &Flavour) -> Command {
     let mut path = env::var_os("PATH").unwrap_or_default();
     if let Some(home) = env::var_os("CARGO_HOME")
         .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo").into_os_string()))
@@ -51,14 +107,14 @@ fn main() {
             "build-std=core",
             "--bin",
             "spawnguard",
-            "--target-dir",
         ])
-        .arg(&target_dir)
+        .args(flavour.features)
+        .arg("--target-dir")
+        .arg(target_dir)
         .env("PATH", path)
         .env("RUSTC", DEBIAN_RUSTC)
         .env("RUSTC_BOOTSTRAP", "1")
-        // v3: atomic fetch-and-add and compare-and-swap (kernel >= 5.12).
-        .env("CARGO_ENCODED_RUSTFLAGS", "-Ctarget-cpu=v3");
+        .env("CARGO_ENCODED_RUSTFLAGS", flavour.rustflags);
     for var in [
         "RUSTC_WORKSPACE_WRAPPER",
         "RUSTC_WRAPPER",
@@ -71,10 +127,5 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
-    let status = cmd.status().expect("run cargo for the eBPF build");
-    if !status.success() {
-        panic!("building the eBPF object failed (see the cargo output above)");
-    }
-    let built = target_dir.join("bpfel-unknown-none/release/spawnguard");
-    std::fs::copy(&built, &object).expect("copy the eBPF object");
+    cmd
 }

@@ -34,7 +34,7 @@ pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
     }
     // SAFETY: live map value, plain read.
     let inst = unsafe { (*rec).instance };
-    let last = process_live(rec).fetch_sub(1) <= 1;
+    let last = process_live(rec).fetch_sub_exact(1) <= 1;
     if let Some(state) = INSTANCES.get_ptr_mut(&inst) {
         // SAFETY: live map value, plain read.
         let type_idx = unsafe { (*state).type_idx };

@@ -7,9 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{btf::Btf, cgroupfs, loader};
 
-/// Oldest kernel the programs are written for: BPF atomic fetch-and-add/compare-and-swap
-/// (5.12), ring buffers (5.8), BTF tracepoints (5.5).
-pub const MIN_KERNEL: (u32, u32) = (5, 12);
+/// Oldest kernel spawnguard runs on (the oldest tested): ring buffers (5.8), BPF LSM (5.7),
+/// BTF tracepoints (5.5). Before 5.12 (no atomic fetch/compare-and-swap instructions) it loads
+/// the programs that emulate them.
+pub const MIN_KERNEL: (u32, u32) = (5, 10);
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -73,20 +74,33 @@ pub fn run() -> Report {
     });
     let version = kernel_version(&release);
     checks.push(match version {
-        Some(v) if v >= MIN_KERNEL => check(
+        Some(v) if v >= loader::ATOMICS_KERNEL => check(
             "kernel",
             Level::Ok,
             format!("{release} (minimum {}.{})", MIN_KERNEL.0, MIN_KERNEL.1),
+            None,
+        ),
+        Some(v) if v >= MIN_KERNEL => check(
+            "kernel",
+            Level::Ok,
+            format!(
+                "{release} (minimum {}.{}); no BPF atomic fetch or compare-and-swap before \
+                 {}.{}: emulated with a lock in a map",
+                MIN_KERNEL.0,
+                MIN_KERNEL.1,
+                loader::ATOMICS_KERNEL.0,
+                loader::ATOMICS_KERNEL.1
+            ),
             None,
         ),
         _ => check(
             "kernel",
             Level::Fatal,
             format!(
-                "{release}: older than {}.{} (BPF atomics)",
+                "{release}: older than {}.{} (BTF tracepoints, BPF LSM, ring buffers)",
                 MIN_KERNEL.0, MIN_KERNEL.1
             ),
-            Some("upgrade the kernel to 5.12 or newer"),
+            Some("upgrade the kernel to 5.10 or newer"),
         ),
     });
 
@@ -325,7 +339,9 @@ mod tests {
         assert_eq!(kernel_version("5.10.0-30-amd64"), Some((5, 10)));
         assert_eq!(kernel_version("6.1"), Some((6, 1)));
         assert_eq!(kernel_version("garbage"), None);
-        assert!(kernel_version("5.10.0").unwrap() < MIN_KERNEL);
-        assert!(kernel_version("5.12.1").unwrap() >= MIN_KERNEL);
+        assert!(kernel_version("5.4.0").unwrap() < MIN_KERNEL);
+        assert!(kernel_version("5.10.0").unwrap() >= MIN_KERNEL);
+        assert!(kernel_version("5.10.0").unwrap() < loader::ATOMICS_KERNEL);
+        assert!(kernel_version("5.12.1").unwrap() >= loader::ATOMICS_KERNEL);
     }
 }

@@ -32,6 +32,36 @@ use crate::{
 /// The eBPF object, built by build.rs and embedded: one file to install.
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/spawnguard.bpf.o"));
+/// The same programs for kernels without the atomic fetch and compare-and-swap instructions:
+/// they emulate them (spawnguard-ebpf's `emulated-atomics` feature).
+static EBPF_OBJECT_EMULATED_ATOMICS: &[u8] = aya::include_bytes_aligned!(concat!(
+    env!("OUT_DIR"),
+    "/spawnguard-emulated-atomics.bpf.o"
+));
+
+/// First kernel with BPF atomic fetch-and-add and compare-and-swap.
+pub const ATOMICS_KERNEL: (u32, u32) = (5, 12);
+
+/// `SPAWNGUARD_EMULATED_ATOMICS=1` loads the emulated-atomics object on any kernel: the test
+/// suite runs it on real CPUs that way (the 5.10 guest's two vCPUs share one host thread).
+pub const EMULATED_ATOMICS_ENV: &str = "SPAWNGUARD_EMULATED_ATOMICS";
+
+/// Whether to load the emulated-atomics object: this kernel predates the instructions, or the
+/// environment asks for it.
+pub fn emulated_atomics() -> bool {
+    std::env::var(EMULATED_ATOMICS_ENV).is_ok_and(|v| v == "1")
+        || crate::doctor::kernel_version(&crate::metrics::kernel_release())
+            .is_some_and(|v| v < ATOMICS_KERNEL)
+}
+
+/// The object this kernel can verify.
+fn ebpf_object() -> &'static [u8] {
+    if emulated_atomics() {
+        EBPF_OBJECT_EMULATED_ATOMICS
+    } else {
+        EBPF_OBJECT
+    }
+}
 
 pub const PIN_ROOT: &str = "/sys/fs/bpf/spawnguard";
 pub const RUN_DIR: &str = "/run/spawnguard";
@@ -364,7 +394,7 @@ pub struct Enforcer {
 /// kernel can run BPF LSM programs (what the lsm backend needs), else why not.
 pub fn probe_lsm(btf: &Btf) -> Result<()> {
     let kernel_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
-    let mut object = EBPF_OBJECT.to_vec();
+    let mut object = ebpf_object().to_vec();
     patch_kfunc_calls(&mut object, btf)?;
     let mut ebpf = EbpfLoader::new()
         .verifier_log_level(VERIFIER_LOG)
@@ -422,8 +452,9 @@ pub fn preflight() -> Result<()> {
     let (major, minor) = crate::doctor::MIN_KERNEL;
     if crate::doctor::kernel_version(&release).is_some_and(|v| v < (major, minor)) {
         bail!(
-            "spawnguard needs Linux {major}.{minor} or newer (its programs use BPF atomic \
-             operations); this kernel is {release} (`spawnguard doctor` checks a host)"
+            "spawnguard needs Linux {major}.{minor} or newer (BTF tracepoints, BPF LSM, ring \
+             buffers); this kernel is {release} \
+             (`spawnguard doctor` checks a host)"
         );
     }
     if !Path::new(crate::btf::VMLINUX).exists() {
@@ -502,11 +533,19 @@ impl Enforcer {
         // The kernel's BTF is parsed once here, once by aya for program loads, and once by
         // each `EbpfLoader` (its constructor always does): a parse of a 5 MB vmlinux BTF takes
         // a quarter second on a fast host and seconds in an emulated guest.
+        if emulated_atomics() {
+            tracing::info!(
+                "loading the programs that emulate BPF atomic fetch and compare-and-swap (a lock \
+                 in a map): kernels before {}.{} lack them (or {EMULATED_ATOMICS_ENV}=1)",
+                ATOMICS_KERNEL.0,
+                ATOMICS_KERNEL.1
+            );
+        }
         let btf = Btf::from_sys_fs()?;
         let offsets = btf
             .kernel_offsets()
             .context("reading struct offsets from the kernel's BTF")?;
-        let mut object = EBPF_OBJECT.to_vec();
+        let mut object = ebpf_object().to_vec();
         let kfuncs = patch_kfunc_calls(&mut object, &btf)?;
         let has_kill = kfuncs.has(KILL_KFUNC);
         let kernel_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
@@ -724,13 +763,14 @@ fn attach_and_pin(
     let started = Instant::now();
     let mut verified = Vec::new();
     let mut note = |hook: &str, t: Instant, info: Option<ProgramInfo>| {
+        // The kernel reports the count from 5.16 on.
         let steps = info.and_then(|i| i.verified_instruction_count());
         tracing::debug!(
             "verified {hook} in {} ms ({} instructions processed)",
             t.elapsed().as_millis(),
             steps.map_or("?".into(), |n| n.to_string())
         );
-        verified.push(steps.unwrap_or(0));
+        verified.push(steps);
     };
     for hook in HOOKS {
         let prog: &mut BtfTracePoint = ebpf
@@ -782,11 +822,15 @@ fn attach_and_pin(
             .pin(links.join("sys_exit"))
             .context("pinning the sys_exit link")?;
     }
+    let steps: Option<u64> = verified.iter().map(|n| n.map(u64::from)).sum();
     tracing::info!(
-        "loaded and attached {} programs in {:.2} s ({} instructions processed by the verifier)",
+        "loaded and attached {} programs in {:.2} s ({})",
         verified.len(),
         started.elapsed().as_secs_f64(),
-        verified.iter().map(|&n| u64::from(n)).sum::<u64>()
+        steps.map_or(
+            "this kernel does not report verifier steps".into(),
+            |n| format!("{n} instructions processed by the verifier")
+        )
     );
     Ok(())
 }
