@@ -579,7 +579,46 @@ fn enter_instance(c: &Counters<'_>, b: &Budget, n: u64, over: &mut Option<Refusa
             }
         }
     }
-    Entry::Contended
+    enter_admitted_by_add(c, b, n, over)
+}
+
+/// After the compare-and-swap lost every try: joins an admitted instance with a plain add
+/// (reserve, then check), so a contended task is still counted and held to `max_tasks`.
+/// Contention is the normal case, not a rarity, where the compare-and-swap is emulated under
+/// one lock (kernels before 5.12: a lock holder preempted, or a vCPU descheduled, makes every
+/// other CPU miss it). Only an instance that is not admitted stays contended (fail open):
+/// admitting takes a slot, which needs the compare-and-swap. A refusal undoes the add through
+/// `leave_instance`, so an instance whose last task left meanwhile still gives back its slot.
+#[inline(always)]
+fn enter_admitted_by_add(
+    c: &Counters<'_>,
+    b: &Budget,
+    n: u64,
+    over: &mut Option<Refusal>,
+) -> Entry {
+    // Read first: an add to a word that tasks admitting the instance compare against would
+    // make them lose too.
+    if c.instance.load() & ADMITTED == 0 {
+        return Entry::Contended;
+    }
+    let previous = c.instance.fetch_add(n);
+    if previous & ADMITTED == 0 {
+        // It closed since the read.
+        leave_instance(c, n);
+        return Entry::Contended;
+    }
+    let tasks = word_tasks(previous);
+    if tasks.saturating_add(n) > b.max_tasks {
+        if b.enforce {
+            leave_instance(c, n);
+            return Entry::Refused(Refusal::MaxTasks);
+        }
+        *over = Some(Refusal::MaxTasks);
+    }
+    Entry::Entered {
+        opened: false,
+        previous: tasks,
+    }
 }
 
 /// Enforce mode: adds `n` tasks to an instance found admitted by a racing task (`seen`). Once,
@@ -1156,6 +1195,43 @@ mod tests {
         let adm = admit_through(&f.counters(), &b, &FORK, Some);
         assert!(adm.counted && adm.opened);
         assert_eq!(f.0[0].load(), ADMITTED | 1);
+    }
+
+    #[test]
+    fn a_contended_entry_joins_an_admitted_instance_by_add() {
+        let f = Fixture::new();
+        let c = f.counters();
+        let mut over = None;
+        // Not admitted: nothing changes, the task is let through uncounted.
+        let entry = enter_admitted_by_add(&c, &budget(2, 10, true), 1, &mut over);
+        assert!(matches!(entry, Entry::Contended));
+        assert_eq!(f.0[0].load(), 0);
+        // Admitted: counted, up to max_tasks and not beyond.
+        f.0[0].store(ADMITTED | 1);
+        let entry = enter_admitted_by_add(&c, &budget(2, 10, true), 1, &mut over);
+        assert!(matches!(
+            entry,
+            Entry::Entered {
+                opened: false,
+                previous: 1
+            }
+        ));
+        let entry = enter_admitted_by_add(&c, &budget(2, 10, true), 1, &mut over);
+        assert!(matches!(entry, Entry::Refused(Refusal::MaxTasks)));
+        assert_eq!(f.0[0].load(), ADMITTED | 2, "the refused add is undone");
+        assert_eq!(over, None);
+        // Audit mode: counted past max_tasks and reported.
+        let entry = enter_admitted_by_add(&c, &budget(2, 10, false), 1, &mut over);
+        assert!(matches!(entry, Entry::Entered { previous: 2, .. }));
+        assert_eq!(over, Some(Refusal::MaxTasks));
+        assert_eq!(f.0[0].load(), ADMITTED | 3);
+        // A refusal that finds the instance emptied gives back its slot, as a last exit would.
+        f.0[0].store(ADMITTED);
+        f.0[4].store(1);
+        let entry = enter_admitted_by_add(&c, &budget(0, 10, true), 1, &mut over);
+        assert!(matches!(entry, Entry::Refused(Refusal::MaxTasks)));
+        assert_eq!(f.0[0].load(), 0, "closed");
+        assert_eq!(f.get(4), 0, "its instance slot is given back");
     }
 
     #[test]

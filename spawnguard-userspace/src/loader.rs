@@ -4,13 +4,16 @@
 use std::{
     fmt,
     path::{Path, PathBuf},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Array, HashMap, Map, MapData, RingBuf},
-    programs::{links::FdLink, BtfTracePoint, Lsm, ProgramInfo, RawTracePoint},
+    programs::{
+        links::{FdLink, PinnedLink},
+        BtfTracePoint, Lsm, ProgramInfo, RawTracePoint,
+    },
     Ebpf, EbpfLoader, VerifierLogLevel,
 };
 use serde::{Deserialize, Serialize};
@@ -766,9 +769,11 @@ fn attach_and_pin(
         // The kernel reports the count from 5.16 on.
         let steps = info.and_then(|i| i.verified_instruction_count());
         tracing::debug!(
-            "verified {hook} in {} ms ({} instructions processed)",
+            "verified {hook} in {} ms ({})",
             t.elapsed().as_millis(),
-            steps.map_or("?".into(), |n| n.to_string())
+            steps.map_or("steps not reported before 5.16".into(), |n| format!(
+                "{n} instructions processed"
+            ))
         );
         verified.push(steps);
     };
@@ -874,14 +879,62 @@ fn reconcile(dir: &Path, types: &[PlacedType]) -> Result<usize> {
 
 const BPF_NOEXIST: u64 = 1;
 
-/// Detaches and removes every pinned enforcer (all layouts). Refuses while a daemon runs.
+/// How long `uninstall` waits for the kernel to detach the programs.
+const DETACH_WAIT: Duration = Duration::from_secs(30);
+
+/// Detaches and removes every pinned enforcer (all layouts), and returns once the kernel runs
+/// none of its programs. A pin is a pinned link's last reference (the daemon keeps no program
+/// or link open), and the kernel drops it after an RCU grace period, from a workqueue: without
+/// the wait, a fork right after `uninstall` could still be refused (seen on 5.10 under qemu).
 pub fn uninstall() -> Result<bool> {
     let root = Path::new(PIN_ROOT);
     if !root.exists() {
         return Ok(false);
     }
+    let programs = pinned_programs(root);
     std::fs::remove_dir_all(root).with_context(|| format!("removing {PIN_ROOT}"))?;
-    Ok(true)
+    let started = Instant::now();
+    let deadline = started + DETACH_WAIT;
+    loop {
+        let left = aya::programs::loaded_programs()
+            .flatten()
+            .filter(|p| programs.contains(&p.id()))
+            .count();
+        if left == 0 {
+            tracing::debug!(
+                "the kernel let go of {} programs {} ms after their pins went",
+                programs.len(),
+                started.elapsed().as_millis()
+            );
+            return Ok(true);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "removed {PIN_ROOT}, but after {} s the kernel still runs {left} of its programs",
+                DETACH_WAIT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The programs behind the links pinned under `root` (every layout's `links/`).
+fn pinned_programs(root: &Path) -> Vec<u32> {
+    let links = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|layout| {
+            std::fs::read_dir(layout.path().join("links"))
+                .into_iter()
+                .flatten()
+        })
+        .flatten();
+    links
+        .filter_map(|entry| PinnedLink::from_pin(entry.path()).ok())
+        .filter_map(|pinned| FdLink::from(pinned).info().ok())
+        .map(|info| info.program_id())
+        .collect()
 }
 
 #[cfg(test)]

@@ -413,7 +413,8 @@ fn a_full_ring_buffer_shows_in_the_dropped_counter_never_as_a_missed_denial() {
     // Nothing reads the ring while the daemon is stopped.
     // SAFETY: stopping and resuming our own child.
     unsafe { libc::kill(daemon.pid() as i32, libc::SIGSTOP) };
-    let out = exec_bomb("of", "i1", &["fork", "3000", "20000", "200"])
+    // As long as enforcement.rs's ring test: the slowest guest needs it to refuse 3,000.
+    let out = exec_bomb("of", "i1", &["fork", "8000", "20000", "200"])
         .output()
         .unwrap();
     // SAFETY: as above.

@@ -28,7 +28,7 @@ pub struct Kernel {
 }
 
 pub const KERNELS: [Kernel; 4] = [
-    // No BPF atomic instructions before 5.12: spawnguard loads its spin-lock object here.
+    // No BPF atomic instructions before 5.12: spawnguard loads its emulated-atomics object here.
     Kernel {
         name: "5.10",
         suite: "bullseye",

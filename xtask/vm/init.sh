@@ -120,6 +120,8 @@ elif [ "$expect" = runs ]; then
         cat /tmp/e2e.txt
         summary=$(grep "^test result:" /tmp/e2e.txt | tail -1)
         check "e2e-$name" $rc "$summary in $(( $(date +%s) - start )) s"
+        # The kernel's side of a failure (the console is quiet).
+        [ $rc = 0 ] || dmesg | tail -40
     done
 fi
 echo "SG-DONE"
