@@ -14,7 +14,19 @@ mount -t cgroup2 none /sys/fs/cgroup
 ifconfig lo 127.0.0.1 up
 
 check() { # name, condition result (0 = ok), detail
-    if [ "$2" = 0 ]; then echo "SG-CHECK $1 ok $3"; else echo "SG-CHECK $1 FAIL $3"; fi
+    if [ "$2" = 0 ]; then echo "SG-CHECK $1 ok $3"; else echo "SG-CHECK $1 FAIL $3"; dump; fi
+}
+dump() { # what a failed check leaves to read: the smoke daemon's log, the processes, the kernel
+    [ -f /tmp/d.log ] && { echo "--- daemon log"; tail -30 /tmp/d.log; }
+    echo "--- ps"; ps
+    if [ -n "$daemon" ] && [ -d /proc/$daemon ]; then
+        for t in /proc/$daemon/task/*; do
+            echo "--- daemon thread ${t##*/} $(cat $t/comm) $(grep State: $t/status)"; cat $t/stack
+        done
+    fi
+    # Blocked (D state) tasks' stacks, into the kernel log.
+    echo w > /proc/sysrq-trigger
+    echo "--- dmesg"; dmesg | tail -80
 }
 expect=$(sed -n 's/.*sg.expect=\([a-z-]*\).*/\1/p' /proc/cmdline)
 echo "SG-BEGIN $(uname -r) expect=$expect"
@@ -86,13 +98,17 @@ else
     [ $rc = 137 ]
     check thread-bomb-killed $? "thread bomb exit $rc (137 = killed at its 11th thread)"
 fi
-wget -q -O /tmp/metrics.txt http://127.0.0.1:9617/metrics
+# Bounded: a daemon that stops answering is a failed check, not a guest that never ends.
+timeout 30 wget -q -O /tmp/metrics.txt http://127.0.0.1:9617/metrics
 grep -q "^spawnguard_denials_total{reason=\"max_tasks\",type=\"vm\"} [1-9]" /tmp/metrics.txt
 check metrics $? "denials in /metrics"
-spawnguard events --output json > /tmp/events.txt
+timeout 60 spawnguard events --output json > /tmp/events.txt
 grep -q '"kind":"denied".*"reason":"max_tasks"' /tmp/events.txt
 check events $? "a denial in the event stream"
-kill $daemon; wait $daemon
+kill $daemon
+for i in $(seq 60); do kill -0 $daemon 2>/dev/null || break; sleep 1; done
+kill -0 $daemon 2>/dev/null && { check daemon-stops 1 "no exit 60 s after SIGTERM"; kill -9 $daemon; }
+wait $daemon
 if [ "$expect" = runs ] && grep -q "sg.bench=1" /proc/cmdline; then
     # `vm-test --bench`: overhead of the backends this kernel runs, against a baseline in
     # the same guest (TCG: ratios only).
@@ -121,7 +137,7 @@ elif [ "$expect" = runs ]; then
         summary=$(grep "^test result:" /tmp/e2e.txt | tail -1)
         check "e2e-$name" $rc "$summary in $(( $(date +%s) - start )) s"
         # The kernel's side of a failure (the console is quiet).
-        [ $rc = 0 ] || dmesg | tail -40
+        [ $rc = 0 ] || { echo "--- dmesg"; dmesg | tail -40; }
     done
 fi
 echo "SG-DONE"
