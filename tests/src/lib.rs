@@ -262,7 +262,10 @@ pub fn runnable(tid: u32) -> bool {
 /// the moment the kernel links it in until it dies; with kill-compat it dies on its first return
 /// towards user space, so it can look runnable while it waits for a CPU. Such a child never runs
 /// user code and is gone (or has SIGKILL pending) on the second look; a task that was admitted
-/// is not (the bombs' admitted tasks live until their hold ends).
+/// is not (the bombs' admitted tasks live until their hold ends). The second look may take
+/// 500 ms: a kill-compat fork bomb's 40 processes never back off (their forks succeed), and a
+/// refused child waits behind all of them for its first CPU (CI once saw 66 tasks after 100 ms,
+/// budget 40).
 pub fn held_tasks(dir: &Path, limit: usize, threads_only: bool) -> usize {
     let mut tids: Vec<u32> = subtree_threads(dir)
         .into_iter()
@@ -273,7 +276,7 @@ pub fn held_tasks(dir: &Path, limit: usize, threads_only: bool) -> usize {
     } else {
         0
     };
-    let deadline = Instant::now() + Duration::from_millis(100);
+    let deadline = Instant::now() + Duration::from_millis(500);
     while tids.len().saturating_sub(procs) > limit && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
         tids.retain(|&t| runnable(t));
