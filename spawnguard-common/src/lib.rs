@@ -29,7 +29,11 @@ pub mod maps {
     pub const BREAKER_LIMITS: &str = "BREAKER_LIMITS";
     pub const BREAKER_STATE: &str = "BREAKER_STATE";
     pub const PENDING: &str = "PENDING";
-    pub const ALL: [&str; 16] = [
+    pub const PATH_CHILDREN: &str = "PATH_CHILDREN";
+    pub const PATH_DIRS: &str = "PATH_DIRS";
+    pub const CREATED: &str = "CREATED";
+    pub const RELEASING: &str = "RELEASING";
+    pub const ALL: [&str; 20] = [
         META,
         BREAKER_LIMITS,
         BREAKER_STATE,
@@ -46,13 +50,17 @@ pub mod maps {
         HOST_LIMITS,
         HOST_STATE,
         PENDING,
+        PATH_CHILDREN,
+        PATH_DIRS,
+        CREATED,
+        RELEASING,
     ];
 }
 
 /// Version of the layout of every map shared with a running (pinned) enforcer. A daemon adopts
 /// pinned state only of its own layout version; bump it whenever a map's key or value type, or
 /// a map's meaning, changes (the size snapshot test below catches most changes).
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Element 0 of `META`: what is pinned, for the daemon that adopts it. Not read by the kernel.
 #[repr(C)]
@@ -106,9 +114,23 @@ pub struct BreakerState {
 }
 
 /// Default map capacities (the loader may override them).
+/// Instances holding tasks at once (an empty instance directory holds no entry).
 pub const MAX_INSTANCES: u32 = 16_384;
+/// Instance directories whose creation time is kept (empty ones included), for `max_age`.
+pub const MAX_CREATED: u32 = 65_536;
+/// Nodes of the type paths (each directory on the way to a type directory, and the type
+/// directories themselves), and directories standing at them.
+pub const MAX_PATH_NODES: u32 = 1_024;
+/// Bytes of a path component the kernel compares, its NUL included: policy components are at
+/// most `PATH_NAME_LEN - 2` bytes, so a name the kernel reads whole is never a truncated one.
+pub const PATH_NAME_LEN: usize = 64;
+/// `PathNode::type_idx` of a directory on the way to a type directory.
+pub const NO_TYPE: u32 = u32::MAX;
 pub const MAX_PROCESSES: u32 = 65_536;
 pub const MAX_DOOMED: u32 = 8_192;
+/// Tasks that exited and are not yet released (zombies not reaped, and an RCU grace period
+/// after that): they hold their charge, as they hold their PID, until then.
+pub const MAX_RELEASING: u32 = 65_536;
 /// Tasks between `task_alloc` and the fork tracepoint at once (lsm backend).
 pub const MAX_PENDING: u32 = 4_096;
 pub const EVENTS_BYTES: u32 = 256 * 1024;
@@ -147,6 +169,16 @@ pub struct KernelOffsets {
     /// `task_struct.real_parent` and `task_struct.comm`: the parent's name in events.
     pub task_real_parent: u32,
     pub task_comm: u32,
+    /// `kernfs_node.name`: a cgroup directory's name, to follow type paths.
+    pub kernfs_name: u32,
+    /// `task_struct.sighand`, `sighand_struct.action[]`, the size of a `k_sigaction` and its
+    /// handler and flags: whether a spawner's children are reaped as they exit (SIGCHLD
+    /// ignored, or `SA_NOCLDWAIT`).
+    pub task_sighand: u32,
+    pub sighand_action: u32,
+    pub k_sigaction_size: u32,
+    pub k_sigaction_handler: u32,
+    pub k_sigaction_flags: u32,
 }
 
 /// Value of `TYPE_DIRS` (key: cgroup id of a type's directory).
@@ -155,6 +187,29 @@ pub struct KernelOffsets {
 pub struct TypeDir {
     pub type_idx: u32,
     pub level: u32,
+}
+
+/// Key of `PATH_CHILDREN`: a directory named `name` (NUL-padded) inside a directory that stands
+/// at path node `parent` (node 0 is the cgroup2 root).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathKey {
+    pub parent: u32,
+    pub _pad: u32,
+    pub name: [u8; PATH_NAME_LEN],
+}
+
+/// Value of `PATH_CHILDREN` and, by id, what a directory stands for: the path node it is, and
+/// the type it is the directory of (`NO_TYPE` on the way to one). The kernel follows type paths
+/// with it at every `cgroup_mkdir`, so a recreated type directory is that type from its first
+/// instant. Value of `PATH_DIRS` (key: cgroup id) too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PathNode {
+    pub node: u32,
+    pub type_idx: u32,
+    pub level: u32,
+    pub _pad: u32,
 }
 
 /// Distinct levels of the type directories; element 0 of `TYPE_LEVELS`.
@@ -187,7 +242,9 @@ pub struct TypeLimits {
     pub max_age_ns: u64,
     /// `ON_MAX_AGE_*`.
     pub on_max_age: u32,
-    pub _pad: u32,
+    /// Changes (mod 256) whenever the fork rate or burst changes: instances' buckets of an
+    /// older generation start full.
+    pub rate_gen: u32,
     /// `MODE_*`; an exempt type is loaded as audit.
     pub mode: u32,
     /// 1 when this slot holds a type.
@@ -217,7 +274,7 @@ impl Default for TypeLimits {
             warn_instances: NO_LIMIT,
             max_age_ns: NO_LIMIT,
             on_max_age: ON_MAX_AGE_EVENT,
-            _pad: 0,
+            rate_gen: 0,
             mode: MODE_AUDIT,
             active: 0,
             name: [0; TYPE_NAME_LEN],
@@ -267,14 +324,16 @@ pub struct HostState {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InstanceState {
-    /// Live tasks (processes + threads) in the low 63 bits; the top bit says the instance is
-    /// admitted (holds one of its type's `max_instances` slots). One word, so both change
-    /// together.
+    /// Live tasks (processes + threads) in the low 62 bits; the top bit says the instance is
+    /// admitted (holds one of its type's `max_instances` slots), the next one that its entry is
+    /// being reclaimed (its last task left). One word, so they change together.
     pub tasks: u64,
     pub processes: u64,
     /// Live tasks that are not counted as their process (tasks - processes).
     pub threads: u64,
-    /// GCRA theoretical arrival time of the fork-rate limiter, in `bpf_ktime_get_ns` time.
+    /// GCRA theoretical arrival time of the fork-rate limiter, in `bpf_ktime_get_ns` time (low
+    /// 56 bits), and the type's rate generation it was taken under (top 8 bits): a bucket of
+    /// another generation starts full, so a rate change applies at once.
     pub rate_tat_ns: u64,
     pub created_ns: u64,
     pub type_idx: u32,
@@ -283,6 +342,10 @@ pub struct InstanceState {
     /// When the instance last got its first task (admission), for the breaker's start-up
     /// window.
     pub admitted_ns: u64,
+    /// Tasks counted in `tasks` that exited and wait to be released (reaped, then freed).
+    pub releasing: u64,
+    /// Refused children (killed) not yet reaped by their parent: they hold PIDs too.
+    pub refused_unreaped: u64,
 }
 
 /// The kernel has reported this instance past its max age (once).
@@ -296,6 +359,24 @@ pub struct ProcessRecord {
     pub instance: u64,
     pub live: u64,
 }
+
+/// Value of `RELEASING` (key: `task_struct` address): a task that exited, and what its release
+/// gives back. Keyed by task, not pid: a pid is free for reuse before the task is released.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReleasingTask {
+    pub instance: u64,
+    pub type_idx: u32,
+    /// `RELEASE_*`.
+    pub kind: u32,
+}
+
+/// A counted thread (not its process's last task).
+pub const RELEASE_THREAD: u32 = 1;
+/// A counted process's last task.
+pub const RELEASE_PROCESS: u32 = 2;
+/// A refused child that was killed: counted in `refused_unreaped` until reaped.
+pub const RELEASE_REFUSED: u32 = 3;
 
 /// A task the `lsm` backend admitted in `task_alloc`, keyed by its `task_struct` address until
 /// the fork tracepoint records it (or `task_free` releases it when the fork failed later on).
@@ -363,6 +444,16 @@ pub struct GlobalCounters {
     pub drift: u64,
     pub contended: u64,
     pub kill_failed: u64,
+    /// Instance directories whose creation time could not be kept (`CREATED` full): their age
+    /// counts from their first task.
+    pub created_full: u64,
+    /// Instance entries reclaimed when their last task left.
+    pub reclaimed: u64,
+    /// Exited tasks released at once because RELEASING was full (their PIDs may still be held).
+    pub releasing_full: u64,
+    /// Spawners killed for leaving more refused children unreaped than their instance's
+    /// `max_tasks`.
+    pub spawners_stopped: u64,
 }
 
 pub const EVENT_DENIED: u32 = 1;
@@ -378,6 +469,9 @@ pub const EVENT_BREAKER: u32 = 6;
 /// A new instance was admitted (its first task counted; it holds a `max_instances` slot).
 /// `usage`/`limit` are the type's admitted instances and its ceiling.
 pub const EVENT_ADMITTED: u32 = 7;
+/// A spawner was killed: it left `usage` refused children unreaped, more than `limit` (its
+/// instance's `max_tasks` plus a slack for releases still under way), each holding a PID.
+pub const EVENT_SPAWNER_STOPPED: u32 = 8;
 
 pub const CAUSE_FORK: u32 = 1;
 pub const CAUSE_THREAD: u32 = 2;
@@ -393,6 +487,9 @@ pub const FAIL_READ_ERROR: u32 = 4;
 pub const FAIL_CONTENDED: u32 = 5;
 /// The kernel refused to signal a refused task (it runs, uncounted).
 pub const FAIL_KILL: u32 = 6;
+/// Not a task let through: an instance directory's creation time could not be kept (`CREATED`
+/// is full), so its `max_age` counts from its first task.
+pub const FAIL_CREATED_FULL: u32 = 7;
 
 /// One record of the `EVENTS` ring buffer.
 #[repr(C)]
@@ -453,6 +550,12 @@ mod pod {
     unsafe impl aya::Pod for GlobalCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Event {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PathKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PathNode {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ReleasingTask {}
 }
 
 #[cfg(test)]
@@ -461,8 +564,8 @@ mod tests {
 
     /// A change here changes what a pinned enforcer holds: bump `LAYOUT_VERSION` with it.
     #[test]
-    fn map_layouts_are_those_of_layout_version_3() {
-        assert_eq!(LAYOUT_VERSION, 3);
+    fn map_layouts_are_those_of_layout_version_4() {
+        assert_eq!(LAYOUT_VERSION, 4);
         let sizes = [
             size_of::<KernelOffsets>(),
             size_of::<TypeDir>(),
@@ -480,10 +583,13 @@ mod tests {
             size_of::<BreakerLimits>(),
             size_of::<BreakerState>(),
             size_of::<PendingTask>(),
+            size_of::<PathKey>(),
+            size_of::<PathNode>(),
+            size_of::<ReleasingTask>(),
         ];
         assert_eq!(
             sizes,
-            [60, 8, 20, 136, 16, 24, 8, 56, 16, 200, 72, 96, 16, 184, 192, 16]
+            [84, 8, 20, 136, 16, 24, 8, 72, 16, 200, 104, 96, 16, 184, 192, 16, 72, 16, 16]
         );
     }
 }

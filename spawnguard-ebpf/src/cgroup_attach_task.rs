@@ -13,7 +13,8 @@ use crate::{
     kernel::{self, Cgroup, Task},
     state::{
         abandon_probe, admit_task, budget, counters, doom, fail_open, instance, needs_doom, now,
-        past_max_age, place, record, stop_process, type_counters, Report, INSTANCES, PROCESSES,
+        past_max_age, place, reclaim, record, stop_process, type_counters, Report, INSTANCES,
+        PROCESSES,
     },
 };
 
@@ -69,7 +70,14 @@ pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
             // Leaving is not ending: a process moved out is no start-up failure for the
             // breaker, so the instance's end is not reported to it.
             if let Some(c) = counters(state, type_idx) {
-                release_tasks(&c, live, live - 1, 1);
+                if release_tasks(&c, live, live - 1, 1).closed {
+                    let from = Report {
+                        type_idx,
+                        instance: r.instance,
+                        ..report
+                    };
+                    reclaim(state, &c, &from);
+                }
             }
         }
         let _ = PROCESSES.remove(&tgid);
@@ -122,6 +130,10 @@ pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
     record(&adm, &b, &c, &report);
     if !adm.counted && !adm.contended && !stop_process(task) {
         fail_open(spawnguard_common::FAIL_KILL, &report);
+    }
+    if !adm.counted {
+        // Refused into an instance with no task: its entry goes again.
+        reclaim(state, &c, &report);
     }
     0
 }

@@ -21,6 +21,12 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     cgroup_root: 0,
     task_real_parent: 0,
     task_comm: 0,
+    kernfs_name: 0,
+    task_sighand: 0,
+    sighand_action: 0,
+    k_sigaction_size: 0,
+    k_sigaction_handler: 0,
+    k_sigaction_flags: 0,
 };
 
 #[inline(always)]
@@ -142,4 +148,46 @@ pub fn cgroup_ancestor_id(cgrp: Cgroup, level: u32) -> Result<u64, i32> {
         let ancestor = read::<*const u8>(cgrp, slot)?;
         cgroup_id(ancestor)
     }
+}
+
+/// Copies a cgroup directory's name (`cgrp->kn->name`, NUL-terminated) into `dst`, which must
+/// be zeroed. Returns whether the whole name fit with room to spare: a name that fills `dst`
+/// may have been cut, and never equals a policy's component (at most `PATH_NAME_LEN - 2` bytes).
+#[inline(always)]
+pub fn cgroup_name_into(cgrp: Cgroup, dst: &mut [u8; spawnguard_common::PATH_NAME_LEN]) -> bool {
+    let o = offsets();
+    let Ok(kn) = read::<*const u8>(cgrp, o.cgroup_kn) else {
+        return false;
+    };
+    let Ok(name) = read::<*const u8>(kn, o.kernfs_name) else {
+        return false;
+    };
+    // SAFETY: the helper copies at most `dst.len()` bytes into `dst` through the kernel's
+    // fault-checked accessor and NUL-terminates what it copied.
+    let n = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_kernel_str(
+            dst.as_mut_ptr().cast(),
+            dst.len() as u32,
+            name.cast(),
+        )
+    };
+    n > 0 && (n as usize) < dst.len()
+}
+
+const SIGCHLD: u32 = 17;
+const SIG_IGN: u64 = 1;
+const SA_NOCLDWAIT: u64 = 2;
+
+/// Whether the children of `task`'s process are reaped as they exit (SIGCHLD ignored or
+/// `SA_NOCLDWAIT`): then a child of it that dies is never a zombie. False when unreadable.
+#[inline(always)]
+pub fn reaps_children_at_exit(task: Task) -> bool {
+    let o = offsets();
+    let Ok(sighand) = read::<*const u8>(task, o.task_sighand) else {
+        return false;
+    };
+    let action = o.sighand_action + (SIGCHLD - 1) * o.k_sigaction_size;
+    let handler = read::<u64>(sighand, action + o.k_sigaction_handler);
+    let flags = read::<u64>(sighand, action + o.k_sigaction_flags);
+    handler == Ok(SIG_IGN) || flags.is_ok_and(|f| f & SA_NOCLDWAIT != 0)
 }

@@ -290,15 +290,28 @@ pub enum Token {
 /// Bounded so the verifier accepts the loop and a CPU never spins.
 pub const TOKEN_CAS_ATTEMPTS: usize = 8;
 
-/// Takes one fork-rate token from the bucket kept in `tat`.
+/// Bits of a bucket word that hold the theoretical arrival time; the top 8 hold the type's rate
+/// generation it was taken under (2^56 ns is over two years of uptime).
+pub const TAT_MASK: u64 = (1 << 56) - 1;
+
+/// Takes one fork-rate token from the bucket kept in `tat`. A bucket taken under another rate
+/// generation (`gen`: the policy's rate changed since) starts full, so a new rate applies from
+/// the next fork instead of after the old bucket drains.
 #[inline(always)]
-pub fn take_token(tat: &AtomicU64, now: u64, interval_ns: u64, window_ns: u64) -> Token {
+pub fn take_token(tat: &AtomicU64, now: u64, interval_ns: u64, window_ns: u64, gen: u64) -> Token {
     let mut current = tat.load();
+    let gen = (gen & 0xff) << 56;
     for _ in 0..CAS_ATTEMPTS {
-        let Some(next) = gcra_take(current, now, interval_ns, window_ns) else {
+        let since = if current & !TAT_MASK == gen {
+            current & TAT_MASK
+        } else {
+            0
+        };
+        let Some(next) = gcra_take(since, now, interval_ns, window_ns) else {
             return Token::Empty;
         };
-        match tat.compare_exchange(current, next) {
+        let next = if next > TAT_MASK { TAT_MASK } else { next };
+        match tat.compare_exchange(current, gen | next) {
             Ok(_) => return Token::Taken,
             Err(seen) => current = seen,
         }
@@ -329,7 +342,11 @@ pub enum Refusal {
 /// `max_instances` slots. Keeping it in the same word as the task count makes "admitted" and
 /// "has live tasks" change together, atomically.
 pub const ADMITTED: u64 = 1 << 63;
-pub const TASKS_MASK: u64 = ADMITTED - 1;
+/// Bit of an instance's task word that says its last task left and its entry is being
+/// reclaimed: nothing may enter it any more (a task that finds it so is let through, counted as
+/// contended, and the next one finds a fresh entry).
+pub const RECLAIMING: u64 = 1 << 62;
+pub const TASKS_MASK: u64 = RECLAIMING - 1;
 
 /// Live tasks in an instance's task word.
 pub const fn word_tasks(word: u64) -> u64 {
@@ -369,6 +386,8 @@ pub struct Budget {
     pub warn_tasks: u64,
     pub warn_type_tasks: u64,
     pub warn_host_tasks: u64,
+    /// The type's fork-rate generation (`TypeLimits::rate_gen`).
+    pub rate_gen: u64,
     pub enforce: bool,
 }
 
@@ -528,6 +547,9 @@ enum Entry {
 fn enter_instance(c: &Counters<'_>, b: &Budget, n: u64, over: &mut Option<Refusal>) -> Entry {
     let mut current = c.instance.load();
     for _ in 0..CAS_ATTEMPTS {
+        if current & RECLAIMING != 0 {
+            return Entry::Contended;
+        }
         let tasks = word_tasks(current);
         if tasks.saturating_add(n) > b.max_tasks {
             if b.enforce {
@@ -648,6 +670,14 @@ pub struct Left {
     pub drift: bool,
 }
 
+/// Marks an instance with no tasks whose entry may go (its last task left, or its first was
+/// refused): true for the one caller that may remove the entry. Whoever enters after this sees
+/// the mark and does not count in the entry that is going.
+#[inline(always)]
+pub fn start_reclaim(c: &Counters<'_>) -> bool {
+    c.instance.compare_exchange(0, RECLAIMING).is_ok()
+}
+
 /// Removes `n` tasks from an instance; the last one out gives back the instance's slot. The
 /// decrement is a single fetch-and-sub (it must never be lost, however contended the word);
 /// only the last one out races, with a compare-and-swap, to release the slot.
@@ -752,7 +782,13 @@ pub fn admit_through(
     }
     let mut rate_contended = false;
     if (refusal.is_none() || keep) && r.rate && b.rate_interval_ns != 0 {
-        match take_token(c.rate_tat, r.now, b.rate_interval_ns, b.rate_window_ns) {
+        match take_token(
+            c.rate_tat,
+            r.now,
+            b.rate_interval_ns,
+            b.rate_window_ns,
+            b.rate_gen,
+        ) {
             Token::Taken => {}
             Token::Contended => rate_contended = true,
             Token::Empty => refusal = refusal.or(Some(Refusal::ForkRate)),
@@ -1142,6 +1178,7 @@ mod tests {
             warn_tasks: NO_LIMIT,
             warn_type_tasks: NO_LIMIT,
             warn_host_tasks: NO_LIMIT,
+            rate_gen: 0,
             enforce,
         }
     }
@@ -1306,13 +1343,65 @@ mod tests {
                 let tat = Arc::clone(&tat);
                 thread::spawn(move || {
                     (0..1000)
-                        .filter(|_| take_token(&tat, 5_000, 1_000_000, 20_000_000) != Token::Empty)
+                        .filter(|_| {
+                            take_token(&tat, 5_000, 1_000_000, 20_000_000, 0) != Token::Empty
+                        })
                         .count()
                 })
             })
             .collect();
         let granted: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
         assert_eq!(granted, 20);
+    }
+
+    #[test]
+    fn a_rate_change_starts_a_full_bucket() {
+        // burst 4 at 0.1/s: four forks, then nothing for 10 s.
+        let tat = AtomicU64::new(0);
+        let (slow, slow_window) = (10_000_000_000, 40_000_000_000);
+        let now = 1_000_000_000;
+        let taken = (0..10)
+            .filter(|_| take_token(&tat, now, slow, slow_window, 0) == Token::Taken)
+            .count();
+        assert_eq!(taken, 4);
+        // Same policy: still empty.
+        assert_eq!(take_token(&tat, now, slow, slow_window, 0), Token::Empty);
+        // The policy changes to burst 1 at 1000/s (generation 1): the next fork passes at once,
+        // and the new rate holds from then on.
+        let (fast, fast_window) = (1_000_000, 1_000_000);
+        assert_eq!(take_token(&tat, now, fast, fast_window, 1), Token::Taken);
+        assert_eq!(take_token(&tat, now, fast, fast_window, 1), Token::Empty);
+        assert_eq!(
+            take_token(&tat, now + 1_000_000, fast, fast_window, 1),
+            Token::Taken
+        );
+        // Generations wrap at 256: 257 is generation 1, whose bucket is empty.
+        let later = now + 1_000_000;
+        assert_eq!(
+            take_token(&tat, later, fast, fast_window, 257),
+            Token::Empty
+        );
+        assert_eq!(take_token(&tat, later, fast, fast_window, 2), Token::Taken);
+    }
+
+    #[test]
+    fn an_empty_instance_is_reclaimed_once_and_then_not_entered() {
+        let f = Fixture::new();
+        let c = f.counters();
+        let b = budget(10, 10, true);
+        assert!(admit(&c, &b, &FORK).counted);
+        assert!(
+            !start_reclaim(&c),
+            "an instance with a task is not reclaimed"
+        );
+        assert!(release_tasks(&c, 1, 0, 1).closed);
+        assert!(start_reclaim(&c));
+        assert!(!start_reclaim(&c), "only one caller removes the entry");
+        // A task that still finds the entry going is let through, counted as contended, and
+        // leaves no count behind in it.
+        assert_eq!(admit(&c, &b, &FORK), Admission::contended());
+        assert_eq!(f.0[0].load(), RECLAIMING);
+        assert_eq!((f.get(4), f.get(5), f.get(6)), (0, 0, 0));
     }
 
     #[test]

@@ -16,6 +16,8 @@ mod sched_process_exit;
 #[cfg(target_arch = "bpf")]
 mod sched_process_fork;
 #[cfg(target_arch = "bpf")]
+mod sched_process_free;
+#[cfg(target_arch = "bpf")]
 mod state;
 #[cfg(target_arch = "bpf")]
 mod sys_exit;
@@ -23,6 +25,8 @@ mod sys_exit;
 mod task_alloc;
 #[cfg(target_arch = "bpf")]
 mod task_free;
+#[cfg(target_arch = "bpf")]
+mod task_newtask;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -1,18 +1,19 @@
-//! Every exiting task: uncount it where it was counted. A process stops counting when its last
-//! live task exits, whichever thread that is.
+//! Every exiting task: its charge is kept until it is released (see `sched_process_free`), as
+//! the pids controller keeps it: an unreaped zombie holds a PID. A process stops being a process
+//! of its instance when its last live task exits, whichever thread that is.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use spawnguard_ebpf::release_tasks;
+use spawnguard_common::{ReleasingTask, RELEASE_PROCESS, RELEASE_THREAD};
 
-use spawnguard_common::CAUSE_EXIT;
-
-use crate::kernel;
-use crate::state::{
-    counters, global_counters, instance_ended, process_live, Report, DOOMED, INSTANCES, PROCESSES,
+use crate::{
+    kernel::Task,
+    state::{
+        defer_release, global_counters, process_live, release_counted, DOOMED, INSTANCES, PROCESSES,
+    },
 };
 
 /// Fires in `do_exit` of the exiting task itself, before it leaves its cgroup.
@@ -21,40 +22,36 @@ pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
     let id = bpf_get_current_pid_tgid();
     let (pid, tgid) = (id as u32, (id >> 32) as u32);
     if DOOMED.remove(&pid).is_ok() {
-        // A denied task: never counted.
+        // A denied task, or one let through uncounted: never counted.
         return 0;
     }
     let Some(rec) = PROCESSES.get_ptr_mut(&tgid) else {
         return 0;
     };
     // SAFETY: the helper returns the current task, valid for this program run.
-    let current = unsafe { bpf_get_current_task() } as *const u8;
-    if kernel::is_kernel_created_worker(current) {
-        return 0;
-    }
+    let current = unsafe { bpf_get_current_task() } as Task;
     // SAFETY: live map value, plain read.
     let inst = unsafe { (*rec).instance };
     let last = process_live(rec).fetch_sub_exact(1) <= 1;
     if let Some(state) = INSTANCES.get_ptr_mut(&inst) {
         // SAFETY: live map value, plain read.
         let type_idx = unsafe { (*state).type_idx };
-        if let Some(c) = counters(state, type_idx) {
+        let pending = ReleasingTask {
+            instance: inst,
+            type_idx,
+            kind: if last {
+                RELEASE_PROCESS
+            } else {
+                RELEASE_THREAD
+            },
+        };
+        if !defer_release(current, state, &pending) {
+            // RELEASING is full: given back now, as if reaped at once.
+            if let Some(g) = global_counters() {
+                g.releasing_full += 1;
+            }
             let (threads, processes) = if last { (0, 1) } else { (1, 0) };
-            let left = release_tasks(&c, 1, threads, processes);
-            if left.drift {
-                if let Some(g) = global_counters() {
-                    g.drift += 1;
-                }
-            }
-            if left.closed {
-                let r = Report {
-                    cause: CAUSE_EXIT,
-                    type_idx,
-                    instance: inst,
-                    target_pid: pid,
-                };
-                instance_ended(state, &r);
-            }
+            release_counted(state, type_idx, inst, pid, threads, processes);
         }
     }
     if last {

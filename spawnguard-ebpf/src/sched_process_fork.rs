@@ -15,9 +15,9 @@ use crate::{
     kernel::{self, Task},
     state::{
         abandon_probe, admit_process, admit_thread, admit_thread_anyway, backend, budget, counters,
-        doom, fail_open, instance, mark_uncounted, needs_doom, place, process_live, record,
-        release_pending, stop_new_task, type_counters, Report, DOOMED, INSTANCES, PENDING,
-        PROCESSES,
+        doom, fail_open, hold_refused, instance, mark_uncounted, needs_doom, place, process_live,
+        reclaim, record, release_pending, stop_new_task, type_counters, Report, DOOMED, INSTANCES,
+        PENDING, PROCESSES,
     },
 };
 
@@ -220,7 +220,16 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
         return;
     }
     record(&adm, &b, &c, &r);
-    if !adm.counted && !adm.contended && !stop_new_task(child) {
-        fail_open(spawnguard_common::FAIL_KILL, &r);
+    if !adm.counted && !adm.contended {
+        if stop_new_task(child) {
+            hold_refused(child, state, &b, &r);
+        } else {
+            fail_open(spawnguard_common::FAIL_KILL, &r);
+        }
+    }
+    if !adm.counted {
+        // Refused into an instance with no task (born into it with CLONE_INTO_CGROUP): its
+        // entry goes again.
+        reclaim(state, &c, &r);
     }
 }

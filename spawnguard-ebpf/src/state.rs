@@ -13,18 +13,19 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use spawnguard_common::{
-    Event, GlobalCounters, HostLimits, HostState, InstanceState, PendingTask, ProcessRecord,
-    TypeCounters, TypeDir, TypeLevels, TypeLimits, TypeState, CAUSE_MIGRATION, EVENTS_BYTES,
-    EVENT_ADMITTED, EVENT_AUDIT_DENIED, EVENT_BREAKER, EVENT_DENIED, EVENT_FAIL_OPEN, EVENT_WARN,
-    MAX_DOOMED, MAX_INSTANCES, MAX_PENDING, MAX_PROCESSES, MAX_TYPES, MAX_TYPE_LEVELS,
-    MODE_ENFORCE, REASON_FORK_RATE, REASON_HOST_TASKS, REASON_MAX_AGE, REASON_MAX_INSTANCES,
-    REASON_MAX_TASKS, REASON_MAX_THREADS, REASON_TYPE_TASKS, TASK_COMM_LEN,
+    Event, GlobalCounters, HostLimits, HostState, InstanceState, PathKey, PathNode, PendingTask,
+    ProcessRecord, ReleasingTask, TypeCounters, TypeDir, TypeLevels, TypeLimits, TypeState,
+    CAUSE_MIGRATION, EVENTS_BYTES, EVENT_ADMITTED, EVENT_AUDIT_DENIED, EVENT_BREAKER, EVENT_DENIED,
+    EVENT_FAIL_OPEN, EVENT_WARN, MAX_CREATED, MAX_DOOMED, MAX_INSTANCES, MAX_PATH_NODES,
+    MAX_PENDING, MAX_PROCESSES, MAX_RELEASING, MAX_TYPES, MAX_TYPE_LEVELS, MODE_ENFORCE,
+    REASON_FORK_RATE, REASON_HOST_TASKS, REASON_MAX_AGE, REASON_MAX_INSTANCES, REASON_MAX_TASKS,
+    REASON_MAX_THREADS, REASON_TYPE_TASKS, TASK_COMM_LEN,
 };
 use spawnguard_ebpf::{
     admit_through, breaker_abandon_probe, breaker_denial, breaker_gate, breaker_instance_ended,
-    release_tasks, word_tasks, Admission, AtomicU64, BreakerPolicy, Budget, Counters, Gate,
-    Refusal, Request, Transition, BREAKER_OPEN, WARN_HOST_TASKS, WARN_INSTANCE_TASKS,
-    WARN_TYPE_TASKS,
+    release_tasks, start_reclaim, word_tasks, Admission, AtomicU64, BreakerPolicy, Budget,
+    Counters, Gate, Refusal, Request, Transition, BREAKER_OPEN, WARN_HOST_TASKS,
+    WARN_INSTANCE_TASKS, WARN_TYPE_TASKS,
 };
 
 use crate::kernel::{self, Cgroup, Task};
@@ -55,6 +56,25 @@ pub static TYPE_LEVELS: Array<TypeLevels> = Array::with_max_entries(1, 0);
 #[map]
 pub static INSTANCES: HashMap<u64, InstanceState> =
     HashMap::with_max_entries(MAX_INSTANCES, BPF_F_NO_PREALLOC);
+/// The type paths, for following them in the kernel: a directory created inside one that
+/// stands at a path node, under the name of the next component, stands at the next node.
+#[map]
+pub static PATH_CHILDREN: HashMap<PathKey, PathNode> = HashMap::with_max_entries(MAX_PATH_NODES, 0);
+/// The directories (by cgroup id) that stand at a path node now: the cgroup2 root, each
+/// directory on the way to a type directory, and the type directories.
+#[map]
+pub static PATH_DIRS: HashMap<u64, PathNode> = HashMap::with_max_entries(MAX_PATH_NODES, 0);
+/// When each instance directory was created (key: cgroup id), from its mkdir to its rmdir:
+/// `max_age` counts from it, while the instance's entry in INSTANCES exists only while it
+/// holds tasks (an empty directory costs no entry there).
+#[map]
+pub static CREATED: HashMap<u64, u64> = HashMap::with_max_entries(MAX_CREATED, BPF_F_NO_PREALLOC);
+/// Tasks that exited and are not yet released (by `task_struct` address): a counted task keeps
+/// its charge, and a refused child its place in `refused_unreaped`, until its parent reaps it
+/// (and an RCU grace period later), as it keeps its PID; the pids controller counts the same.
+#[map]
+pub static RELEASING: HashMap<u64, ReleasingTask> =
+    HashMap::with_max_entries(MAX_RELEASING, BPF_F_NO_PREALLOC);
 #[map]
 pub static PROCESSES: HashMap<u32, ProcessRecord> =
     HashMap::with_max_entries(MAX_PROCESSES, BPF_F_NO_PREALLOC);
@@ -158,20 +178,166 @@ pub fn place(cgrp: Cgroup) -> Result<Option<Placement>, i32> {
     Ok(None)
 }
 
-/// The state of an instance, created on its first sight. `None` means the map is full.
+/// The state of an instance, created when a task first enters it (its age counts from its
+/// directory's creation, kept in CREATED). `None` means the map is full.
 #[inline(always)]
 pub fn instance(p: Placement) -> Option<*mut InstanceState> {
     if let Some(state) = INSTANCES.get_ptr_mut(&p.instance) {
         return Some(state);
     }
+    // SAFETY: a u64 map value copied out at once.
+    let created_ns = unsafe { CREATED.get(&p.instance) }
+        .copied()
+        .unwrap_or_else(now);
     let fresh = InstanceState {
-        created_ns: now(),
+        created_ns,
         type_idx: p.type_idx,
         ..InstanceState::default()
     };
     // Losing the race to another CPU is fine: the lookup below finds its entry.
     let _ = INSTANCES.insert(&p.instance, &fresh, BPF_NOEXIST as u64);
     INSTANCES.get_ptr_mut(&p.instance)
+}
+
+/// Remembers when an instance directory was created. When CREATED is full the instance's age
+/// counts from its first task instead: counted and reported, never a refusal.
+#[inline(always)]
+pub fn keep_created(id: u64, created_ns: u64, r: &Report) {
+    match CREATED.insert(&id, &created_ns, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        // Already kept (the usual case when an entry is reclaimed).
+        Err(e) if e == -EEXIST => {}
+        Err(_) => {
+            if let Some(g) = global_counters() {
+                g.created_full += 1;
+            }
+            emit(
+                EVENT_FAIL_OPEN,
+                spawnguard_common::FAIL_CREATED_FULL,
+                r,
+                0,
+                0,
+            );
+        }
+    }
+}
+
+const EEXIST: i32 = 17;
+
+/// Keeps a counted task's charge until it is released: false when RELEASING is full (the
+/// caller then releases it at once, as before the task is reaped).
+#[inline(always)]
+pub fn defer_release(task: Task, state: *mut InstanceState, r: &ReleasingTask) -> bool {
+    if RELEASING.insert(&(task as u64), r, BPF_ANY as u64).is_err() {
+        return false;
+    }
+    // SAFETY: an aligned u64 of a live map value, only updated atomically.
+    unsafe { AtomicU64::from_ptr(&raw mut (*state).releasing) }.fetch_add(1);
+    true
+}
+
+/// Takes one from a counter that must not go below zero (a count that drifted stays at 0).
+#[inline(always)]
+pub fn take_one(counter: &AtomicU64) {
+    if counter.fetch_sub(1) == 0 {
+        counter.fetch_add(1);
+    }
+}
+
+/// Gives back what a counted task held (`threads`/`processes`: what it was, 1/0 or 0/1); the
+/// last task out of an instance ends it for the breaker and gives its entry back.
+#[inline(always)]
+pub fn release_counted(
+    state: *mut InstanceState,
+    type_idx: u32,
+    instance: u64,
+    target_pid: u32,
+    threads: u64,
+    processes: u64,
+) {
+    let Some(c) = counters(state, type_idx) else {
+        return;
+    };
+    let left = release_tasks(&c, 1, threads, processes);
+    if left.drift {
+        if let Some(g) = global_counters() {
+            g.drift += 1;
+        }
+    }
+    if left.closed {
+        let r = Report {
+            cause: spawnguard_common::CAUSE_EXIT,
+            type_idx,
+            instance,
+            target_pid,
+        };
+        instance_ended(state, &r);
+        reclaim(state, &c, &r);
+    }
+}
+
+/// Refused children a spawner may leave unreaped beyond its instance's `max_tasks` before it is
+/// stopped: room for those its parent did reap but whose release is still an RCU grace period
+/// away (a fork-and-wait loop at its limit has a few dozen so).
+pub const REFUSED_UNREAPED_SLACK: u64 = 256;
+
+/// A child refused after it existed (killed) holds a PID until its parent reaps it, as it does
+/// under the pids controller. Counts it as unreaped in its instance (unless its parent reaps
+/// children as they exit); a spawner that leaves more of them unreaped than the instance's
+/// `max_tasks` plus `REFUSED_UNREAPED_SLACK` (forking at its limit and never reaping) is killed,
+/// so what refused children hold stays bounded.
+#[inline(always)]
+pub fn hold_refused(child: Task, state: *mut InstanceState, b: &Budget, r: &Report) {
+    // SAFETY: the helper returns the current task (the spawner), valid for this program run.
+    let spawner = unsafe { bpf_get_current_task() } as Task;
+    if kernel::reaps_children_at_exit(spawner) {
+        return;
+    }
+    let v = ReleasingTask {
+        instance: r.instance,
+        type_idx: r.type_idx,
+        kind: spawnguard_common::RELEASE_REFUSED,
+    };
+    if RELEASING
+        .insert(&(child as u64), &v, BPF_ANY as u64)
+        .is_err()
+    {
+        return;
+    }
+    // SAFETY: an aligned u64 of a live map value, only updated atomically.
+    let held = unsafe { AtomicU64::from_ptr(&raw mut (*state).refused_unreaped) }.fetch_add(1) + 1;
+    if !b.enforce || held <= b.max_tasks.saturating_add(REFUSED_UNREAPED_SLACK) {
+        return;
+    }
+    // SAFETY: the helper signals the current task's process (the spawner) only.
+    unsafe { aya_ebpf::helpers::generated::bpf_send_signal(SIGKILL as u32) };
+    if let Some(g) = global_counters() {
+        g.spawners_stopped += 1;
+    }
+    emit(
+        spawnguard_common::EVENT_SPAWNER_STOPPED,
+        REASON_MAX_TASKS,
+        r,
+        held,
+        b.max_tasks.saturating_add(REFUSED_UNREAPED_SLACK),
+    );
+}
+
+/// Drops the entry of an instance left with no task (its last one left, or its first was
+/// refused), so that directories of ended agents never fill INSTANCES. Its creation time stays
+/// in CREATED until its rmdir; its fork-rate bucket goes with it (an empty instance cannot fork).
+#[inline(always)]
+pub fn reclaim(state: *mut InstanceState, c: &Counters<'_>, r: &Report) {
+    if !start_reclaim(c) {
+        return;
+    }
+    // SAFETY: live map value, plain read.
+    let created_ns = unsafe { (*state).created_ns };
+    keep_created(r.instance, created_ns, r);
+    let _ = INSTANCES.remove(&r.instance);
+    if let Some(g) = global_counters() {
+        g.reclaimed += 1;
+    }
 }
 
 /// The counters a task in this instance is checked against: the instance's, its type's and
@@ -221,6 +387,7 @@ pub fn budget(type_idx: u32) -> Option<Budget> {
         warn_tasks: t.warn_tasks,
         warn_type_tasks: t.warn_total_tasks,
         warn_host_tasks: host.warn_tasks,
+        rate_gen: t.rate_gen as u64,
         enforce: t.mode == MODE_ENFORCE,
     })
 }
@@ -728,11 +895,13 @@ pub fn release_pending(p: &PendingTask) {
     if left.closed {
         // The instance it opened never started: not a start-up failure, but no longer the
         // breaker's probe either.
-        abandon_probe(&Report {
+        let r = Report {
             cause: spawnguard_common::CAUSE_FORK,
             type_idx: p.type_idx,
             instance: p.instance,
             target_pid: 0,
-        });
+        };
+        abandon_probe(&r);
+        reclaim(state, &c, &r);
     }
 }

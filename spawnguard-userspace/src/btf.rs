@@ -156,6 +156,17 @@ impl Btf {
             .ok_or_else(|| BtfError::NoMember(name.to_owned(), member.to_owned()))
     }
 
+    /// Size in bytes of `struct name`.
+    pub fn struct_size(&self, name: &str) -> Result<u32, BtfError> {
+        let id = self
+            .find(name, KIND_STRUCT)
+            .ok_or_else(|| BtfError::NoStruct(name.to_owned()))?;
+        let t = &self.types[id as usize];
+        // The size is the third word of the type's 12-byte header, which `at` points past.
+        u32_at(&self.raw, self.type_base + t.at as usize - 4)
+            .ok_or_else(|| BtfError::NoStruct(name.to_owned()))
+    }
+
     /// Members of a struct or union: (name, type id, bit offset).
     fn members(&self, t: &Type) -> impl Iterator<Item = (u32, u32, u32)> + '_ {
         let base = self.type_base + t.at as usize;
@@ -223,6 +234,14 @@ impl Btf {
             cgroup_root: self.member_offset("cgroup", "root")?,
             task_real_parent: self.member_offset("task_struct", "real_parent")?,
             task_comm: self.member_offset("task_struct", "comm")?,
+            kernfs_name: self.member_offset("kernfs_node", "name")?,
+            task_sighand: self.member_offset("task_struct", "sighand")?,
+            sighand_action: self.member_offset("sighand_struct", "action")?,
+            k_sigaction_size: self.struct_size("k_sigaction")?,
+            k_sigaction_handler: self.member_offset("k_sigaction", "sa")?
+                + self.member_offset("sigaction", "sa_handler")?,
+            k_sigaction_flags: self.member_offset("k_sigaction", "sa")?
+                + self.member_offset("sigaction", "sa_flags")?,
         })
     }
 }

@@ -91,6 +91,7 @@ pub struct Options {
     pub no_pin: bool,
     pub metrics_listen: metrics::Listen,
     pub metrics_instances: metrics::InstanceSeries,
+    pub capacity: loader::MapCapacity,
 }
 
 pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
@@ -105,7 +106,7 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
         tracing::info!("mounted {fs}");
     }
     let mut types = loader::place_types(&policy, &cg)?;
-    let enforcer = Enforcer::start(opts.backend, &policy, &mut types)?;
+    let enforcer = Enforcer::start(opts.backend, opts.capacity, &policy, &mut types)?;
     // Loading parsed the kernel's BTF (tens of MB, freed now): give the freed heap back to the
     // system, or the daemon's resident size keeps it for its whole life.
     // SAFETY: malloc_trim only returns free heap pages; it touches no live allocation.

@@ -279,6 +279,23 @@ pub fn run() -> Report {
             None,
         )
     });
+    // Maps filling up (an installed enforcer only): warned well before they are full.
+    if installed.join("links").exists() {
+        if let Ok(s) = crate::status::snapshot() {
+            for u in &s.maps {
+                let name = format!("map {}", u.map);
+                checks.push(match u.warning() {
+                    Some(w) => check(&name, Level::Warn, w, None),
+                    None => check(
+                        &name,
+                        Level::Ok,
+                        format!("{}/{} entries", u.entries, u.capacity),
+                        None,
+                    ),
+                });
+            }
+        }
+    }
 
     let can_run = checks.iter().all(|c| c.level != Level::Fatal);
     let (backend, backend_reason) = if can_run {

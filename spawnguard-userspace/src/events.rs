@@ -189,6 +189,13 @@ pub fn describe(ev: &Event, names: &mut Names) -> String {
                 FAIL_DOOMED_FULL => "the doomed-task map is full",
                 FAIL_CONTENDED => "other CPUs kept changing the same counters",
                 spawnguard_common::FAIL_KILL => "the kernel refused to signal it",
+                spawnguard_common::FAIL_CREATED_FULL => {
+                    return format!(
+                        "{instance} (type {type_name}): its creation time could not be kept \
+                         (the map of creation times is full); its max_age counts from its \
+                         first task"
+                    )
+                }
                 _ => "a kernel structure could not be read",
             };
             format!(
@@ -235,6 +242,15 @@ pub fn describe(ev: &Event, names: &mut Names) -> String {
             },
             ev.pid,
             comm(ev)
+        ),
+        spawnguard_common::EVENT_SPAWNER_STOPPED => format!(
+            "killed spawner pid {} ({}) in {instance} (type {type_name}): it left {} refused \
+             children unreaped (each holds a PID), more than its instance's max_tasks + 256 \
+             ({})",
+            ev.tgid,
+            comm(ev),
+            ev.usage,
+            ev.limit
         ),
         k => format!("unknown event kind {k}"),
     }
@@ -308,6 +324,7 @@ fn kind_name(kind: u32) -> &'static str {
         EVENT_MAX_AGE => "max_age",
         EVENT_BREAKER => "breaker",
         EVENT_ADMITTED => "admitted",
+        spawnguard_common::EVENT_SPAWNER_STOPPED => "spawner_stopped",
         _ => "unknown",
     }
 }
@@ -319,6 +336,7 @@ fn fail_name(reason: u32) -> &'static str {
         FAIL_DOOMED_FULL => "doomed_full",
         FAIL_CONTENDED => "contended",
         spawnguard_common::FAIL_KILL => "kill_failed",
+        spawnguard_common::FAIL_CREATED_FULL => "created_full",
         _ => "read_error",
     }
 }
@@ -377,7 +395,7 @@ impl EventRecord {
                     r.limit = limit(ev.limit);
                 }
             }
-            EVENT_ADMITTED => {
+            EVENT_ADMITTED | spawnguard_common::EVENT_SPAWNER_STOPPED => {
                 r.usage = Some(ev.usage);
                 r.limit = limit(ev.limit);
             }

@@ -18,10 +18,10 @@ use aya::{
 };
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
-    maps, BreakerLimits, HostLimits, InstanceState, Meta, TypeDir, TypeLevels, TypeLimits,
-    BACKEND_KILL, BACKEND_KILL_COMPAT, BACKEND_LSM, LAYOUT_VERSION, MAX_TYPES, MAX_TYPE_LEVELS,
-    MODE_AUDIT, MODE_ENFORCE, NO_LIMIT, ON_MAX_AGE_EVENT, ON_MAX_AGE_FREEZE, ON_MAX_AGE_KILL,
-    TYPE_NAME_LEN,
+    maps, BreakerLimits, HostLimits, Meta, PathKey, PathNode, TypeDir, TypeLevels, TypeLimits,
+    BACKEND_KILL, BACKEND_KILL_COMPAT, BACKEND_LSM, LAYOUT_VERSION, MAX_PATH_NODES, MAX_TYPES,
+    MAX_TYPE_LEVELS, MODE_AUDIT, MODE_ENFORCE, NO_LIMIT, NO_TYPE, ON_MAX_AGE_EVENT,
+    ON_MAX_AGE_FREEZE, ON_MAX_AGE_KILL, PATH_NAME_LEN, TYPE_NAME_LEN,
 };
 use spawnguard_ebpf::{rate_interval_ns, rate_window_ns};
 
@@ -288,7 +288,7 @@ fn type_limits(policy: &Policy, index: usize) -> TypeLimits {
             OnMaxAge::Freeze => ON_MAX_AGE_FREEZE,
             OnMaxAge::Kill => ON_MAX_AGE_KILL,
         },
-        _pad: 0,
+        rate_gen: 0,
         mode: match t.effective_mode() {
             Mode::Audit => MODE_AUDIT,
             Mode::Enforce => MODE_ENFORCE,
@@ -469,9 +469,37 @@ pub fn preflight() -> Result<()> {
     Ok(())
 }
 
-const HOOKS: [&str; 5] = [
+/// Sizes of the maps an operator may choose (`spawnguard run --instance-capacity`).
+#[derive(Clone, Copy, Debug)]
+pub struct MapCapacity {
+    /// Instances holding tasks at once.
+    pub instances: u32,
+}
+
+impl Default for MapCapacity {
+    fn default() -> Self {
+        Self {
+            instances: spawnguard_common::MAX_INSTANCES,
+        }
+    }
+}
+
+impl MapCapacity {
+    /// Instance directories whose creation time is kept: empty ones (cheap: 16 bytes each)
+    /// included, so four per instance slot.
+    pub fn created(&self) -> u32 {
+        self.instances
+            .saturating_mul(4)
+            .max(spawnguard_common::MAX_CREATED)
+    }
+}
+
+const HOOKS: [&str; 7] = [
+    // Release first, then exit: an exit's charge is never parked where nothing releases it.
+    "sched_process_free",
     "sched_process_fork",
     "sched_process_exit",
+    "task_newtask",
     "cgroup_mkdir",
     "cgroup_rmdir",
     "cgroup_attach_task",
@@ -479,15 +507,35 @@ const HOOKS: [&str; 5] = [
 
 impl Enforcer {
     /// Adopts the pinned enforcer, or installs one; then puts `policy` in force.
-    pub fn start(choice: BackendChoice, policy: &Policy, types: &mut [PlacedType]) -> Result<Self> {
+    /// `capacity`: how many instances may hold tasks at once (the size of the instance map,
+    /// fixed when the enforcer is installed).
+    pub fn start(
+        choice: BackendChoice,
+        capacity: MapCapacity,
+        policy: &Policy,
+        types: &mut [PlacedType],
+    ) -> Result<Self> {
         check_no_other_layout()?;
         let dir = pin_dir();
         if dir.join("links").exists() {
             let enforcer = Self::adopt(dir, choice)?;
+            let pinned =
+                aya::maps::MapInfo::from_pin(enforcer.dir.join("maps").join(maps::INSTANCES))
+                    .map(|i| i.max_entries())
+                    .ok();
+            if pinned.is_some_and(|p| p != capacity.instances) {
+                tracing::warn!(
+                    "the pinned enforcer holds {} instances, not the {} asked for: a map's size \
+                     is fixed when it is installed (`spawnguard uninstall`, then `run`, to change \
+                     it; counts start again from the running processes)",
+                    pinned.unwrap_or_default(),
+                    capacity.instances
+                );
+            }
             enforcer.apply_policy(policy, types, false)?;
             return Ok(enforcer);
         }
-        let result = Self::install(dir.clone(), choice, policy, types);
+        let result = Self::install(dir.clone(), choice, capacity, policy, types);
         if result.is_err() {
             // Nothing half-installed stays behind.
             let _ = std::fs::remove_dir_all(&dir);
@@ -530,6 +578,7 @@ impl Enforcer {
     fn install(
         dir: PathBuf,
         choice: BackendChoice,
+        capacity: MapCapacity,
         policy: &Policy,
         types: &mut [PlacedType],
     ) -> Result<Self> {
@@ -557,6 +606,8 @@ impl Enforcer {
             let stop_with_kfunc = u32::from(backend.stops_with_kfunc(has_kill));
             EbpfLoader::new()
                 .verifier_log_level(VERIFIER_LOG)
+                .map_max_entries(maps::INSTANCES, capacity.instances)
+                .map_max_entries(maps::CREATED, capacity.created())
                 .override_global("KERNEL_OFFSETS", &offsets, true)
                 .override_global("BACKEND", &code, true)
                 .override_global("STOP_WITH_KFUNC", &stop_with_kfunc, true)
@@ -674,6 +725,7 @@ impl Enforcer {
             if all_audit {
                 l.mode = MODE_AUDIT;
             }
+            l.rate_gen = rate_generation(&limits.get(&t.index, 0)?, &l);
             limits.set(t.index, l, 0)?;
             breakers.set(t.index, breaker_limits(policy, i), 0)?;
         }
@@ -705,6 +757,7 @@ impl Enforcer {
         for id in stale {
             dirs.remove(&id)?;
         }
+        self.follow_type_paths(policy, types)?;
         // Types no longer in the policy: their instances stop being enforced.
         for (index, name) in existing.iter().enumerate() {
             if name.is_some() && !indices.contains(&(index as u32)) {
@@ -715,10 +768,162 @@ impl Enforcer {
         Ok(())
     }
 
+    /// Writes the type paths for the kernel to follow (`cgroup_mkdir`), and the directories that
+    /// stand on them now, so that a type directory (or one on its way) removed and created
+    /// again is the type's from its first instant.
+    fn follow_type_paths(&self, policy: &Policy, types: &[PlacedType]) -> Result<()> {
+        let tree = TypePaths::new(policy, types)?;
+        let mut children: HashMap<_, PathKey, PathNode> =
+            HashMap::try_from(open_pinned(&self.dir, maps::PATH_CHILDREN)?)?;
+        let mut standing: HashMap<_, u64, PathNode> =
+            HashMap::try_from(open_pinned(&self.dir, maps::PATH_DIRS)?)?;
+        // New paths first, then the directories on them, then what no longer is a path: a
+        // directory created meanwhile is followed by the kernel under either policy.
+        for (key, node) in &tree.children {
+            children.insert(*key, *node, 0)?;
+        }
+        for (dir, node) in &tree.dirs {
+            if let Ok(id) = cgroupfs::cgroup_id(dir) {
+                standing.insert(id, *node, 0)?;
+            }
+        }
+        let old_keys: Vec<PathKey> = children
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !tree.children.iter().any(|(key, _)| key == k))
+            .collect();
+        for k in old_keys {
+            children.remove(&k)?;
+        }
+        let stale: Vec<u64> = standing
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(id, node)| {
+                !tree
+                    .dirs
+                    .iter()
+                    .any(|(dir, n)| n == node && cgroupfs::cgroup_id(dir).is_ok_and(|d| d == *id))
+            })
+            .map(|(id, _)| id)
+            .collect();
+        for id in stale {
+            standing.remove(&id)?;
+        }
+        Ok(())
+    }
+
     /// The event ring buffer, handed to the task that reads it.
     pub fn events(&self) -> Result<RingBuf<MapData>> {
         Ok(RingBuf::try_from(open_pinned(&self.dir, maps::EVENTS)?)?)
     }
+}
+
+/// The fork-rate generation of a type's new limits: the old one while its rate and burst stay
+/// (and its slot keeps its owner), else the next, so the kernel starts its instances' buckets
+/// full under the new rate.
+fn rate_generation(old: &TypeLimits, new: &TypeLimits) -> u32 {
+    let same = old.active != 0
+        && old.name == new.name
+        && old.rate_interval_ns == new.rate_interval_ns
+        && old.rate_burst == new.rate_burst;
+    if same {
+        old.rate_gen
+    } else {
+        (old.rate_gen + 1) & 0xff
+    }
+}
+
+/// The type paths as the kernel follows them: node 0 is the cgroup2 mount's root, every other
+/// node a directory on the way to a type directory or a type directory. A node's number is a
+/// hash of its path, so it stays the same across policy changes and restarts.
+struct TypePaths {
+    children: Vec<(PathKey, PathNode)>,
+    /// Where each node's directory is (the root included).
+    dirs: Vec<(PathBuf, PathNode)>,
+}
+
+impl TypePaths {
+    fn new(policy: &Policy, types: &[PlacedType]) -> Result<Self> {
+        let mut tree = Self {
+            children: Vec::new(),
+            dirs: Vec::new(),
+        };
+        for (t, placed) in policy.types.iter().zip(types) {
+            let parts: Vec<&str> = t.path.split('/').filter(|c| !c.is_empty()).collect();
+            // The mount point: the type directory less its path.
+            let mut dir = placed.dir.clone();
+            for _ in &parts {
+                dir.pop();
+            }
+            if tree.dirs.is_empty() {
+                tree.dirs.push((
+                    dir.clone(),
+                    PathNode {
+                        node: 0,
+                        type_idx: NO_TYPE,
+                        level: placed.level - parts.len() as u32,
+                        _pad: 0,
+                    },
+                ));
+            }
+            let mut parent = 0;
+            for (depth, part) in parts.iter().enumerate() {
+                let last = depth + 1 == parts.len();
+                let prefix = parts[..=depth].join("/");
+                let node = PathNode {
+                    node: path_node(&prefix),
+                    type_idx: if last { placed.index } else { NO_TYPE },
+                    level: placed.level - (parts.len() - depth - 1) as u32,
+                    _pad: 0,
+                };
+                let mut name = [0u8; PATH_NAME_LEN];
+                if part.len() > PATH_NAME_LEN - 2 {
+                    bail!(
+                        "type \"{}\": path component \"{part}\" is longer than {} bytes",
+                        t.name,
+                        PATH_NAME_LEN - 2
+                    );
+                }
+                name[..part.len()].copy_from_slice(part.as_bytes());
+                let key = PathKey {
+                    parent,
+                    _pad: 0,
+                    name,
+                };
+                dir.push(part);
+                match tree.children.iter().find(|(k, _)| *k == key) {
+                    // A directory on the way to two types (types never contain each other).
+                    Some((_, n)) if n.node == node.node => {}
+                    Some(_) => bail!("type path \"{prefix}\" has the node of another path"),
+                    None => {
+                        if tree.dirs.iter().any(|(_, n)| n.node == node.node) {
+                            bail!("type path \"{prefix}\" has the node of another path");
+                        }
+                        tree.children.push((key, node));
+                        tree.dirs.push((dir.clone(), node));
+                    }
+                }
+                parent = node.node;
+            }
+        }
+        if tree.dirs.len() > MAX_PATH_NODES as usize {
+            bail!(
+                "the type paths have {} directories on them; at most {MAX_PATH_NODES} are supported",
+                tree.dirs.len()
+            );
+        }
+        Ok(tree)
+    }
+}
+
+/// A path's node number: FNV-1a of the path, never 0 (the root's).
+fn path_node(path: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in path.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h.max(1)
 }
 
 /// A type name as the kernel keeps it (NUL-padded).
@@ -845,25 +1050,20 @@ fn attach_and_pin(
 /// counts the whole process, exactly as if it had just moved in; processes forked meanwhile are
 /// already counted and skipped. Returns how many processes were written.
 fn reconcile(dir: &Path, types: &[PlacedType]) -> Result<usize> {
-    let mut instances: HashMap<_, u64, InstanceState> =
-        HashMap::try_from(open_pinned(dir, maps::INSTANCES)?)?;
+    let mut created: HashMap<_, u64, u64> = HashMap::try_from(open_pinned(dir, maps::CREATED)?)?;
     let (now_mono, now_wall) = (crate::status::monotonic_ns(), std::time::SystemTime::now());
     let mut count = 0;
     for t in types {
         for inst in cgroupfs::children(&t.dir) {
-            // Age counts from the instance's creation, also for instances older than us.
+            // Age counts from the instance's creation, also for instances older than us (the
+            // directory's time is the best guess there is for those).
             if let (Ok(id), Ok(meta)) = (cgroupfs::cgroup_id(&inst), std::fs::metadata(&inst)) {
                 let age = meta
                     .modified()
                     .ok()
                     .and_then(|m| now_wall.duration_since(m).ok())
                     .map_or(0, |d| d.as_nanos() as u64);
-                let fresh = InstanceState {
-                    created_ns: now_mono.saturating_sub(age),
-                    type_idx: t.index,
-                    ..InstanceState::default()
-                };
-                let _ = instances.insert(id, fresh, BPF_NOEXIST);
+                let _ = created.insert(id, now_mono.saturating_sub(age), BPF_NOEXIST);
             }
             for cg in cgroupfs::subtree(&inst) {
                 for pid in cgroupfs::procs(&cg) {
@@ -940,6 +1140,93 @@ fn pinned_programs(root: &Path) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn placed(policy: &Policy, mount: &str) -> Vec<PlacedType> {
+        let cg = Cgroup2 {
+            mount: mount.into(),
+            root: "/".into(),
+        };
+        policy
+            .types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| PlacedType {
+                name: t.name.clone(),
+                index: i as u32 + 7,
+                cgroup_id: 0,
+                dir: cg.dir(&t.path),
+                level: cg.level(&t.path),
+                mode: "enforce".into(),
+                max_tasks: t.max_tasks,
+                max_threads: t.max_threads,
+                max_age: None,
+                on_max_age: OnMaxAge::Event,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn type_paths_are_one_tree_with_stable_nodes() {
+        let text = "[[type]]\nname = \"a\"\npath = \"agents/a\"\nmax_tasks = 5\n\
+                    [[type]]\nname = \"b\"\npath = \"agents/deep/b\"\nmax_tasks = 5\n";
+        let policy = Policy::parse(text, "p.toml").unwrap();
+        let tree = TypePaths::new(&policy, &placed(&policy, "/cg")).unwrap();
+        // root, agents, agents/a, agents/deep, agents/deep/b: "agents" once.
+        let dirs: Vec<String> = tree
+            .dirs
+            .iter()
+            .map(|(d, _)| d.display().to_string())
+            .collect();
+        assert_eq!(
+            dirs,
+            [
+                "/cg",
+                "/cg/agents",
+                "/cg/agents/a",
+                "/cg/agents/deep",
+                "/cg/agents/deep/b"
+            ]
+        );
+        assert_eq!(tree.children.len(), 4);
+        let node = |d: &str| tree.dirs.iter().find(|(p, _)| p.ends_with(d)).unwrap().1;
+        assert_eq!(node("/cg").node, 0);
+        assert_eq!(node("agents").type_idx, NO_TYPE);
+        assert_eq!(node("agents/a").type_idx, 7);
+        assert_eq!(node("deep/b").type_idx, 8);
+        assert_eq!(node("deep/b").level, 3);
+        // A child is keyed by its parent's node and its own name.
+        let (key, b) = tree.children.iter().find(|(_, n)| n.type_idx == 8).unwrap();
+        assert_eq!(key.parent, node("agents/deep").node);
+        assert_eq!(&key.name[..2], b"b\0");
+        assert_eq!(b.node, path_node("agents/deep/b"));
+        // The same paths in another policy have the same nodes.
+        let again = TypePaths::new(&policy, &placed(&policy, "/cg")).unwrap();
+        assert_eq!(again.children, tree.children);
+    }
+
+    #[test]
+    fn a_rate_change_moves_the_generation() {
+        let text = "[[type]]\nname = \"a\"\npath = \"a\"\nmax_tasks = 5\n\
+                    fork_rate = { burst = 4, per_sec = 0.1 }\n";
+        let policy = Policy::parse(text, "p.toml").unwrap();
+        let mut old = type_limits(&policy, 0);
+        old.rate_gen = 255;
+        let mut same = type_limits(&policy, 0);
+        same.max_tasks = 6;
+        assert_eq!(rate_generation(&old, &same), 255, "other limits keep it");
+        let mut faster = same;
+        faster.rate_burst = 5;
+        assert_eq!(
+            rate_generation(&old, &faster),
+            0,
+            "a new burst moves it (mod 256)"
+        );
+        assert_eq!(
+            rate_generation(&TypeLimits::default(), &same),
+            1,
+            "a slot with a new owner moves it"
+        );
+    }
 
     #[test]
     fn auto_prefers_lsm_then_kill_then_kill_compat() {

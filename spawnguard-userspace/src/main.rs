@@ -73,6 +73,12 @@ enum Command {
         /// 1000), or `off`. Off by default: per-instance series multiply with agents.
         #[arg(long, value_name = "off|top:N", default_value = "off")]
         metrics_instances: metrics::InstanceSeries,
+        /// Instances that may hold tasks at once (the kernel's instance map; an empty instance
+        /// directory holds no entry). Fixed when the enforcer is installed: to change it on a
+        /// pinned enforcer, `spawnguard uninstall` first. `status` and `doctor` warn at 80 %.
+        #[arg(long, value_name = "N", default_value_t = spawnguard_common::MAX_INSTANCES,
+              value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
+        instance_capacity: u32,
     },
     /// Detach and remove the pinned enforcer (the daemon must be stopped first).
     Uninstall {
@@ -80,6 +86,15 @@ enum Command {
         output: Output,
     },
     /// Run CMD as (part of) an agent instance: in the instance's cgroup, created if needed.
+    ///
+    /// CMD runs as a child process that moves itself into the instance; `spawnguard exec` waits
+    /// outside it (it does not count toward the instance's budget), relays SIGINT, SIGTERM,
+    /// SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to it (a SIGKILL of it kills CMD too), and exits
+    /// with its exit code (128+N when signal N killed it). When CMD ends, the instance directory
+    /// is removed if this command created it. If processes CMD left behind, or nested cgroups,
+    /// are still in it, it is kept (nothing is killed) and one line on stderr says so. With
+    /// `--keep`, spawnguard moves itself into the instance and becomes CMD: no parent process,
+    /// the directory stays.
     Exec {
         /// The agent type (a type name of the policy in force).
         #[arg(long = "type")]
@@ -90,6 +105,10 @@ enum Command {
         /// Read the type from this policy file instead of the running daemon's.
         #[arg(long)]
         policy: Option<PathBuf>,
+        /// Become CMD inside the instance (exec in place, no waiting parent) and leave the
+        /// instance directory in place when CMD ends.
+        #[arg(long)]
+        keep: bool,
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<OsString>,
     },
@@ -276,6 +295,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             no_pin,
             metrics_listen,
             metrics_instances,
+            instance_capacity,
         } => {
             let (parsed, text) = load_policy(policy.as_deref())?;
             let opts = daemon::Options {
@@ -284,6 +304,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 no_pin,
                 metrics_listen,
                 metrics_instances,
+                capacity: loader::MapCapacity {
+                    instances: instance_capacity,
+                },
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -308,8 +331,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             type_name,
             instance,
             policy,
+            keep,
             command,
-        } => return Err(exec(&type_name, &instance, policy.as_deref(), &command)),
+        } => return exec(&type_name, &instance, policy.as_deref(), keep, &command),
         Command::Status { type_name, output } => {
             let mut s = match control::call(&Request::Status) {
                 Ok(answer) => serde_json::from_value(answer?)?,
@@ -518,48 +542,65 @@ fn policy_command(command: PolicyCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Only returns on error: on success the process becomes CMD.
+/// `spawnguard exec`: runs CMD in the instance cgroup as a child process, waits outside the
+/// instance, and removes the instance directory afterwards if it created it and it is empty.
+/// With `keep`, moves this process into the instance and becomes CMD: only returns on error.
 fn exec(
     type_name: &str,
     instance: &str,
     policy: Option<&Path>,
+    keep: bool,
     command: &[OsString],
-) -> anyhow::Error {
-    let attempt = || -> Result<std::io::Error> {
-        if instance.is_empty() || instance.contains('/') || instance.starts_with('.') {
-            bail!("--instance must be a plain directory name, got {instance:?}");
+) -> Result<ExitCode> {
+    if instance.is_empty() || instance.contains('/') || instance.starts_with('.') {
+        bail!("--instance must be a plain directory name, got {instance:?}");
+    }
+    let type_dir = match (policy, DaemonState::read()) {
+        (Some(p), _) => {
+            let policy = Policy::from_file(p)?;
+            let t = policy
+                .type_named(type_name)
+                .ok_or_else(|| anyhow!("no type {type_name:?} in {}", p.display()))?;
+            Cgroup2::discover()?.dir(&t.path)
         }
-        let type_dir = match (policy, DaemonState::read()) {
-            (Some(p), _) => {
-                let policy = Policy::from_file(p)?;
-                let t = policy
-                    .type_named(type_name)
-                    .ok_or_else(|| anyhow!("no type {type_name:?} in {}", p.display()))?;
-                Cgroup2::discover()?.dir(&t.path)
-            }
-            (None, Some(state)) => state
-                .types
-                .iter()
-                .find(|t| t.name == type_name)
-                .map(|t| t.dir.clone())
-                .ok_or_else(|| anyhow!("the running daemon has no type {type_name:?}"))?,
-            (None, None) => {
-                let policy = Policy::default_policy();
-                let t = policy.type_named(type_name).ok_or_else(|| {
-                    anyhow!("no daemon is running and the default policy has no type {type_name:?}")
-                })?;
-                Cgroup2::discover()?.dir(&t.path)
-            }
-        };
-        let dir = type_dir.join(instance);
+        (None, Some(state)) => state
+            .types
+            .iter()
+            .find(|t| t.name == type_name)
+            .map(|t| t.dir.clone())
+            .ok_or_else(|| anyhow!("the running daemon has no type {type_name:?}"))?,
+        (None, None) => {
+            let policy = Policy::default_policy();
+            let t = policy.type_named(type_name).ok_or_else(|| {
+                anyhow!("no daemon is running and the default policy has no type {type_name:?}")
+            })?;
+            Cgroup2::discover()?.dir(&t.path)
+        }
+    };
+    let dir = type_dir.join(instance);
+    let mut cmd = std::process::Command::new(&command[0]);
+    cmd.args(&command[1..]);
+    if keep {
         cgroupfs::ensure_dir(&dir)?;
         cgroupfs::move_process(&dir, std::process::id())?;
-        Ok(std::process::Command::new(&command[0])
-            .args(&command[1..])
-            .exec())
-    };
-    match attempt() {
-        Ok(e) => anyhow!("cannot run {:?}: {e}", command[0]),
-        Err(e) => e,
+        let e = cmd.exec();
+        bail!("cannot run {:?}: {e}", command[0]);
     }
+    let created = cgroupfs::create_dir(&dir)?;
+    let status = match cgroupfs::run_in(&dir, &mut cmd) {
+        Ok(status) => status,
+        Err(e) => {
+            if created {
+                // Nothing ever ran in it.
+                let _ = cgroupfs::remove_empty(&dir, std::time::Duration::from_secs(2));
+            }
+            return Err(e.into());
+        }
+    };
+    if created {
+        if let Err(why) = cgroupfs::remove_empty(&dir, std::time::Duration::from_secs(2)) {
+            eprintln!("spawnguard exec: kept {}: {why}", dir.display());
+        }
+    }
+    Ok(ExitCode::from(cgroupfs::shell_exit_code(status)))
 }

@@ -320,6 +320,14 @@ pub fn render(
     )?
     .with_label_values::<&str>(&[])
     .inc_by(s.events_dropped);
+    m.counter(
+        "spawnguard_spawners_stopped_total",
+        "Spawners killed for leaving more refused children unreaped than their instance's \
+         max_tasks (each holds a PID until reaped).",
+        &[],
+    )?
+    .with_label_values::<&str>(&[])
+    .inc_by(s.spawners_stopped);
     let fail_open = m.counter(
         "spawnguard_fail_open_total",
         "New tasks let through uncounted because the kernel side could not account for them.",
@@ -522,6 +530,10 @@ mod tests {
             failed_open: 0,
             failed_open_by: Default::default(),
             maps: vec![],
+            entries_reclaimed: 0,
+            created_full: 0,
+            releasing_full: 0,
+            spawners_stopped: 0,
         };
         let info = BuildInfo {
             backend: "kill".into(),

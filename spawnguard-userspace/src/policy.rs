@@ -629,6 +629,14 @@ fn normalize_path(p: &str) -> Result<String, String> {
         if *c == "." || *c == ".." || c.starts_with("cgroup.") || c.contains(char::is_whitespace) {
             return Err(format!("component \"{c}\" is not allowed"));
         }
+        // The kernel compares each component of a type path at every mkdir, in a fixed buffer.
+        let most = spawnguard_common::PATH_NAME_LEN - 2;
+        if c.len() > most {
+            return Err(format!(
+                "component \"{c}\" is {} bytes long; at most {most} are supported",
+                c.len()
+            ));
+        }
     }
     Ok(parts.join("/"))
 }

@@ -162,6 +162,12 @@ pub struct InstanceStatus {
     pub processes: u64,
     pub threads: u64,
     pub age_seconds: f64,
+    /// Of `tasks`, those that exited and wait to be reaped (zombies; they hold PIDs).
+    #[serde(default)]
+    pub exited_unreaped: u64,
+    /// Refused children (killed) not yet reaped: not in `tasks`, but holding PIDs.
+    #[serde(default)]
+    pub refused_unreaped: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -178,6 +184,19 @@ pub struct Status {
     pub failed_open_by: FailedOpen,
     #[serde(default)]
     pub maps: Vec<MapUsage>,
+    /// Instance entries dropped when their last task left (empty instances cost no entry).
+    #[serde(default)]
+    pub entries_reclaimed: u64,
+    /// Instance directories whose creation time could not be kept (the map of creation times
+    /// was full): their `max_age` counts from their first task.
+    #[serde(default)]
+    pub created_full: u64,
+    /// Exited tasks given back at once because the map of unreaped tasks was full.
+    #[serde(default)]
+    pub releasing_full: u64,
+    /// Spawners killed for leaving more refused children unreaped than `max_tasks`.
+    #[serde(default)]
+    pub spawners_stopped: u64,
 }
 
 pub fn monotonic_ns() -> u64 {
@@ -300,10 +319,13 @@ pub fn snapshot() -> Result<Status> {
             processes: s.processes,
             threads: s.threads,
             age_seconds: now.saturating_sub(s.created_ns) as f64 / 1e9,
+            exited_unreaped: s.releasing,
+            refused_unreaped: s.refused_unreaped,
         });
     }
     let mut dropped = 0;
     let mut f = FailedOpen::default();
+    let (mut reclaimed, mut created_full, mut releasing_full, mut spawners_stopped) = (0, 0, 0, 0);
     for g in global.get(&0, 0)?.iter() {
         dropped += g.events_dropped;
         f.instances_full += g.instances_full;
@@ -312,22 +334,32 @@ pub fn snapshot() -> Result<Status> {
         f.read_error += g.read_errors;
         f.contended += g.contended;
         f.kill_failed += g.kill_failed;
+        reclaimed += g.reclaimed;
+        created_full += g.created_full;
+        releasing_full += g.releasing_full;
+        spawners_stopped += g.spawners_stopped;
     }
+    let created: HashMap<MapData, u64, u64> = HashMap::try_from(open_installed(maps::CREATED)?)?;
     let maps = vec![
         MapUsage {
             map: maps::INSTANCES.to_lowercase(),
             entries: instance_entries,
-            capacity: spawnguard_common::MAX_INSTANCES.into(),
+            capacity: capacity(maps::INSTANCES, spawnguard_common::MAX_INSTANCES),
+        },
+        MapUsage {
+            map: maps::CREATED.to_lowercase(),
+            entries: created.keys().count() as u64,
+            capacity: capacity(maps::CREATED, spawnguard_common::MAX_CREATED),
         },
         MapUsage {
             map: maps::PROCESSES.to_lowercase(),
             entries: crate::mapbatch::entries(&processes)?.len() as u64,
-            capacity: spawnguard_common::MAX_PROCESSES.into(),
+            capacity: capacity(maps::PROCESSES, spawnguard_common::MAX_PROCESSES),
         },
         MapUsage {
             map: maps::DOOMED.to_lowercase(),
             entries: crate::mapbatch::entries(&doomed)?.len() as u64,
-            capacity: spawnguard_common::MAX_DOOMED.into(),
+            capacity: capacity(maps::DOOMED, spawnguard_common::MAX_DOOMED),
         },
     ];
     let hl = host_limits.get(&0, 0)?;
@@ -350,7 +382,50 @@ pub fn snapshot() -> Result<Status> {
         failed_open: f.total(),
         failed_open_by: f,
         maps,
+        entries_reclaimed: reclaimed,
+        created_full,
+        releasing_full,
+        spawners_stopped,
     })
+}
+
+/// A pinned map's capacity, as the kernel made it (`run --instance-capacity` sets some).
+fn capacity(name: &str, default: u32) -> u64 {
+    aya::maps::MapInfo::from_pin(crate::loader::pin_dir().join("maps").join(name))
+        .map_or(default, |i| i.max_entries())
+        .into()
+}
+
+/// Share of a map's capacity at which `status` and `doctor` warn: well before it is full (a
+/// new instance past capacity runs uncounted).
+pub const MAP_WARN_AT: f64 = 0.80;
+
+impl MapUsage {
+    /// A warning when the map is over `MAP_WARN_AT` full, saying what happens when it is full.
+    pub fn warning(&self) -> Option<String> {
+        if (self.entries as f64) < self.capacity as f64 * MAP_WARN_AT {
+            return None;
+        }
+        let what = match self.map.as_str() {
+            "instances" => {
+                "instances that hold tasks; when it is full a new instance runs uncounted \
+                 (instances already counted stay enforced); raise `spawnguard run \
+                 --instance-capacity`"
+            }
+            "created" => {
+                "instance directories (empty ones too); when it is full a new instance's \
+                 max_age counts from its first task; remove the directories of ended agents"
+            }
+            _ => "entries; when it is full new tasks run uncounted",
+        };
+        Some(format!(
+            "map {} is {:.0}% full ({}/{} {what})",
+            self.map,
+            self.entries as f64 * 100.0 / self.capacity.max(1) as f64,
+            self.entries,
+            self.capacity
+        ))
+    }
 }
 
 fn or_dash(v: Option<u64>) -> String {
@@ -422,6 +497,9 @@ pub fn print_table(s: &Status) {
                 i.path, i.type_name, i.tasks, i.processes, i.threads, i.age_seconds
             );
         }
+    }
+    for w in s.maps.iter().filter_map(MapUsage::warning) {
+        println!("\nwarning: {w}");
     }
     if s.events_dropped + s.failed_open > 0 {
         println!(

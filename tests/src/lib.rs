@@ -85,7 +85,7 @@ pub fn with_backend(backend: &str, test: fn(&str)) {
 }
 
 /// Where the enforcer is pinned (`v` + the map layout version).
-pub const PIN_DIR: &str = "/sys/fs/bpf/spawnguard/v3";
+pub const PIN_DIR: &str = "/sys/fs/bpf/spawnguard/v4";
 
 /// Whether privileged tests can run here. Under `CI=true` they must: not being able to is a
 /// failure, not a skip.
@@ -324,6 +324,14 @@ impl Daemon {
     pub fn start(policy: &str, backend: &str) -> Result<Self> {
         uninstall();
         Self::launch(policy, &["--backend", backend, "--no-pin"])
+    }
+
+    /// `start` with extra `spawnguard run` arguments.
+    pub fn start_with_args(policy: &str, backend: &str, extra: &[&str]) -> Result<Self> {
+        uninstall();
+        let mut all = vec!["--backend", backend, "--no-pin"];
+        all.extend_from_slice(extra);
+        Self::launch(policy, &all)
     }
 
     /// `start` with extra `spawnguard run` arguments (the backend `auto` picks).
@@ -612,4 +620,84 @@ pub fn series_count(text: &str) -> usize {
     text.lines()
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .count()
+}
+
+/// The pids controller's own count for an instance (`pids.current`), the reference spawnguard's
+/// counts are checked against. On a hybrid host (pids on cgroup v1) it is a v1 pids cgroup at
+/// the instance's relative path, as runc and podman make; on cgroup2 with the pids controller
+/// (the qemu guests) it is the instance itself, with `+pids` enabled on the way down from the
+/// test's own directories. Removed (after killing what is in it) on drop.
+pub struct PidsCgroup {
+    /// The directory whose `pids.current` counts the instance.
+    pub dir: PathBuf,
+    /// Set when `dir` is a v1 directory of our own (tasks must be moved there too).
+    v1: Option<CgroupTree>,
+}
+
+impl PidsCgroup {
+    /// For the instance `relative` to the cgroup2 mount (which must not exist yet on v2: the
+    /// controller is enabled on its parents first). Under `CI=true` having neither is a failure.
+    pub fn for_instance(relative: &str) -> Self {
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let v1 = info.lines().find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mut r = right.split_whitespace();
+            (r.next()? == "cgroup" && r.nth(1)?.split(',').any(|o| o == "pids"))
+                .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap()))
+        });
+        if let Some(mount) = v1 {
+            // The test's own subtree (`spawnguard-test/NAME`), cleaned on drop.
+            let top: Vec<&str> = relative.split('/').take(2).collect();
+            let tree = CgroupTree::new(mount.join(top.join("/")));
+            let dir = mount.join(relative);
+            fs::create_dir_all(&dir).unwrap();
+            return Self {
+                dir,
+                v1: Some(tree),
+            };
+        }
+        let root = cgroup2_mount();
+        let controllers = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+        assert!(
+            controllers.split_whitespace().any(|c| c == "pids"),
+            "no pids controller here (neither on cgroup v1 nor on cgroup2's root)"
+        );
+        // Enable it from the root down to the instance's parent (the guests own their root).
+        let mut dir = root.clone();
+        let parts: Vec<&str> = relative.split('/').collect();
+        for part in &parts[..parts.len() - 1] {
+            fs::write(dir.join("cgroup.subtree_control"), "+pids").unwrap();
+            dir = dir.join(part);
+            fs::create_dir_all(&dir).unwrap();
+        }
+        fs::write(dir.join("cgroup.subtree_control"), "+pids").unwrap();
+        let dir = root.join(relative);
+        fs::create_dir_all(&dir).unwrap();
+        Self { dir, v1: None }
+    }
+
+    /// Puts a process in it too (v1 only; on cgroup2 it is the instance itself).
+    pub fn join(&self, pid: u32) {
+        if self.v1.is_some() {
+            fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+        }
+    }
+
+    /// Moves a process out of it (into `elsewhere`, a directory of the test's own subtree, on
+    /// v1).
+    pub fn leave(&self, pid: u32, elsewhere: &str) {
+        if let Some(tree) = &self.v1 {
+            let out = tree.root.join(elsewhere);
+            fs::create_dir_all(&out).unwrap();
+            fs::write(out.join("cgroup.procs"), pid.to_string()).unwrap();
+        }
+    }
+
+    pub fn current(&self) -> u64 {
+        fs::read_to_string(self.dir.join("pids.current"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
 }

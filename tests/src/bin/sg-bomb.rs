@@ -5,8 +5,26 @@
 //!                                           attempts in total; all then hold HOLD_MS and exit;
 //!                                           prints attempts, failed forks (EAGAIN among them),
 //!                                           children forked and how many never reached the end
+//! sg-bomb storm   DEADLINE_MS CAP HOLD_MS   like fork, but a failed fork is retried at once (no
+//!                                           back-off); every process counts itself in shared
+//!                                           memory at its first line of user code: prints ran=
+//!                                           (the first process included)
 //! sg-bomb threads DEADLINE_MS CAP HOLD_MS   one process creates up to CAP threads
+//! sg-bomb thread-storm DEADLINE_MS CAP HOLD_MS
+//!                                           a child process creates threads with no back-off
+//!                                           (each counts itself at its first line, in memory
+//!                                           it shares with this process, which waits for it:
+//!                                           under the kill backends a refused thread takes its
+//!                                           process with it); prints ran= and how it ended
 //! sg-bomb rate    DURATION_MS CAP           fork children that exit at once; prints how many ran
+//! sg-bomb zombies DEADLINE_MS CAP           a spawner forks children that exit at once and
+//!                                           never reaps them, with no back-off; this process
+//!                                           (a subreaper) waits for it, reaps everything, and
+//!                                           prints ran= (children that ran) and killed=
+//! sg-bomb mixed   HOLD_MS                   after a byte on stdin: 10 children that hold, 10
+//!                                           unreaped zombies, 5 threads, 5 vforks, an io_uring
+//!                                           SQPOLL thread; prints "ready io_uring=0|1", holds
+//!                                           HOLD_MS, reaps everything and exits
 //! sg-bomb clone-into DIR HOLD_MS            clone3(CLONE_INTO_CGROUP) a child into DIR; it holds
 //! sg-bomb hold    HOLD_MS                   just sleep (a process to migrate)
 
@@ -25,9 +43,13 @@ fn arg(n: usize) -> u64 {
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_default();
     match mode.as_str() {
-        "fork" => fork_bomb(arg(2), arg(3), arg(4)),
+        "fork" => fork_bomb(arg(2), arg(3), arg(4), true),
+        "storm" => fork_bomb(arg(2), arg(3), arg(4), false),
         "threads" => thread_bomb(arg(2), arg(3), arg(4)),
+        "thread-storm" => thread_storm(arg(2), arg(3), arg(4)),
         "rate" => rate(arg(2), arg(3)),
+        "zombies" => zombies(arg(2), arg(3)),
+        "mixed" => mixed(arg(2)),
         "clone-into" => clone_into(&std::env::args().nth(2).expect("DIR"), arg(3)),
         "hold" => std::thread::sleep(Duration::from_millis(arg(2))),
         _ => {
@@ -56,9 +78,12 @@ struct BombCounters {
     forked: AtomicU64,
     /// Processes (the first included) that reached their end: the rest were killed.
     exited: AtomicU64,
+    /// Processes (the first included) that ran their own code: counted by each child at its
+    /// first line after fork() returned, so a child killed before it runs is never counted.
+    ran: AtomicU64,
 }
 
-fn fork_bomb(deadline_ms: u64, cap: u64, hold_ms: u64) {
+fn fork_bomb(deadline_ms: u64, cap: u64, hold_ms: u64, back_off: bool) {
     let deadline = Instant::now() + Duration::from_millis(deadline_ms);
     // SAFETY: a shared anonymous mapping (zero-filled, so all counters start at 0) visible to
     // every forked process.
@@ -77,6 +102,7 @@ fn fork_bomb(deadline_ms: u64, cap: u64, hold_ms: u64) {
     // SAFETY: children are reaped by the kernel; no handler runs.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
     let root = std::process::id();
+    c.ran.fetch_add(1, Ordering::Relaxed);
     while Instant::now() < deadline && c.attempts.fetch_add(1, Ordering::Relaxed) < cap {
         // SAFETY: single-threaded process; the child only continues this loop.
         match unsafe { libc::fork() } {
@@ -86,10 +112,14 @@ fn fork_bomb(deadline_ms: u64, cap: u64, hold_ms: u64) {
                     c.eagain.fetch_add(1, Ordering::Relaxed);
                 }
                 // Back off like a real spawner: a refused fork is cheap, and every process
-                // retrying at once would starve a small (emulated) machine.
-                std::thread::sleep(Duration::from_millis(10));
+                // retrying at once would starve a small (emulated) machine. A storm does not.
+                if back_off {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
-            0 => {}
+            0 => {
+                c.ran.fetch_add(1, Ordering::Relaxed);
+            }
             _ => {
                 c.forked.fetch_add(1, Ordering::Relaxed);
             }
@@ -103,12 +133,13 @@ fn fork_bomb(deadline_ms: u64, cap: u64, hold_ms: u64) {
         sleep_until(end + Duration::from_millis(300));
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         println!(
-            "attempts={} failed={} eagain={} forked={} killed={}",
+            "attempts={} failed={} eagain={} forked={} killed={} ran={}",
             n(&c.attempts).min(cap),
             n(&c.failed),
             n(&c.eagain),
             n(&c.forked),
             (n(&c.forked) + 1).saturating_sub(n(&c.exited)),
+            n(&c.ran),
         );
     }
 }
@@ -132,6 +163,196 @@ fn thread_bomb(deadline_ms: u64, cap: u64, hold_ms: u64) {
     }
     println!("created={created} failed={failed}");
     sleep_until(end);
+}
+
+/// A shared anonymous mapping of `T`, zero-filled, that forked processes keep sharing.
+fn shared<T>() -> &'static T {
+    // SAFETY: a fresh shared anonymous mapping (zero-filled: every counter starts at 0), never
+    // unmapped, so the reference lives as long as the process.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            size_of::<T>(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED);
+        &*(p as *const T)
+    }
+}
+
+fn thread_storm(deadline_ms: u64, cap: u64, hold_ms: u64) {
+    #[derive(Default)]
+    struct Counts {
+        attempts: AtomicU64,
+        failed: AtomicU64,
+        /// Threads that ran their first line.
+        ran: AtomicU64,
+    }
+    let c: &'static Counts = shared();
+    let deadline = Instant::now() + Duration::from_millis(deadline_ms);
+    let end = deadline + Duration::from_millis(hold_ms);
+    // SAFETY: this process has one thread; the child only runs the storm below and exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        while Instant::now() < deadline && c.attempts.fetch_add(1, Ordering::Relaxed) < cap {
+            let spawned = std::thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn(move || {
+                    c.ran.fetch_add(1, Ordering::Relaxed);
+                    sleep_until(end);
+                });
+            if spawned.is_err() {
+                c.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        sleep_until(end);
+        // SAFETY: leaves without running the threads' destructors; they only sleep.
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    println!(
+        "attempts={} failed={} ran={} killed={}",
+        n(&c.attempts).min(cap),
+        n(&c.failed),
+        n(&c.ran),
+        u8::from(libc::WIFSIGNALED(status)),
+    );
+}
+
+/// Reaps every child (its own, and orphans it adopted as a subreaper) until none is left.
+fn reap_all() {
+    // SAFETY: waiting for any child of ours.
+    while unsafe { libc::waitpid(-1, std::ptr::null_mut(), 0) } > 0 {}
+}
+
+fn zombies(deadline_ms: u64, cap: u64) {
+    #[derive(Default)]
+    struct Counts {
+        attempts: AtomicU64,
+        failed: AtomicU64,
+        ran: AtomicU64,
+    }
+    let c: &'static Counts = shared();
+    // Orphans (the spawner's zombies, once it is gone) come to this process, which reaps them.
+    // SAFETY: plain prctl on this process.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let deadline = Instant::now() + Duration::from_millis(deadline_ms);
+    // SAFETY: this process has one thread; the child only runs the loop below.
+    let spawner = unsafe { libc::fork() };
+    assert!(spawner >= 0, "fork: {}", std::io::Error::last_os_error());
+    if spawner == 0 {
+        while Instant::now() < deadline && c.attempts.fetch_add(1, Ordering::Relaxed) < cap {
+            // SAFETY: single-threaded; the child exits at once without touching Rust state.
+            match unsafe { libc::fork() } {
+                0 => {
+                    c.ran.fetch_add(1, Ordering::Relaxed);
+                    // SAFETY: async-signal-safe exit in the child.
+                    unsafe { libc::_exit(0) };
+                }
+                -1 => {
+                    c.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+        // SAFETY: leaves its children unreaped, as the attack does.
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(spawner, &mut status, 0) };
+    reap_all();
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    println!(
+        "attempts={} failed={} ran={} killed={}",
+        n(&c.attempts).min(cap),
+        n(&c.failed),
+        n(&c.ran),
+        u8::from(libc::WIFSIGNALED(status)),
+    );
+}
+
+/// io_uring with an SQPOLL thread: the kernel makes a worker task for it. Returns its fd, or
+/// None where io_uring is not available (or disabled by sysctl).
+fn io_uring_sqpoll() -> Option<i32> {
+    // struct io_uring_params: 120 bytes; flags at offset 8, sq_thread_idle at 16.
+    let mut params = [0u32; 30];
+    const IORING_SETUP_SQPOLL: u32 = 2;
+    params[2] = IORING_SETUP_SQPOLL;
+    params[4] = 60_000;
+    // SAFETY: io_uring_setup(entries, params) with a zeroed, correctly sized params struct.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4u32, params.as_mut_ptr()) };
+    (fd >= 0).then_some(fd as i32)
+}
+
+fn mixed(hold_ms: u64) {
+    let mut go = [0u8; 1];
+    // SAFETY: reading one byte from stdin into our own buffer.
+    unsafe { libc::read(0, go.as_mut_ptr().cast(), 1) };
+    let end = Instant::now() + Duration::from_millis(hold_ms);
+    let mut children = Vec::new();
+    for _ in 0..10 {
+        // SAFETY: single-threaded so far; the child only sleeps and exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            sleep_until(end);
+            // SAFETY: async-signal-safe exit in the child.
+            unsafe { libc::_exit(0) };
+        }
+        children.push(pid);
+    }
+    for _ in 0..10 {
+        // SAFETY: as above; this child exits at once and stays a zombie until the end.
+        if unsafe { libc::fork() } == 0 {
+            // SAFETY: async-signal-safe exit in the child.
+            unsafe { libc::_exit(0) };
+        }
+    }
+    // vforks: glibc's posix_spawn clones with CLONE_VM | CLONE_VFORK.
+    let path = c"/bin/true";
+    let argv = [path.as_ptr().cast_mut(), std::ptr::null_mut()];
+    for _ in 0..5 {
+        let mut pid = 0;
+        // SAFETY: a NUL-terminated path and argv, no file actions or attributes, and the
+        // environment of this process.
+        let rc = unsafe {
+            libc::posix_spawn(
+                &mut pid,
+                path.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                argv.as_ptr(),
+                std::ptr::null(),
+            )
+        };
+        if rc == 0 {
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        }
+    }
+    let threads: Vec<_> = (0..5)
+        .map(|_| std::thread::spawn(move || sleep_until(end)))
+        .collect();
+    let ring = io_uring_sqpoll();
+    println!("ready io_uring={}", u8::from(ring.is_some()));
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    sleep_until(end);
+    for t in threads {
+        let _ = t.join();
+    }
+    if let Some(fd) = ring {
+        // SAFETY: closing our own fd.
+        unsafe { libc::close(fd) };
+    }
+    reap_all();
 }
 
 fn rate(duration_ms: u64, cap: u64) {

@@ -1,0 +1,468 @@
+//! The core promises, each with the attack an agent inside an instance would make on it:
+//!
+//! - **a budget is never overshot**: fork and thread bombs that never back off, run on every
+//!   CPU and are repeated; what ran is counted by the bomb itself, in shared memory, at its first
+//!   line of user code (a sampler of `cgroup.threads` can miss what a bomb got away with);
+//! - **nothing escapes counting**: a type directory removed and created again (systemd's slices,
+//!   cleanup scripts, `spawnguard exec` itself), its parents too, and instance directories
+//!   leaked by the thousand;
+//! - **counts are the pids controller's**: an unreaped zombie holds its PID and its place in the
+//!   budget; a spawner that never reaps the children it was refused is stopped; a mixed workload
+//!   (forks, threads, vfork, io_uring workers, zombies, migrations) is counted exactly as
+//!   `pids.current` counts it;
+//! - **a policy change applies at once**: a fork-rate bucket emptied under the old rate does not
+//!   hold back the new one.
+//!
+//! Every bomb has a deadline and a cap of its own and runs in a cgroup the test owns, removed
+//! (after `cgroup.kill`) even when the test fails.
+
+use std::{fs, process::Stdio, time::Duration};
+
+use spawnguard_tests::*;
+
+macro_rules! per_backend {
+    ($($name:ident),* $(,)?) => {
+        mod lsm {
+            $(#[test] fn $name() { super::with_backend("lsm", super::$name); })*
+        }
+        mod kill {
+            $(#[test] fn $name() { super::with_backend("kill", super::$name); })*
+        }
+        mod kill_compat {
+            $(#[test] fn $name() { super::with_backend("kill-compat", super::$name); })*
+        }
+    };
+}
+
+per_backend!(
+    fork_storms_never_overshoot,
+    thread_storms_never_overshoot,
+    a_recreated_type_directory_is_the_type_from_its_mkdir,
+    leaked_instance_directories_cost_no_entry,
+    a_rate_change_applies_to_the_next_fork,
+    unreaped_zombies_hold_their_pids_in_the_budget,
+    counts_are_the_pids_controller_s,
+);
+
+/// Bombs per backend: `SG_STORM_ROUNDS`, at least 20 (fewer only when asked, e.g. to try one).
+fn rounds() -> usize {
+    std::env::var("SG_STORM_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20)
+}
+
+/// Runs `sg-bomb ARGS` in instance `inst` of type `ty` (created and, when it ends, removed by
+/// `spawnguard exec`) and returns its report.
+fn bomb(ty: &str, inst: &str, args: &[&str]) -> String {
+    let out = exec_bomb(ty, inst, args).output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        report.contains("ran="),
+        "the bomb reported nothing ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    report
+}
+
+fn fork_storms_never_overshoot(backend: &str) {
+    const BUDGET: u64 = 30;
+    let (rel, _tree) = test_type(&format!("storm-{backend}"));
+    let _daemon = Daemon::start(
+        &policy("st", &rel, &format!("max_tasks = {BUDGET}")),
+        backend,
+    )
+    .unwrap();
+    let mut ran = Vec::new();
+    for i in 0..rounds() {
+        // Every process forks for 1 s with no back-off (at most 100,000 forks in all), holds
+        // 300 ms, and exits: none exits before the last fork, so what ran, ran at once.
+        let report = bomb("st", &format!("s{i}"), &["storm", "1000", "100000", "300"]);
+        let n = report_value(&report, "ran");
+        assert!(
+            n <= BUDGET,
+            "round {i}: {n} processes ran their own code at once, budget {BUDGET}: {report}"
+        );
+        ran.push(n);
+    }
+    // Nearly full every time: the bombs pressed on the budget (a refused child of kill-compat
+    // may still hold its slot's neighbour for an instant, so not exactly full).
+    assert!(
+        ran.iter().all(|&n| n >= BUDGET * 2 / 3),
+        "some bombs never filled their budget: {ran:?}"
+    );
+    let s = status();
+    assert_eq!(s["failed_open"], 0, "tasks let through uncounted: {s}");
+    assert!(type_status("st")["denied"]["max_tasks"].as_u64().unwrap() > 0);
+}
+
+fn thread_storms_never_overshoot(backend: &str) {
+    const THREADS: u64 = 20;
+    let (rel, _tree) = test_type(&format!("tstorm-{backend}"));
+    let _daemon = Daemon::start(
+        &policy(
+            "ts",
+            &rel,
+            &format!("max_tasks = 40\nmax_threads = {THREADS}"),
+        ),
+        backend,
+    )
+    .unwrap();
+    for i in 0..rounds() / 2 {
+        // One process creates threads for 1 s with no back-off, each holding until the end.
+        let report = bomb(
+            "ts",
+            &format!("t{i}"),
+            &["thread-storm", "1000", "100000", "300"],
+        );
+        let n = report_value(&report, "ran");
+        assert!(
+            n <= THREADS,
+            "round {i}: {n} threads ran their own code at once, budget {THREADS}: {report}"
+        );
+        if backend == "lsm" {
+            // pthread_create failed with EAGAIN; the process lived on, its threads ran.
+            assert!(n >= THREADS / 2, "round {i}: the bomb barely ran: {report}");
+            assert!(report_value(&report, "failed") > 0, "{report}");
+            assert_eq!(report_value(&report, "killed"), 0, "{report}");
+        } else {
+            // A refused thread cannot die alone: its process was killed, with threads that
+            // had not run yet; but only once it asked for more than its budget.
+            assert!(
+                report_value(&report, "attempts") > THREADS,
+                "round {i}: refused before its budget was used: {report}"
+            );
+            assert_eq!(report_value(&report, "killed"), 1, "{report}");
+        }
+    }
+    assert_eq!(status()["failed_open"], 0);
+}
+
+/// The bomb that ran to its cap of 3,000 processes before types followed their path.
+fn assert_held(ty: &str, inst: &str, budget: u64, what: &str) {
+    let before = type_status(ty)["denied"]["max_tasks"].as_u64().unwrap();
+    let report = bomb(ty, inst, &["storm", "500", "3000", "100"]);
+    let n = report_value(&report, "ran");
+    assert!(n <= budget, "{what}: {n} processes ran, budget {budget}");
+    let after = type_status(ty)["denied"]["max_tasks"].as_u64().unwrap();
+    assert!(after > before, "{what}: nothing was denied ({report})");
+}
+
+fn a_recreated_type_directory_is_the_type_from_its_mkdir(backend: &str) {
+    let (rel, _tree) = test_type(&format!("recreate-{backend}"));
+    let rel = format!("{rel}/slice/t");
+    let _daemon = Daemon::start(&policy("rc", &rel, "max_tasks = 10"), backend).unwrap();
+    let type_dir = cgroup2_mount().join(&rel);
+    assert_held(
+        "rc",
+        "first",
+        10,
+        "the type directory as the daemon made it",
+    );
+
+    // systemd removes an empty slice and creates it again for the next unit.
+    fs::remove_dir(&type_dir).unwrap();
+    fs::create_dir(&type_dir).unwrap();
+    assert_held("rc", "again", 10, "a type directory created again");
+
+    // Its parents go too (a cleanup script), and come back with `mkdir -p`.
+    fs::remove_dir(&type_dir).unwrap();
+    fs::remove_dir(type_dir.parent().unwrap()).unwrap();
+    fs::create_dir_all(&type_dir).unwrap();
+    assert_held(
+        "rc",
+        "parents",
+        10,
+        "a type directory whose parents were recreated",
+    );
+
+    // Gone when the agent starts: `spawnguard exec` creates the whole path itself.
+    fs::remove_dir(&type_dir).unwrap();
+    fs::remove_dir(type_dir.parent().unwrap()).unwrap();
+    assert_held("rc", "by-exec", 10, "a type directory that exec created");
+
+    // And an instance under a recreated directory is in `status` while it runs.
+    let mut holder = exec_bomb("rc", "listed", &["hold", "30000"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let inst = type_dir.join("listed");
+    let listed = wait_for(Duration::from_secs(10), || instance_counts(&inst).0 == 1);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(listed, "the instance is not counted in status");
+}
+
+fn leaked_instance_directories_cost_no_entry(backend: &str) {
+    const CAPACITY: usize = 64;
+    let (rel, tree) = test_type(&format!("leak-{backend}"));
+    let _daemon = Daemon::start_with_args(
+        &policy("lk", &rel, "max_tasks = 10"),
+        backend,
+        &["--instance-capacity", &CAPACITY.to_string()],
+    )
+    .unwrap();
+    let map = |name: &str| {
+        status()["maps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["map"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("map {name} in status"))
+    };
+    assert_eq!(map("instances")["capacity"], CAPACITY as u64);
+
+    // More empty directories than the map holds (whoever may write the type directory can
+    // make them): they cost no entry, and a new instance is still counted and held.
+    for i in 0..CAPACITY + 36 {
+        fs::create_dir(tree.root.join(format!("empty-{i}"))).unwrap();
+    }
+    assert!(
+        wait_for(Duration::from_secs(10), || map("instances")["entries"] == 0),
+        "empty directories took entries: {}",
+        map("instances")
+    );
+    assert_held(
+        "lk",
+        "after-empties",
+        10,
+        "an instance beside leaked directories",
+    );
+
+    // Agents that ended and left their directories behind (`exec --keep`): their entries go
+    // with their last task.
+    for i in 0..CAPACITY + 36 {
+        let out = std::process::Command::new(spawnguard_bin())
+            .args(["exec", "--keep", "--type", "lk", "--instance"])
+            .arg(format!("ended-{i}"))
+            .arg("--")
+            .arg("true")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    // (Released once reaped, an RCU grace period after the exit.)
+    assert!(
+        wait_for(Duration::from_secs(10), || map("instances")["entries"] == 0),
+        "ended instances kept entries: {}",
+        map("instances")
+    );
+    assert!(status()["entries_reclaimed"].as_u64().unwrap() >= (CAPACITY + 36) as u64);
+    assert_held("lk", "after-ended", 10, "an instance beside ended ones");
+
+    // An instance's age still counts from its directory's creation, not its first task.
+    let aged = tree.root.join("aged");
+    fs::create_dir(&aged).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut holder = exec_bomb("lk", "aged", &["hold", "30000"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let id = {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(&aged).unwrap().ino()
+    };
+    let mut age = 0.0;
+    wait_for(Duration::from_secs(10), || {
+        age = status()["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"].as_u64() == Some(id))
+            .map_or(0.0, |i| i["age_seconds"].as_f64().unwrap());
+        age > 0.0
+    });
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(
+        age >= 1.4,
+        "the instance's age ({age} s) does not count from its mkdir"
+    );
+    assert_eq!(status()["failed_open"], 0);
+}
+
+fn a_rate_change_applies_to_the_next_fork(backend: &str) {
+    let (rel, tree) = test_type(&format!("rate-change-{backend}"));
+    let slow = policy(
+        "rt",
+        &rel,
+        "max_tasks = 100\nfork_rate = { burst = 4, per_sec = 0.1 }",
+    );
+    let _daemon = Daemon::start(&slow, backend).unwrap();
+    // A process keeps the instance (and its fork-rate bucket) alive throughout.
+    let mut holder = std::process::Command::new(spawnguard_bin())
+        .args(["exec", "--keep", "--type", "rt", "--instance", "r", "--"])
+        .arg(bomb_bin())
+        .args(["hold", "60000"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let inst = tree.root.join("r");
+    assert!(wait_for(Duration::from_secs(10), || instance_counts(&inst)
+        .0
+        == 1));
+    let rate = |ms: &str, cap: &str| {
+        let out = std::process::Command::new(spawnguard_bin())
+            .args(["exec", "--keep", "--type", "rt", "--instance", "r", "--"])
+            .arg(bomb_bin())
+            .args(["rate", ms, cap])
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout).into_owned();
+        (report_value(&report, "ran"), report)
+    };
+    // The burst of 4 goes, then the bucket is empty for the next 10 s.
+    let (ran, report) = rate("500", "50");
+    assert!(ran <= 4, "burst 4 let {ran} forks through: {report}");
+    // 1000 per second from now on.
+    let fast = write_policy(
+        &format!("rate-fast-{backend}"),
+        &policy(
+            "rt",
+            &rel,
+            "max_tasks = 100\nfork_rate = { burst = 1, per_sec = 1000.0 }",
+        ),
+    );
+    let out = cli(&["policy", "apply", fast.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let (ran, report) = rate("1000", "2000");
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(
+        ran >= 100,
+        "after the rate went to 1000/s only {ran} forks passed in a second: {report}"
+    );
+}
+
+fn unreaped_zombies_hold_their_pids_in_the_budget(backend: &str) {
+    const BUDGET: u64 = 30;
+    let (rel, _tree) = test_type(&format!("zombies-{backend}"));
+    let _daemon = Daemon::start(
+        &policy("zb", &rel, &format!("max_tasks = {BUDGET}")),
+        backend,
+    )
+    .unwrap();
+    for i in 0..3 {
+        // A spawner forks children that exit at once and never reaps them, with no back-off,
+        // for 2 s (at most 3,000 forks). Its parent (in the instance too) reaps all at the end.
+        let report = bomb("zb", &format!("z{i}"), &["zombies", "2000", "3000"]);
+        let ran = report_value(&report, "ran");
+        // The parent and the spawner hold two of the budget's tasks: the zombies, the rest.
+        assert!(
+            ran <= BUDGET - 2,
+            "round {i}: {ran} children ran, each a zombie holding a PID; budget {BUDGET}: {report}"
+        );
+        assert!(
+            ran >= BUDGET / 2,
+            "round {i}: the spawner barely ran: {report}"
+        );
+        if backend == "lsm" {
+            // Refused forks failed with EAGAIN: nothing was made, nothing to stop.
+            assert!(report_value(&report, "failed") > 0, "{report}");
+            assert_eq!(report_value(&report, "killed"), 0, "{report}");
+        } else {
+            // Refused children were killed and left unreaped too: past the budget of them,
+            // the spawner was stopped.
+            assert_eq!(report_value(&report, "killed"), 1, "{report}");
+        }
+    }
+    let s = status();
+    if backend != "lsm" {
+        assert!(s["spawners_stopped"].as_u64().unwrap() >= 3, "{s}");
+    }
+    assert_eq!(s["failed_open"], 0, "{s}");
+    // Everything was reaped: nothing is held any more.
+    assert!(wait_for(Duration::from_secs(10), || type_status("zb")
+        ["tasks"]
+        == 0));
+}
+
+fn counts_are_the_pids_controller_s(backend: &str) {
+    let (rel, tree) = test_type(&format!("pids-{backend}"));
+    let type_rel = format!("{rel}/t");
+    let _daemon = Daemon::start(&policy("pc", &type_rel, "max_tasks = 200"), backend).unwrap();
+    let inst_rel = format!("{type_rel}/i");
+    let pids = PidsCgroup::for_instance(&inst_rel);
+    let inst = cgroup2_mount().join(&inst_rel);
+    fs::create_dir_all(&inst).unwrap();
+    let outside = tree.root.join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    // The instance's own count, and what spawnguard holds for it: tasks (zombies included until
+    // reaped) plus refused children not yet reaped.
+    let ours = || {
+        use std::os::unix::fs::MetadataExt;
+        let id = fs::metadata(&inst).unwrap().ino();
+        status()["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"].as_u64() == Some(id))
+            .map_or(0, |i| {
+                i["tasks"].as_u64().unwrap() + i["refused_unreaped"].as_u64().unwrap()
+            })
+    };
+    let same = |what: &str| {
+        let mut seen = (0, 0);
+        let ok = wait_for(Duration::from_secs(10), || {
+            seen = (ours(), pids.current());
+            seen.0 == seen.1
+        });
+        assert!(
+            ok,
+            "{what}: spawnguard holds {} tasks, pids.current says {}",
+            seen.0, seen.1
+        );
+        seen.0
+    };
+
+    // Forks that hold, unreaped zombies, threads, vforks and an io_uring SQPOLL worker.
+    let mut mixed = std::process::Command::new(bomb_bin())
+        .args(["mixed", "20000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = mixed.id();
+    fs::write(inst.join("cgroup.procs"), pid.to_string()).unwrap();
+    pids.join(pid);
+    {
+        use std::io::{BufRead, Write};
+        mixed.stdin.take().unwrap().write_all(b"g").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(mixed.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("ready"), "{line:?}");
+        eprintln!("mixed workload {line}");
+    }
+    // 1 + 10 holding + 10 zombies + 5 threads (+ 1 io_uring worker where the kernel has it).
+    let n = same("a mixed workload");
+    assert!(n >= 26, "only {n} tasks counted");
+
+    // A process moved in, then out again.
+    let mut mover = spawn_outside(&["hold", "20000"]);
+    fs::write(inst.join("cgroup.procs"), mover.id().to_string()).unwrap();
+    pids.join(mover.id());
+    assert_eq!(same("a process moved in"), n + 1);
+    fs::write(outside.join("cgroup.procs"), mover.id().to_string()).unwrap();
+    pids.leave(mover.id(), "outside");
+    assert_eq!(same("a process moved out"), n);
+    let _ = mover.kill();
+    let _ = mover.wait();
+
+    // Everything ends and is reaped.
+    let _ = mixed.kill();
+    let _ = mixed.wait();
+    kill_cgroup(&inst);
+    let mut seen = (0, 0);
+    let gone = wait_for(Duration::from_secs(10), || {
+        seen = (ours(), pids.current());
+        seen == (0, 0)
+    });
+    assert!(
+        gone,
+        "all ended and reaped: (spawnguard, pids.current) = {seen:?}"
+    );
+}
