@@ -33,7 +33,8 @@ pub mod maps {
     pub const PATH_DIRS: &str = "PATH_DIRS";
     pub const CREATED: &str = "CREATED";
     pub const RELEASING: &str = "RELEASING";
-    pub const ALL: [&str; 20] = [
+    pub const CONDEMNED: &str = "CONDEMNED";
+    pub const ALL: [&str; 21] = [
         META,
         BREAKER_LIMITS,
         BREAKER_STATE,
@@ -54,6 +55,7 @@ pub mod maps {
         PATH_DIRS,
         CREATED,
         RELEASING,
+        CONDEMNED,
     ];
 }
 
@@ -179,6 +181,10 @@ pub struct KernelOffsets {
     pub k_sigaction_size: u32,
     pub k_sigaction_handler: u32,
     pub k_sigaction_flags: u32,
+    /// `task_struct.start_boottime` (ns since boot, as /proc/PID/stat shows it): tells a
+    /// condemned process from a later one
+    /// with its pid.
+    pub task_start_boottime: u32,
 }
 
 /// Value of `TYPE_DIRS` (key: cgroup id of a type's directory).
@@ -371,6 +377,20 @@ pub struct ReleasingTask {
     pub kind: u32,
 }
 
+/// Value of `CONDEMNED` (key: tgid): a process refused after it existed (moved into an
+/// instance over budget, or a refused child or thread) that the `sys_exit` hook kills when any
+/// of its threads returns from a system call. The daemon kills those whose threads make none
+/// (through a pidfd, after checking `start_ns` against the process it opened).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Condemned {
+    pub instance: u64,
+    /// `bpf_ktime_get_ns` when it was condemned.
+    pub since_ns: u64,
+    /// The process's `task_struct.start_boottime` (its leader's, ns since boot).
+    pub start_ns: u64,
+}
+
 /// A counted thread (not its process's last task).
 pub const RELEASE_THREAD: u32 = 1;
 /// A counted process's last task.
@@ -556,6 +576,8 @@ mod pod {
     unsafe impl aya::Pod for PathNode {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ReleasingTask {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Condemned {}
 }
 
 #[cfg(test)]
@@ -586,10 +608,11 @@ mod tests {
             size_of::<PathKey>(),
             size_of::<PathNode>(),
             size_of::<ReleasingTask>(),
+            size_of::<Condemned>(),
         ];
         assert_eq!(
             sizes,
-            [84, 8, 20, 136, 16, 24, 8, 72, 16, 200, 104, 96, 16, 184, 192, 16, 72, 16, 16]
+            [88, 8, 20, 136, 16, 24, 8, 72, 16, 200, 104, 96, 16, 184, 192, 16, 72, 16, 16, 24]
         );
     }
 }

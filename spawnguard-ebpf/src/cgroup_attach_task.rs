@@ -13,8 +13,7 @@ use crate::{
     kernel::{self, Cgroup, Task},
     state::{
         abandon_probe, admit_task, budget, counters, doom, fail_open, instance, needs_doom, now,
-        past_max_age, place, reclaim, record, stop_process, type_counters, Report, INSTANCES,
-        PROCESSES,
+        past_max_age, place, record, stop_process, type_counters, Report, INSTANCES, PROCESSES,
     },
 };
 
@@ -69,15 +68,11 @@ pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
             let type_idx = unsafe { (*state).type_idx };
             // Leaving is not ending: a process moved out is no start-up failure for the
             // breaker, so the instance's end is not reported to it.
+            // (An instance left empty keeps its entry until a task enters it again or its
+            // directory goes: reclaiming it here would cost this program's verification more
+            // than the entry costs.)
             if let Some(c) = counters(state, type_idx) {
-                if release_tasks(&c, live, live - 1, 1).closed {
-                    let from = Report {
-                        type_idx,
-                        instance: r.instance,
-                        ..report
-                    };
-                    reclaim(state, &c, &from);
-                }
+                release_tasks(&c, live, live - 1, 1);
             }
         }
         let _ = PROCESSES.remove(&tgid);
@@ -123,17 +118,13 @@ pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
         if let Some(tc) = type_counters(p.type_idx) {
             tc.migrations_in += 1;
         }
-    } else if !adm.contended && needs_doom(false) && !doom(pid) {
+    } else if !adm.contended && needs_doom(false) && !doom(task, pid, tgid, p.instance) {
         fail_open(FAIL_DOOMED_FULL, &report);
         return 0;
     }
     record(&adm, &b, &c, &report);
     if !adm.counted && !adm.contended && !stop_process(task) {
         fail_open(spawnguard_common::FAIL_KILL, &report);
-    }
-    if !adm.counted {
-        // Refused into an instance with no task: its entry goes again.
-        reclaim(state, &c, &report);
     }
     0
 }

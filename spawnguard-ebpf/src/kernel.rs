@@ -27,6 +27,7 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     k_sigaction_size: 0,
     k_sigaction_handler: 0,
     k_sigaction_flags: 0,
+    task_start_boottime: 0,
 };
 
 #[inline(always)]
@@ -190,4 +191,17 @@ pub fn reaps_children_at_exit(task: Task) -> bool {
     let handler = read::<u64>(sighand, action + o.k_sigaction_handler);
     let flags = read::<u64>(sighand, action + o.k_sigaction_flags);
     handler == Ok(SIG_IGN) || flags.is_ok_and(|f| f & SA_NOCLDWAIT != 0)
+}
+
+/// `task->start_boottime`: when the task was made (ns since boot, as /proc shows it); 0 when
+/// unreadable.
+#[inline(always)]
+pub fn task_start_ns(task: Task) -> u64 {
+    read::<u64>(task, offsets().task_start_boottime).unwrap_or(0)
+}
+
+/// Whether every thread of the task's process has exited (`signal->live` is 0).
+#[inline(always)]
+pub fn is_group_dead(task: Task) -> bool {
+    task_live_threads(task).is_ok_and(|n| n == 0)
 }

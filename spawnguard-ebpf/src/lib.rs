@@ -302,15 +302,14 @@ pub fn take_token(tat: &AtomicU64, now: u64, interval_ns: u64, window_ns: u64, g
     let mut current = tat.load();
     let gen = (gen & 0xff) << 56;
     for _ in 0..CAS_ATTEMPTS {
-        let since = if current & !TAT_MASK == gen {
-            current & TAT_MASK
-        } else {
-            0
-        };
+        // Without a branch (each costs the verifier a path): the time if the generation is the
+        // same, else 0. (A time past 2^56 ns, two years of uptime, spills into the generation:
+        // the next fork then finds a full bucket, nothing worse.)
+        let same = u64::from((current ^ gen) >> 56 == 0);
+        let since = (current & TAT_MASK) * same;
         let Some(next) = gcra_take(since, now, interval_ns, window_ns) else {
             return Token::Empty;
         };
-        let next = if next > TAT_MASK { TAT_MASK } else { next };
         match tat.compare_exchange(current, gen | next) {
             Ok(_) => return Token::Taken,
             Err(seen) => current = seen,
@@ -547,9 +546,6 @@ enum Entry {
 fn enter_instance(c: &Counters<'_>, b: &Budget, n: u64, over: &mut Option<Refusal>) -> Entry {
     let mut current = c.instance.load();
     for _ in 0..CAS_ATTEMPTS {
-        if current & RECLAIMING != 0 {
-            return Entry::Contended;
-        }
         let tasks = word_tasks(current);
         if tasks.saturating_add(n) > b.max_tasks {
             if b.enforce {
@@ -588,7 +584,12 @@ fn enter_instance(c: &Counters<'_>, b: &Budget, n: u64, over: &mut Option<Refusa
                 *over = Some(Refusal::MaxInstances);
             }
         }
-        match c.instance.compare_exchange(current, ADMITTED | (tasks + n)) {
+        // Expected without RECLAIMING: a word whose entry is being reclaimed never matches, so
+        // nothing is admitted into an entry that is going (the task ends contended).
+        match c
+            .instance
+            .compare_exchange(current & !RECLAIMING, ADMITTED | (tasks + n))
+        {
             Ok(_) => {
                 return Entry::Entered {
                     opened: true,

@@ -7,12 +7,13 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use spawnguard_common::{ReleasingTask, RELEASE_PROCESS, RELEASE_THREAD};
+use spawnguard_common::{ReleasingTask, CAUSE_EXIT, RELEASE_PROCESS, RELEASE_THREAD};
 
 use crate::{
-    kernel::Task,
+    kernel::{self, Task},
     state::{
-        defer_release, global_counters, process_live, release_counted, DOOMED, INSTANCES, PROCESSES,
+        all_exited, defer_release, global_counters, instance_ended, process_live, release_counted,
+        Report, CONDEMNED, DOOMED, INSTANCES, PROCESSES,
     },
 };
 
@@ -21,6 +22,12 @@ use crate::{
 pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
     let id = bpf_get_current_pid_tgid();
     let (pid, tgid) = (id as u32, (id >> 32) as u32);
+    // SAFETY: the helper returns the current task, valid for this program run.
+    let current = unsafe { bpf_get_current_task() } as Task;
+    // SAFETY: only the presence of the value is used.
+    if unsafe { CONDEMNED.get(&tgid) }.is_some() && kernel::is_group_dead(current) {
+        let _ = CONDEMNED.remove(&tgid);
+    }
     if DOOMED.remove(&pid).is_ok() {
         // A denied task, or one let through uncounted: never counted.
         return 0;
@@ -28,8 +35,6 @@ pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
     let Some(rec) = PROCESSES.get_ptr_mut(&tgid) else {
         return 0;
     };
-    // SAFETY: the helper returns the current task, valid for this program run.
-    let current = unsafe { bpf_get_current_task() } as Task;
     // SAFETY: live map value, plain read.
     let inst = unsafe { (*rec).instance };
     let last = process_live(rec).fetch_sub_exact(1) <= 1;
@@ -45,13 +50,25 @@ pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
                 RELEASE_THREAD
             },
         };
-        if !defer_release(current, state, &pending) {
+        if defer_release(current, state, &pending) {
+            // Its last live task exited: the instance ended (a start-up failure, or the
+            // probe's end, for the breaker), though its zombies hold it until reaped.
+            if all_exited(state) {
+                let r = Report {
+                    cause: CAUSE_EXIT,
+                    type_idx,
+                    instance: inst,
+                    target_pid: pid,
+                };
+                instance_ended(state, &r);
+            }
+        } else {
             // RELEASING is full: given back now, as if reaped at once.
             if let Some(g) = global_counters() {
                 g.releasing_full += 1;
             }
             let (threads, processes) = if last { (0, 1) } else { (1, 0) };
-            release_counted(state, type_idx, inst, pid, threads, processes);
+            release_counted(state, type_idx, inst, pid, threads, processes, true);
         }
     }
     if last {

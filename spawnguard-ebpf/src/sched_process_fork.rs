@@ -16,8 +16,8 @@ use crate::{
     state::{
         abandon_probe, admit_process, admit_thread, admit_thread_anyway, backend, budget, counters,
         doom, fail_open, hold_refused, instance, mark_uncounted, needs_doom, place, process_live,
-        reclaim, record, release_pending, stop_new_task, type_counters, Report, DOOMED, INSTANCES,
-        PENDING, PROCESSES,
+        record, release_pending, stop_new_task, type_counters, Report, CONDEMNED, DOOMED,
+        INSTANCES, PENDING, PROCESSES,
     },
 };
 
@@ -47,6 +47,9 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     // Ids are reused: whatever a previous owner of this pid left in DOOMED must not apply to
     // the new task (it would be killed, or its exit skipped).
     let _ = DOOMED.remove(&child_pid);
+    if child_pid == child_tgid {
+        let _ = CONDEMNED.remove(&child_tgid);
+    }
     if let Some(p) = pending {
         if settle_pending(&p, child, child_pid, child_tgid) {
             return 0;
@@ -148,7 +151,7 @@ fn new_thread(child: Task, pid: u32, tgid: u32) {
     // The thread's process is counted, so its exit will be uncounted unless DOOMED says
     // otherwise: a thread that is neither counted nor doomed would make the counts drift.
     // Fail open instead: count it after all, or mark it uncounted.
-    if adm.contended || (!adm.counted && !doom(pid)) {
+    if adm.contended || (!adm.counted && !doom(child, pid, tgid, inst)) {
         let why = if adm.contended {
             FAIL_CONTENDED
         } else {
@@ -215,7 +218,7 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
         if let Some(tc) = type_counters(placement.type_idx) {
             tc.forks_allowed += 1;
         }
-    } else if !adm.contended && needs_doom(false) && !doom(pid) {
+    } else if !adm.contended && needs_doom(false) && !doom(child, pid, tgid, placement.instance) {
         fail_open(FAIL_DOOMED_FULL, &r);
         return;
     }
@@ -226,10 +229,5 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
         } else {
             fail_open(spawnguard_common::FAIL_KILL, &r);
         }
-    }
-    if !adm.counted {
-        // Refused into an instance with no task (born into it with CLONE_INTO_CGROUP): its
-        // entry goes again.
-        reclaim(state, &c, &r);
     }
 }

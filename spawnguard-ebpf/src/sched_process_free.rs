@@ -43,6 +43,8 @@ pub fn sched_process_free(ctx: BtfTracePointContext) -> i32 {
     } else {
         (1, 0)
     };
-    release_counted(state, r.type_idx, r.instance, pid, threads, processes);
+    release_counted(
+        state, r.type_idx, r.instance, pid, threads, processes, false,
+    );
     0
 }

@@ -13,13 +13,13 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use spawnguard_common::{
-    Event, GlobalCounters, HostLimits, HostState, InstanceState, PathKey, PathNode, PendingTask,
-    ProcessRecord, ReleasingTask, TypeCounters, TypeDir, TypeLevels, TypeLimits, TypeState,
-    CAUSE_MIGRATION, EVENTS_BYTES, EVENT_ADMITTED, EVENT_AUDIT_DENIED, EVENT_BREAKER, EVENT_DENIED,
-    EVENT_FAIL_OPEN, EVENT_WARN, MAX_CREATED, MAX_DOOMED, MAX_INSTANCES, MAX_PATH_NODES,
-    MAX_PENDING, MAX_PROCESSES, MAX_RELEASING, MAX_TYPES, MAX_TYPE_LEVELS, MODE_ENFORCE,
-    REASON_FORK_RATE, REASON_HOST_TASKS, REASON_MAX_AGE, REASON_MAX_INSTANCES, REASON_MAX_TASKS,
-    REASON_MAX_THREADS, REASON_TYPE_TASKS, TASK_COMM_LEN,
+    Condemned, Event, GlobalCounters, HostLimits, HostState, InstanceState, PathKey, PathNode,
+    PendingTask, ProcessRecord, ReleasingTask, TypeCounters, TypeDir, TypeLevels, TypeLimits,
+    TypeState, CAUSE_MIGRATION, EVENTS_BYTES, EVENT_ADMITTED, EVENT_AUDIT_DENIED, EVENT_BREAKER,
+    EVENT_DENIED, EVENT_FAIL_OPEN, EVENT_WARN, MAX_CREATED, MAX_DOOMED, MAX_INSTANCES,
+    MAX_PATH_NODES, MAX_PENDING, MAX_PROCESSES, MAX_RELEASING, MAX_TYPES, MAX_TYPE_LEVELS,
+    MODE_ENFORCE, REASON_FORK_RATE, REASON_HOST_TASKS, REASON_MAX_AGE, REASON_MAX_INSTANCES,
+    REASON_MAX_TASKS, REASON_MAX_THREADS, REASON_TYPE_TASKS, TASK_COMM_LEN,
 };
 use spawnguard_ebpf::{
     admit_through, breaker_abandon_probe, breaker_denial, breaker_gate, breaker_instance_ended,
@@ -83,6 +83,12 @@ pub static PROCESSES: HashMap<u32, ProcessRecord> =
 /// the kill-compat backend kills the refused ones at their next syscall exit.
 #[map]
 pub static DOOMED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DOOMED, 0);
+/// Processes (by tgid) refused after they existed, for `sys_exit` to kill when any of their
+/// threads returns from a system call (kill-compat, and lsm without the kfunc). Keyed by process,
+/// not thread: a process moved into an instance over budget may have its main thread blocked
+/// (in `pthread_join`, `pause`) while others run.
+#[map]
+pub static CONDEMNED: HashMap<u32, Condemned> = HashMap::with_max_entries(MAX_DOOMED, 0);
 /// lsm backend: tasks admitted in `task_alloc`, by `task_struct` address, until the fork
 /// tracepoint records them or `task_free` releases a fork that failed after `task_alloc`.
 #[map]
@@ -244,8 +250,22 @@ pub fn take_one(counter: &AtomicU64) {
     }
 }
 
+/// Whether every task counted in an instance has exited (the rest wait to be reaped): the
+/// instance has ended, for the breaker, although it holds its slot until they are released.
+#[inline(always)]
+pub fn all_exited(state: *mut InstanceState) -> bool {
+    // SAFETY: aligned u64s of a live map value, only updated atomically; two reads that may
+    // race with another exit, which then sees the same (the breaker is told at most twice).
+    unsafe {
+        let word = AtomicU64::from_ptr(&raw mut (*state).tasks).load();
+        let releasing = AtomicU64::from_ptr(&raw mut (*state).releasing).load();
+        word_tasks(word) != 0 && word_tasks(word) <= releasing
+    }
+}
+
 /// Gives back what a counted task held (`threads`/`processes`: what it was, 1/0 or 0/1); the
-/// last task out of an instance ends it for the breaker and gives its entry back.
+/// last task out of an instance gives its entry back, and, with `ends`, ends it for the breaker
+/// (`ends` is false for a release after the exit: the breaker heard at the exit).
 #[inline(always)]
 pub fn release_counted(
     state: *mut InstanceState,
@@ -254,6 +274,7 @@ pub fn release_counted(
     target_pid: u32,
     threads: u64,
     processes: u64,
+    ends: bool,
 ) {
     let Some(c) = counters(state, type_idx) else {
         return;
@@ -271,7 +292,9 @@ pub fn release_counted(
             instance,
             target_pid,
         };
-        instance_ended(state, &r);
+        if ends {
+            instance_ended(state, &r);
+        }
         reclaim(state, &c, &r);
     }
 }
@@ -825,16 +848,32 @@ fn emit(kind: u32, reason: u32, r: &Report, usage: u64, limit: u64) {
     entry.submit(0);
 }
 
-/// DOOMED values: the task was refused and must die (kill-compat kills it at its next syscall
-/// exit), or it was let through uncounted (fail open) and only its exit must be skipped.
+/// DOOMED values: the task was refused (and is being stopped: by the kfunc, or through CONDEMNED),
+/// or it was let through uncounted (fail open); either way its exit must not be uncounted.
 pub const DOOM_KILL: u32 = 1;
 pub const DOOM_UNCOUNTED: u32 = 2;
 
-/// Marks a denied task so its exit is not uncounted (and, for kill-compat, so it is killed at
-/// its next syscall exit). Fails when the map is full.
+/// Marks a denied task so its exit is not uncounted, and, without the kfunc, condemns its
+/// process so it is killed when any of its threads next returns from a system call. Fails when
+/// a map is full.
 #[inline(always)]
-pub fn doom(pid: u32) -> bool {
-    DOOMED.insert(&pid, &DOOM_KILL, BPF_ANY as u64).is_ok()
+pub fn doom(task: Task, pid: u32, tgid: u32, instance: u64) -> bool {
+    if DOOMED.insert(&pid, &DOOM_KILL, BPF_ANY as u64).is_err() {
+        return false;
+    }
+    stop_with_kfunc() || condemn(task, tgid, instance)
+}
+
+/// Condemns the process of `task` (`tgid`; refused into `instance`) for `sys_exit` to kill. False
+/// when the map is full.
+#[inline(always)]
+pub fn condemn(task: Task, tgid: u32, instance: u64) -> bool {
+    let c = Condemned {
+        instance,
+        since_ns: now(),
+        start_ns: kernel::task_start_ns(task),
+    };
+    CONDEMNED.insert(&tgid, &c, BPF_ANY as u64).is_ok()
 }
 
 /// Marks a task that runs uncounted so its exit is not uncounted either.
@@ -902,6 +941,5 @@ pub fn release_pending(p: &PendingTask) {
             target_pid: 0,
         };
         abandon_probe(&r);
-        reclaim(state, &c, &r);
     }
 }

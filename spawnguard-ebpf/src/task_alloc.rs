@@ -18,7 +18,7 @@ use crate::{
     kernel::{self, Task},
     state::{
         abandon_probe, admit_process, admit_thread, admit_thread_anyway, budget, counters,
-        fail_open, instance, place, reclaim, record, Report, INSTANCES, PENDING, PROCESSES,
+        fail_open, instance, place, record, Report, INSTANCES, PENDING, PROCESSES,
     },
 };
 
@@ -154,9 +154,5 @@ fn new_process(child: Task) -> i32 {
         return 0;
     }
     record(&adm, &b, &c, &r);
-    if !adm.counted {
-        // Refused into an instance with no task: its entry goes again.
-        reclaim(state, &c, &r);
-    }
     verdict(&adm)
 }

@@ -242,6 +242,7 @@ impl Btf {
                 + self.member_offset("sigaction", "sa_handler")?,
             k_sigaction_flags: self.member_offset("k_sigaction", "sa")?
                 + self.member_offset("sigaction", "sa_flags")?,
+            task_start_boottime: self.member_offset("task_struct", "start_boottime")?,
         })
     }
 }

@@ -3,6 +3,7 @@
 mod breaker;
 mod btf;
 mod cgroupfs;
+mod condemned;
 mod control;
 mod daemon;
 mod demo;

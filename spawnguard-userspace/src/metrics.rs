@@ -328,6 +328,14 @@ pub fn render(
     )?
     .with_label_values::<&str>(&[])
     .inc_by(s.spawners_stopped);
+    m.counter(
+        "spawnguard_condemned_killed_total",
+        "Processes refused after they existed whose threads made no system call (so the \
+         sys_exit hook could not stop them), killed by the daemon through a pidfd.",
+        &[],
+    )?
+    .with_label_values::<&str>(&[])
+    .inc_by(crate::condemned::killed());
     let fail_open = m.counter(
         "spawnguard_fail_open_total",
         "New tasks let through uncounted because the kernel side could not account for them.",

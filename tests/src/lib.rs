@@ -84,6 +84,24 @@ pub fn with_backend(backend: &str, test: fn(&str)) {
     }
 }
 
+/// Runs each named test once per backend (`lsm`, `kill`, `kill-compat`), in modules of those
+/// names: for real where this kernel has the backend, else as a check that `run` refuses it
+/// cleanly (the vm-test guests run it for real).
+#[macro_export]
+macro_rules! per_backend {
+    ($($name:ident),* $(,)?) => {
+        mod lsm {
+            $(#[test] fn $name() { $crate::with_backend("lsm", super::$name); })*
+        }
+        mod kill {
+            $(#[test] fn $name() { $crate::with_backend("kill", super::$name); })*
+        }
+        mod kill_compat {
+            $(#[test] fn $name() { $crate::with_backend("kill-compat", super::$name); })*
+        }
+    };
+}
+
 /// Where the enforcer is pinned (`v` + the map layout version).
 pub const PIN_DIR: &str = "/sys/fs/bpf/spawnguard/v4";
 

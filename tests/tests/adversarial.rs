@@ -10,6 +10,8 @@
 //!   budget; a spawner that never reaps the children it was refused is stopped; a mixed workload
 //!   (forks, threads, vfork, io_uring workers, zombies, migrations) is counted exactly as
 //!   `pids.current` counts it;
+//! - **a refusal stops what it refuses**: a process moved into a full instance dies as a whole,
+//!   even when its main thread is blocked and its other threads make no system call;
 //! - **a policy change applies at once**: a fork-rate bucket emptied under the old rate does not
 //!   hold back the new one.
 //!
@@ -20,20 +22,6 @@ use std::{fs, process::Stdio, time::Duration};
 
 use spawnguard_tests::*;
 
-macro_rules! per_backend {
-    ($($name:ident),* $(,)?) => {
-        mod lsm {
-            $(#[test] fn $name() { super::with_backend("lsm", super::$name); })*
-        }
-        mod kill {
-            $(#[test] fn $name() { super::with_backend("kill", super::$name); })*
-        }
-        mod kill_compat {
-            $(#[test] fn $name() { super::with_backend("kill-compat", super::$name); })*
-        }
-    };
-}
-
 per_backend!(
     fork_storms_never_overshoot,
     thread_storms_never_overshoot,
@@ -42,6 +30,7 @@ per_backend!(
     a_rate_change_applies_to_the_next_fork,
     unreaped_zombies_hold_their_pids_in_the_budget,
     counts_are_the_pids_controller_s,
+    a_process_moved_in_over_budget_dies_whole,
 );
 
 /// Bombs per backend: `SG_STORM_ROUNDS`, at least 20 (fewer only when asked, e.g. to try one).
@@ -316,23 +305,25 @@ fn a_rate_change_applies_to_the_next_fork(backend: &str) {
     // The burst of 4 goes, then the bucket is empty for the next 10 s.
     let (ran, report) = rate("500", "50");
     assert!(ran <= 4, "burst 4 let {ran} forks through: {report}");
-    // 1000 per second from now on.
+    // A burst of 1000 and 1000 per second from now on.
     let fast = write_policy(
         &format!("rate-fast-{backend}"),
         &policy(
             "rt",
             &rel,
-            "max_tasks = 100\nfork_rate = { burst = 1, per_sec = 1000.0 }",
+            "max_tasks = 100\nfork_rate = { burst = 1000, per_sec = 1000.0 }",
         ),
     );
     let out = cli(&["policy", "apply", fast.to_str().unwrap()]);
     assert!(out.status.success(), "{out:?}");
-    let (ran, report) = rate("1000", "2000");
+    let (ran, report) = rate("1000", "1500");
     let _ = holder.kill();
     let _ = holder.wait();
+    // Under the old bucket not one would pass for 10 s; under the new one (1000 at once, then
+    // 1000/s) none of these 1,500 at most is refused.
     assert!(
-        ran >= 100,
-        "after the rate went to 1000/s only {ran} forks passed in a second: {report}"
+        ran >= 10 && report_value(&report, "killed") == 0 && report_value(&report, "failed") == 0,
+        "after the rate went to 1000/s: {report}"
     );
 }
 
@@ -346,8 +337,9 @@ fn unreaped_zombies_hold_their_pids_in_the_budget(backend: &str) {
     .unwrap();
     for i in 0..3 {
         // A spawner forks children that exit at once and never reaps them, with no back-off,
-        // for 2 s (at most 3,000 forks). Its parent (in the instance too) reaps all at the end.
-        let report = bomb("zb", &format!("z{i}"), &["zombies", "2000", "3000"]);
+        // for up to 10 s (at most 3,000 forks: enough to pass the bound on refused children in
+        // an emulated guest). Its parent (in the instance too) reaps all at the end.
+        let report = bomb("zb", &format!("z{i}"), &["zombies", "10000", "3000"]);
         let ran = report_value(&report, "ran");
         // The parent and the spawner hold two of the budget's tasks: the zombies, the rest.
         assert!(
@@ -465,4 +457,41 @@ fn counts_are_the_pids_controller_s(backend: &str) {
         gone,
         "all ended and reaped: (spawnguard, pids.current) = {seen:?}"
     );
+}
+
+fn a_process_moved_in_over_budget_dies_whole(backend: &str) {
+    let (rel, tree) = test_type(&format!("move-in-{backend}"));
+    let _daemon = Daemon::start(&policy("mv", &rel, "max_tasks = 5"), backend).unwrap();
+    // The instance is full: one process with four threads.
+    let mut holder = exec_bomb("mv", "full", &["threads", "1000", "4", "30000"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let inst = tree.root.join("full");
+    assert!(wait_for(Duration::from_secs(10), || instance_counts(&inst)
+        .0
+        == 5));
+    // A process whose main thread waits in pthread_join while three threads spin in user space,
+    // never making a system call: nothing returns through sys_exit.
+    let mut mover = spawn_outside(&["spin-join", "3", "15000"]);
+    let threads = || {
+        fs::read_dir(format!("/proc/{}/task", mover.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    assert!(wait_for(Duration::from_secs(10), || threads() == 4));
+    fs::write(inst.join("cgroup.procs"), mover.id().to_string()).unwrap();
+    let mut died = None;
+    wait_for(Duration::from_secs(3), || {
+        died = mover.try_wait().unwrap();
+        died.is_some()
+    });
+    let _ = mover.kill();
+    let _ = mover.wait();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let status = died.expect("the refused process still ran 3 s after it moved in");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    assert!(type_status("mv")["denied"]["max_tasks"].as_u64().unwrap() > 0);
 }

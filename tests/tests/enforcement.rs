@@ -5,22 +5,6 @@ use std::{fs, path::Path, process::Command, thread::sleep, time::Duration};
 
 use spawnguard_tests::*;
 
-/// Runs each test once per backend (`lsm`, `kill`, `kill-compat`): for real where this kernel
-/// has the backend, else as a check that `run` refuses it cleanly.
-macro_rules! per_backend {
-    ($($name:ident),* $(,)?) => {
-        mod lsm {
-            $(#[test] fn $name() { super::with_backend("lsm", super::$name); })*
-        }
-        mod kill {
-            $(#[test] fn $name() { super::with_backend("kill", super::$name); })*
-        }
-        mod kill_compat {
-            $(#[test] fn $name() { super::with_backend("kill-compat", super::$name); })*
-        }
-    };
-}
-
 per_backend!(
     fork_bomb_is_held_at_max_tasks,
     thread_bomb_is_held_at_max_threads,

@@ -27,6 +27,9 @@
 //!                                           HOLD_MS, reaps everything and exits
 //! sg-bomb clone-into DIR HOLD_MS            clone3(CLONE_INTO_CGROUP) a child into DIR; it holds
 //! sg-bomb hold    HOLD_MS                   just sleep (a process to migrate)
+//! sg-bomb spin-join THREADS HOLD_MS         THREADS threads spin in user space (no system
+//!                                           call) for HOLD_MS while the main thread waits in
+//!                                           pthread_join
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
@@ -52,6 +55,7 @@ fn main() {
         "mixed" => mixed(arg(2)),
         "clone-into" => clone_into(&std::env::args().nth(2).expect("DIR"), arg(3)),
         "hold" => std::thread::sleep(Duration::from_millis(arg(2))),
+        "spin-join" => spin_join(arg(2), arg(3)),
         _ => {
             eprintln!("usage: sg-bomb fork|threads|rate|clone-into|hold ...");
             std::process::exit(2);
@@ -85,20 +89,7 @@ struct BombCounters {
 
 fn fork_bomb(deadline_ms: u64, cap: u64, hold_ms: u64, back_off: bool) {
     let deadline = Instant::now() + Duration::from_millis(deadline_ms);
-    // SAFETY: a shared anonymous mapping (zero-filled, so all counters start at 0) visible to
-    // every forked process.
-    let c = unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            size_of::<BombCounters>(),
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        );
-        assert_ne!(p, libc::MAP_FAILED);
-        &*(p as *const BombCounters)
-    };
+    let c: &BombCounters = shared();
     // SAFETY: children are reaped by the kernel; no handler runs.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
     let root = std::process::id();
@@ -353,6 +344,23 @@ fn mixed(hold_ms: u64) {
         unsafe { libc::close(fd) };
     }
     reap_all();
+}
+
+fn spin_join(threads: u64, hold_ms: u64) {
+    let end = Instant::now() + Duration::from_millis(hold_ms);
+    let spinners: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                // Instant::now() reads the vDSO clock: no system call on the way.
+                while Instant::now() < end {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    for t in spinners {
+        let _ = t.join();
+    }
 }
 
 fn rate(duration_ms: u64, cap: u64) {
