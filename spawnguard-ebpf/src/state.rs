@@ -191,18 +191,23 @@ pub fn instance(p: Placement) -> Option<*mut InstanceState> {
     if let Some(state) = INSTANCES.get_ptr_mut(&p.instance) {
         return Some(state);
     }
+    create_instance(p.instance, p.type_idx);
+    INSTANCES.get_ptr_mut(&p.instance)
+}
+
+/// Adds an instance's entry (losing the race to another CPU is fine: the caller's lookup finds
+/// its entry). Not inlined: the 72-byte value lives in this small frame, not in the fork
+/// program's, whose stack (with its subprograms') is held to 512 bytes.
+#[inline(never)]
+fn create_instance(id: u64, type_idx: u32) {
     // SAFETY: a u64 map value copied out at once.
-    let created_ns = unsafe { CREATED.get(&p.instance) }
-        .copied()
-        .unwrap_or_else(now);
+    let created_ns = unsafe { CREATED.get(&id) }.copied().unwrap_or_else(now);
     let fresh = InstanceState {
         created_ns,
-        type_idx: p.type_idx,
+        type_idx,
         ..InstanceState::default()
     };
-    // Losing the race to another CPU is fine: the lookup below finds its entry.
-    let _ = INSTANCES.insert(&p.instance, &fresh, BPF_NOEXIST as u64);
-    INSTANCES.get_ptr_mut(&p.instance)
+    let _ = INSTANCES.insert(&id, &fresh, BPF_NOEXIST as u64);
 }
 
 /// Remembers when an instance directory was created. When CREATED is full the instance's age
@@ -234,12 +239,25 @@ const EEXIST: i32 = 17;
 /// caller then releases it at once, as before the task is reaped).
 #[inline(always)]
 pub fn defer_release(task: Task, state: *mut InstanceState, r: &ReleasingTask) -> bool {
-    if RELEASING.insert(&(task as u64), r, BPF_ANY as u64).is_err() {
+    if !park(task as u64, r.instance, r.type_idx, r.kind) {
         return false;
     }
     // SAFETY: an aligned u64 of a live map value, only updated atomically.
     unsafe { AtomicU64::from_ptr(&raw mut (*state).releasing) }.fetch_add(1);
     true
+}
+
+/// Puts an exited task (or a refused child) in RELEASING. Not inlined: its value lives in this
+/// small frame, not in the fork program's, whose stack (with its subprograms') kernels before
+/// 6.x hold to 512 bytes.
+#[inline(never)]
+fn park(task: u64, instance: u64, type_idx: u32, kind: u32) -> bool {
+    let v = ReleasingTask {
+        instance,
+        type_idx,
+        kind,
+    };
+    RELEASING.insert(&task, &v, BPF_ANY as u64).is_ok()
 }
 
 /// Takes one from a counter that must not go below zero (a count that drifted stays at 0).
@@ -316,15 +334,12 @@ pub fn hold_refused(child: Task, state: *mut InstanceState, b: &Budget, r: &Repo
     if kernel::reaps_children_at_exit(spawner) {
         return;
     }
-    let v = ReleasingTask {
-        instance: r.instance,
-        type_idx: r.type_idx,
-        kind: spawnguard_common::RELEASE_REFUSED,
-    };
-    if RELEASING
-        .insert(&(child as u64), &v, BPF_ANY as u64)
-        .is_err()
-    {
+    if !park(
+        child as u64,
+        r.instance,
+        r.type_idx,
+        spawnguard_common::RELEASE_REFUSED,
+    ) {
         return;
     }
     // SAFETY: an aligned u64 of a live map value, only updated atomically.
@@ -865,8 +880,8 @@ pub fn doom(task: Task, pid: u32, tgid: u32, instance: u64) -> bool {
 }
 
 /// Condemns the process of `task` (`tgid`; refused into `instance`) for `sys_exit` to kill. False
-/// when the map is full.
-#[inline(always)]
+/// when the map is full. Not inlined, like `park`.
+#[inline(never)]
 pub fn condemn(task: Task, tgid: u32, instance: u64) -> bool {
     let c = Condemned {
         instance,
