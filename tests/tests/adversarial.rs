@@ -128,6 +128,13 @@ fn thread_storms_never_overshoot(backend: &str) {
     assert_eq!(status()["failed_open"], 0);
 }
 
+/// Removes a cgroup directory and what is below it (an instance a slow machine's `exec` kept
+/// while its last processes were still exiting): every process in it is ours.
+fn remove_cgroup(dir: &std::path::Path) {
+    CgroupTree::new(dir.to_path_buf()).clean();
+    assert!(!dir.exists(), "{} could not be removed", dir.display());
+}
+
 /// The bomb that ran to its cap of 3,000 processes before types followed their path.
 fn assert_held(ty: &str, inst: &str, budget: u64, what: &str) {
     let before = type_status(ty)["denied"]["max_tasks"].as_u64().unwrap();
@@ -151,13 +158,12 @@ fn a_recreated_type_directory_is_the_type_from_its_mkdir(backend: &str) {
     );
 
     // systemd removes an empty slice and creates it again for the next unit.
-    fs::remove_dir(&type_dir).unwrap();
+    remove_cgroup(&type_dir);
     fs::create_dir(&type_dir).unwrap();
     assert_held("rc", "again", 10, "a type directory created again");
 
     // Its parents go too (a cleanup script), and come back with `mkdir -p`.
-    fs::remove_dir(&type_dir).unwrap();
-    fs::remove_dir(type_dir.parent().unwrap()).unwrap();
+    remove_cgroup(type_dir.parent().unwrap());
     fs::create_dir_all(&type_dir).unwrap();
     assert_held(
         "rc",
@@ -167,8 +173,7 @@ fn a_recreated_type_directory_is_the_type_from_its_mkdir(backend: &str) {
     );
 
     // Gone when the agent starts: `spawnguard exec` creates the whole path itself.
-    fs::remove_dir(&type_dir).unwrap();
-    fs::remove_dir(type_dir.parent().unwrap()).unwrap();
+    remove_cgroup(type_dir.parent().unwrap());
     assert_held("rc", "by-exec", 10, "a type directory that exec created");
 
     // And an instance under a recreated directory is in `status` while it runs.

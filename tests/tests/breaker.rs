@@ -33,7 +33,16 @@ fn breaker_status(type_name: &str) -> Value {
 /// at start-up); returns whether it ran.
 fn crashing_worker(type_name: &str, instance: &str, log: &std::path::Path) -> bool {
     Command::new(spawnguard_bin())
-        .args(["exec", "--type", type_name, "--instance", instance, "--"])
+        // --keep: the supervisor below removes the cgroup itself, at once.
+        .args([
+            "exec",
+            "--keep",
+            "--type",
+            type_name,
+            "--instance",
+            instance,
+            "--",
+        ])
         .args([
             "sh",
             "-c",

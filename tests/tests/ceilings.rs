@@ -178,8 +178,10 @@ fn type_and_host_budgets_deny_with_their_own_reason() {
     );
     bomb.wait_with_output().unwrap();
     let log = daemon.log_text();
+    // The usage an event reports is read when it is written: another CPU's fork may have
+    // added to it by then (3/10 on an idle machine, up to the 5 held).
     assert!(
-        log.contains("warning: host_max_tasks reached 3/10"),
+        (3..=5).any(|n| log.contains(&format!("warning: host_max_tasks reached {n}/10"))),
         "{log}"
     );
     assert!(log.contains("host_max_tasks 5/5"), "{log}");
