@@ -471,9 +471,6 @@ pub struct GlobalCounters {
     pub reclaimed: u64,
     /// Exited tasks released at once because RELEASING was full (their PIDs may still be held).
     pub releasing_full: u64,
-    /// Spawners killed for leaving more refused children unreaped than their instance's
-    /// `max_tasks`.
-    pub spawners_stopped: u64,
 }
 
 pub const EVENT_DENIED: u32 = 1;
@@ -489,9 +486,6 @@ pub const EVENT_BREAKER: u32 = 6;
 /// A new instance was admitted (its first task counted; it holds a `max_instances` slot).
 /// `usage`/`limit` are the type's admitted instances and its ceiling.
 pub const EVENT_ADMITTED: u32 = 7;
-/// A spawner was killed: it left `usage` refused children unreaped, more than `limit` (its
-/// instance's `max_tasks` plus a slack for releases still under way), each holding a PID.
-pub const EVENT_SPAWNER_STOPPED: u32 = 8;
 
 pub const CAUSE_FORK: u32 = 1;
 pub const CAUSE_THREAD: u32 = 2;
@@ -612,7 +606,7 @@ mod tests {
         ];
         assert_eq!(
             sizes,
-            [88, 8, 20, 136, 16, 24, 8, 72, 16, 200, 104, 96, 16, 184, 192, 16, 72, 16, 16, 24]
+            [88, 8, 20, 136, 16, 24, 8, 72, 16, 200, 96, 96, 16, 184, 192, 16, 72, 16, 16, 24]
         );
     }
 }

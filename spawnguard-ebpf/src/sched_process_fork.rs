@@ -225,7 +225,7 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
     record(&adm, &b, &c, &r);
     if !adm.counted && !adm.contended {
         if stop_new_task(child) {
-            hold_refused(child, state, &b, &r);
+            hold_refused(child, state, &r);
         } else {
             fail_open(spawnguard_common::FAIL_KILL, &r);
         }

@@ -317,18 +317,13 @@ pub fn release_counted(
     }
 }
 
-/// Refused children a spawner may leave unreaped beyond its instance's `max_tasks` before it is
-/// stopped: room for those its parent did reap but whose release is still an RCU grace period
-/// away (a fork-and-wait loop at its limit has a few dozen so).
-pub const REFUSED_UNREAPED_SLACK: u64 = 256;
-
 /// A child refused after it existed (killed) holds a PID until its parent reaps it, as it does
 /// under the pids controller. Counts it as unreaped in its instance (unless its parent reaps
-/// children as they exit); a spawner that leaves more of them unreaped than the instance's
-/// `max_tasks` plus `REFUSED_UNREAPED_SLACK` (forking at its limit and never reaping) is killed,
-/// so what refused children hold stays bounded.
+/// children as they exit), for `status`. (Stopping a spawner that leaves too many unreaped was
+/// tried: the count lags the reap by an RCU grace period, which under a fork storm grew past any
+/// fixed margin and killed spawners that did reap.)
 #[inline(always)]
-pub fn hold_refused(child: Task, state: *mut InstanceState, b: &Budget, r: &Report) {
+pub fn hold_refused(child: Task, state: *mut InstanceState, r: &Report) {
     // SAFETY: the helper returns the current task (the spawner), valid for this program run.
     let spawner = unsafe { bpf_get_current_task() } as Task;
     if kernel::reaps_children_at_exit(spawner) {
@@ -343,22 +338,7 @@ pub fn hold_refused(child: Task, state: *mut InstanceState, b: &Budget, r: &Repo
         return;
     }
     // SAFETY: an aligned u64 of a live map value, only updated atomically.
-    let held = unsafe { AtomicU64::from_ptr(&raw mut (*state).refused_unreaped) }.fetch_add(1) + 1;
-    if !b.enforce || held <= b.max_tasks.saturating_add(REFUSED_UNREAPED_SLACK) {
-        return;
-    }
-    // SAFETY: the helper signals the current task's process (the spawner) only.
-    unsafe { aya_ebpf::helpers::generated::bpf_send_signal(SIGKILL as u32) };
-    if let Some(g) = global_counters() {
-        g.spawners_stopped += 1;
-    }
-    emit(
-        spawnguard_common::EVENT_SPAWNER_STOPPED,
-        REASON_MAX_TASKS,
-        r,
-        held,
-        b.max_tasks.saturating_add(REFUSED_UNREAPED_SLACK),
-    );
+    unsafe { AtomicU64::from_ptr(&raw mut (*state).refused_unreaped) }.fetch_add(1);
 }
 
 /// Drops the entry of an instance left with no task (its last one left, or its first was

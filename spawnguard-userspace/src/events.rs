@@ -243,15 +243,6 @@ pub fn describe(ev: &Event, names: &mut Names) -> String {
             ev.pid,
             comm(ev)
         ),
-        spawnguard_common::EVENT_SPAWNER_STOPPED => format!(
-            "killed spawner pid {} ({}) in {instance} (type {type_name}): it left {} refused \
-             children unreaped (each holds a PID), more than its instance's max_tasks + 256 \
-             ({})",
-            ev.tgid,
-            comm(ev),
-            ev.usage,
-            ev.limit
-        ),
         k => format!("unknown event kind {k}"),
     }
 }
@@ -324,7 +315,6 @@ fn kind_name(kind: u32) -> &'static str {
         EVENT_MAX_AGE => "max_age",
         EVENT_BREAKER => "breaker",
         EVENT_ADMITTED => "admitted",
-        spawnguard_common::EVENT_SPAWNER_STOPPED => "spawner_stopped",
         _ => "unknown",
     }
 }
@@ -395,7 +385,7 @@ impl EventRecord {
                     r.limit = limit(ev.limit);
                 }
             }
-            EVENT_ADMITTED | spawnguard_common::EVENT_SPAWNER_STOPPED => {
+            EVENT_ADMITTED => {
                 r.usage = Some(ev.usage);
                 r.limit = limit(ev.limit);
             }

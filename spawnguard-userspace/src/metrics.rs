@@ -321,14 +321,6 @@ pub fn render(
     .with_label_values::<&str>(&[])
     .inc_by(s.events_dropped);
     m.counter(
-        "spawnguard_spawners_stopped_total",
-        "Spawners killed for leaving more refused children unreaped than their instance's \
-         max_tasks (each holds a PID until reaped).",
-        &[],
-    )?
-    .with_label_values::<&str>(&[])
-    .inc_by(s.spawners_stopped);
-    m.counter(
         "spawnguard_condemned_killed_total",
         "Processes refused after they existed whose threads made no system call (so the \
          sys_exit hook could not stop them), killed by the daemon through a pidfd.",
@@ -541,7 +533,6 @@ mod tests {
             entries_reclaimed: 0,
             created_full: 0,
             releasing_full: 0,
-            spawners_stopped: 0,
         };
         let info = BuildInfo {
             backend: "kill".into(),

@@ -194,9 +194,6 @@ pub struct Status {
     /// Exited tasks given back at once because the map of unreaped tasks was full.
     #[serde(default)]
     pub releasing_full: u64,
-    /// Spawners killed for leaving more refused children unreaped than `max_tasks`.
-    #[serde(default)]
-    pub spawners_stopped: u64,
 }
 
 pub fn monotonic_ns() -> u64 {
@@ -325,7 +322,7 @@ pub fn snapshot() -> Result<Status> {
     }
     let mut dropped = 0;
     let mut f = FailedOpen::default();
-    let (mut reclaimed, mut created_full, mut releasing_full, mut spawners_stopped) = (0, 0, 0, 0);
+    let (mut reclaimed, mut created_full, mut releasing_full) = (0, 0, 0);
     for g in global.get(&0, 0)?.iter() {
         dropped += g.events_dropped;
         f.instances_full += g.instances_full;
@@ -337,7 +334,6 @@ pub fn snapshot() -> Result<Status> {
         reclaimed += g.reclaimed;
         created_full += g.created_full;
         releasing_full += g.releasing_full;
-        spawners_stopped += g.spawners_stopped;
     }
     let created: HashMap<MapData, u64, u64> = HashMap::try_from(open_installed(maps::CREATED)?)?;
     let maps = vec![
@@ -385,7 +381,6 @@ pub fn snapshot() -> Result<Status> {
         entries_reclaimed: reclaimed,
         created_full,
         releasing_full,
-        spawners_stopped,
     })
 }
 
