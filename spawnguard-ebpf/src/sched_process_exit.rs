@@ -71,8 +71,9 @@ pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
             release_counted(state, type_idx, inst, pid, threads, processes, true);
         }
     }
-    if last {
-        let _ = PROCESSES.remove(&tgid);
-    }
+    // The record stays until the leader is released (`sched_process_free`): a sibling exiting
+    // at the same moment still finds it. (Which exit is the last is exact with the atomic
+    // build, but only estimated where the emulated build misses its lock; removing the record
+    // on an estimate lost the charges of the siblings that came after.)
     0
 }

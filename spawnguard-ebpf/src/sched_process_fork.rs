@@ -49,6 +49,9 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     let _ = DOOMED.remove(&child_pid);
     if child_pid == child_tgid {
         let _ = CONDEMNED.remove(&child_tgid);
+        // A new process: a record its pid's previous owner left (released, not yet freed)
+        // must not make its exit release what it never held.
+        let _ = PROCESSES.remove(&child_tgid);
     }
     if let Some(p) = pending {
         if settle_pending(&p, child, child_pid, child_tgid) {

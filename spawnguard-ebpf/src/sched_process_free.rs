@@ -9,13 +9,25 @@ use spawnguard_ebpf::AtomicU64;
 
 use crate::{
     kernel::{self, Task},
-    state::{global_counters, release_counted, take_one, INSTANCES, RELEASING},
+    state::{
+        global_counters, process_live, release_counted, take_one, INSTANCES, PROCESSES, RELEASING,
+    },
 };
 
 #[btf_tracepoint(function = "sched_process_free")]
 pub fn sched_process_free(ctx: BtfTracePointContext) -> i32 {
     let task: Task = ctx.arg(0);
     let key = task as u64;
+    let (pid, tgid) = kernel::task_ids(task).unwrap_or((0, 1));
+    if pid == tgid {
+        // The leader is released after every other thread of its process: the process's
+        // record goes now, unless its pid already names a new process with live tasks.
+        if let Some(rec) = PROCESSES.get_ptr_mut(&tgid) {
+            if process_live(rec).load() == 0 {
+                let _ = PROCESSES.remove(&tgid);
+            }
+        }
+    }
     // SAFETY: plain data copied out at once.
     let Some(r) = (unsafe { RELEASING.get(&key) }).copied() else {
         return 0;
@@ -37,7 +49,6 @@ pub fn sched_process_free(ctx: BtfTracePointContext) -> i32 {
     }
     // SAFETY: as above.
     take_one(unsafe { AtomicU64::from_ptr(&raw mut (*state).releasing) });
-    let pid = kernel::task_ids(task).map_or(0, |(pid, _)| pid);
     let (threads, processes) = if r.kind == RELEASE_PROCESS {
         (0, 1)
     } else {
