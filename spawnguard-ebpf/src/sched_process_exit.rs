@@ -1,6 +1,7 @@
 //! Every exiting task: its charge is kept until it is released (see `sched_process_free`), as
-//! the pids controller keeps it: an unreaped zombie holds a PID. A process stops being a process
-//! of its instance when its last live task exits, whichever thread that is.
+//! the pids controller keeps it: an unreaped zombie holds a PID. The exit of a process's last
+//! live task (whichever thread that is) is the process's own; its record goes when its leader is
+//! released.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task},
