@@ -104,8 +104,7 @@ fn settle_pending(p: &PendingTask, child: Task, pid: u32, tgid: u32) -> bool {
         }
     } else {
         if !counted {
-            // Not counted: no record of an earlier process with this tgid may apply to it.
-            let _ = PROCESSES.remove(&tgid);
+            // Not counted (an earlier record of its tgid went at the top).
             return true;
         }
         match kernel::task_cgroup(child).and_then(place) {
@@ -183,11 +182,8 @@ fn new_thread(child: Task, pid: u32, tgid: u32) {
 fn new_process(child: Task, pid: u32, tgid: u32) {
     let placement = match kernel::task_cgroup(child).and_then(place) {
         Ok(Some(p)) => p,
-        Ok(None) => {
-            // Not counted: no record of an earlier process with this tgid may apply to it.
-            let _ = PROCESSES.remove(&tgid);
-            return;
-        }
+        // Outside every instance: not counted (an earlier record of its tgid went at the top).
+        Ok(None) => return,
         Err(_) => {
             fail_open(FAIL_READ_ERROR, &report(CAUSE_FORK, 0, 0, pid));
             return;

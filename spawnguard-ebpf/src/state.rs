@@ -341,8 +341,8 @@ pub fn hold_refused(child: Task, state: *mut InstanceState, r: &Report) {
     unsafe { AtomicU64::from_ptr(&raw mut (*state).refused_unreaped) }.fetch_add(1);
 }
 
-/// Drops the entry of an instance left with no task (its last one left, or its first was
-/// refused), so that directories of ended agents never fill INSTANCES. Its creation time stays
+/// Drops the entry of an instance whose last task was released, so that directories of ended
+/// agents never fill INSTANCES. Its creation time stays
 /// in CREATED until its rmdir; its fork-rate bucket goes with it (an empty instance cannot fork).
 #[inline(always)]
 pub fn reclaim(state: *mut InstanceState, c: &Counters<'_>, r: &Report) {
