@@ -4,6 +4,9 @@
 
 /// Most agent types a policy may define (size of the per-type arrays).
 pub const MAX_TYPES: u32 = 64;
+/// The policy maps (type and breaker limits, host limits, type levels) hold two policies: the
+/// one in force (`POLICY_SIDE`) and the next one, written whole before the switch.
+pub const POLICY_SIDES: u32 = 2;
 /// Most distinct cgroup levels that type directories may sit at. Each fork looks at each level
 /// once, so this bounds the per-fork cost.
 pub const MAX_TYPE_LEVELS: usize = 4;
@@ -34,7 +37,8 @@ pub mod maps {
     pub const CREATED: &str = "CREATED";
     pub const RELEASING: &str = "RELEASING";
     pub const CONDEMNED: &str = "CONDEMNED";
-    pub const ALL: [&str; 21] = [
+    pub const POLICY_SIDE: &str = "POLICY_SIDE";
+    pub const ALL: [&str; 22] = [
         META,
         BREAKER_LIMITS,
         BREAKER_STATE,
@@ -56,6 +60,7 @@ pub mod maps {
         CREATED,
         RELEASING,
         CONDEMNED,
+        POLICY_SIDE,
     ];
 }
 
@@ -471,7 +476,19 @@ pub struct GlobalCounters {
     pub reclaimed: u64,
     /// Exited tasks released at once because RELEASING was full (their PIDs may still be held).
     pub releasing_full: u64,
+    /// Empty instance entries the daemon's sweep gave back (`SETTLE_DONE`): a close whose lock
+    /// was missed (emulated atomics), a first task refused, processes moved out.
+    pub settled: u64,
 }
+
+/// What the `settle` program did with an instance entry (its return value).
+pub const SETTLE_DONE: u32 = 0;
+/// The instance holds tasks, or tasks wait to be released: nothing to settle.
+pub const SETTLE_LIVE: u32 = 1;
+/// No such entry.
+pub const SETTLE_GONE: u32 = 2;
+/// Another CPU held the word (or its emulated lock): try again later.
+pub const SETTLE_BUSY: u32 = 3;
 
 pub const EVENT_DENIED: u32 = 1;
 pub const EVENT_AUDIT_DENIED: u32 = 2;
@@ -606,7 +623,7 @@ mod tests {
         ];
         assert_eq!(
             sizes,
-            [88, 8, 20, 136, 16, 24, 8, 72, 16, 200, 96, 96, 16, 184, 192, 16, 72, 16, 16, 24]
+            [88, 8, 20, 136, 16, 24, 8, 72, 16, 200, 104, 96, 16, 184, 192, 16, 72, 16, 16, 24]
         );
     }
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 
 use spawnguard_common::{PathKey, TypeDir, CAUSE_MIGRATION, NO_TYPE, PATH_NAME_LEN};
-use spawnguard_ebpf::{release_tasks, word_tasks};
+use spawnguard_ebpf::{release_tasks, word_tasks, ADMITTED};
 
 use crate::{
     kernel::{self, Cgroup},
@@ -99,7 +99,8 @@ fn follow_type_paths(cgrp: Cgroup, id: u64) {
 /// rmdir only succeeds on a cgroup with no live task, but its tasks that exited may not be
 /// released yet (zombies not reaped): they keep the entry, and the last one's release gives it
 /// back. With none pending, the counts are zero; if they are not (drift), they are settled here,
-/// so the type and host totals and the instance's slot are not held forever.
+/// so the type and host totals and the instance's slot are not held forever. (An entry left
+/// behind anyway is settled by the daemon's sweep, `settle.rs`.)
 #[btf_tracepoint(function = "cgroup_rmdir")]
 pub fn cgroup_rmdir(ctx: BtfTracePointContext) -> i32 {
     let cgrp: Cgroup = ctx.arg(0);
@@ -138,7 +139,13 @@ pub fn cgroup_rmdir(ctx: BtfTracePointContext) -> i32 {
             }
         }
         if word != 0 {
-            release_tasks(&c, tasks, threads, processes);
+            let left = release_tasks(&c, tasks, threads, processes);
+            if word & ADMITTED != 0 && !left.closed {
+                // Its close missed the emulated lock: removing the entry now would keep its
+                // `max_instances` slot forever. The daemon's sweep settles it (no task can
+                // enter a removed directory).
+                return 0;
+            }
         }
     }
     let _ = INSTANCES.remove(&id);

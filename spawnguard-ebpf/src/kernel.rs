@@ -78,7 +78,7 @@ pub fn task_live_threads(task: Task) -> Result<u32, i32> {
 /// zeros when unreadable.
 ///
 /// # Safety
-/// `dst` must be valid for writing `TASK_COMM_LEN` bytes.
+/// `dst` must be valid for writing `TASK_COMM_LEN` bytes, and 8-aligned.
 #[inline(always)]
 pub unsafe fn parent_comm_into(task: Task, dst: *mut u8) {
     let o = offsets();
@@ -96,8 +96,24 @@ pub unsafe fn parent_comm_into(task: Task, dst: *mut u8) {
         Err(_) => false,
     };
     if !copied {
-        // SAFETY: as above, `dst` is valid for `len` bytes.
-        unsafe { core::ptr::write_bytes(dst, 0, len as usize) };
+        // SAFETY: as above, `dst` is valid for `len` bytes (and 8-aligned, per the contract).
+        unsafe { zero_comm(dst) };
+    }
+}
+
+/// Zeroes a task name (`TASK_COMM_LEN` bytes at an 8-aligned `dst`) with two volatile stores:
+/// `write_bytes` is a call to `memset`, a subprogram whose frame kernels before 6.x add to the
+/// fork program's 512 bytes of stack.
+///
+/// # Safety
+/// `dst` must be valid for `TASK_COMM_LEN` bytes and 8-aligned.
+pub unsafe fn zero_comm(dst: *mut u8) {
+    const _: () = assert!(spawnguard_common::TASK_COMM_LEN == 16);
+    let words = dst.cast::<u64>();
+    // SAFETY: per this function's contract.
+    unsafe {
+        core::ptr::write_volatile(words, 0);
+        core::ptr::write_volatile(words.add(1), 0);
     }
 }
 

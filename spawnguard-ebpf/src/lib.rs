@@ -256,6 +256,47 @@ pub fn reserve(counter: &AtomicU64, n: u64, limit: u64, keep_over: bool) -> bool
     within
 }
 
+/// Adds `n` to a total that every instance of a type (or the host) shares, if it stays within
+/// `limit` (always with `keep`, audit mode). Returns the total before, and whether `n` was
+/// added. Checked first, then compared-and-swapped: a task refused here never holds, even for
+/// an instant, a unit another instance's task could have had (`reserve` would). A task that
+/// keeps losing the compare-and-swap reserves after all; so does the `emulated-atomics` build,
+/// where a compare-and-swap takes the one lock: both are conservative, never an overshoot.
+#[inline(always)]
+pub fn take_total(total: &AtomicU64, n: u64, limit: u64, keep: bool) -> (u64, bool) {
+    #[cfg(not(all(target_arch = "bpf", feature = "emulated-atomics")))]
+    if !keep && limit < 1 << 62 {
+        let mut current = total.load();
+        for _ in 0..CAS_ATTEMPTS {
+            // 1 when `n` fits, computed without a branch (each costs the verifier a path per
+            // try: the totals fit far below 2^62, so the difference's sign bit says it). A
+            // task that does not fit swaps the total with itself, which settles what it read.
+            let fits = 1 - (limit.wrapping_sub(current.wrapping_add(n)) >> 63);
+            match total.compare_exchange(current, current.wrapping_add(n * fits)) {
+                Ok(_) => return (current, fits != 0),
+                Err(seen) => current = seen,
+            }
+        }
+    }
+    let previous = total.fetch_add(n);
+    let within = previous.saturating_add(n) <= limit;
+    if !within && !keep {
+        total.fetch_sub(n);
+    }
+    (previous, within || keep)
+}
+
+/// A total's `(previous, taken)` passed through `hide`, as one word: the verifier then walks
+/// what follows once, not once per try of the compare-and-swap that decided it. `None` from
+/// `hide` (it does not happen) counts as a refusal that took nothing.
+#[inline(always)]
+fn through(taken: (u64, bool), hide: &impl Fn(u64) -> Option<u64>) -> (u64, bool) {
+    match hide(taken.0 << 1 | u64::from(taken.1)) {
+        Some(word) => (word >> 1, word & 1 != 0),
+        None => (u64::MAX >> 1, false),
+    }
+}
+
 /// Gives back what `reserve` took.
 #[inline(always)]
 pub fn release(counter: &AtomicU64, n: u64) {
@@ -318,6 +359,23 @@ pub fn take_token(tat: &AtomicU64, now: u64, interval_ns: u64, window_ns: u64, g
     Token::Contended
 }
 
+/// Gives back a token `take_token` took for a task refused afterwards (one interval off the
+/// bucket's time). Lost if other CPUs keep changing the bucket: the instance then forks one
+/// token later, never more than its rate.
+#[inline(always)]
+pub fn refund_token(tat: &AtomicU64, interval_ns: u64) {
+    let mut current = tat.load();
+    for _ in 0..CAS_ATTEMPTS {
+        // The time bits hold at least one interval (a token was taken since), so the
+        // generation above them is kept. No `min` here: a branch in the loop costs the
+        // verifier a path per try.
+        match tat.compare_exchange(current, current.wrapping_sub(interval_ns)) {
+            Ok(_) => return,
+            Err(seen) => current = seen,
+        }
+    }
+}
+
 /// Which budget refused a new task, in the order they are checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -345,7 +403,10 @@ pub const ADMITTED: u64 = 1 << 63;
 /// reclaimed: nothing may enter it any more (a task that finds it so is let through, counted as
 /// contended, and the next one finds a fresh entry).
 pub const RECLAIMING: u64 = 1 << 62;
-pub const TASKS_MASK: u64 = RECLAIMING - 1;
+/// Bit of an instance's task word that says a task is admitting the instance (reserving one of
+/// its type's slots for it): only that task may, see `enter_instance`.
+pub const OPENING: u64 = 1 << 61;
+pub const TASKS_MASK: u64 = OPENING - 1;
 
 /// Live tasks in an instance's task word.
 pub const fn word_tasks(word: u64) -> u64 {
@@ -542,6 +603,12 @@ enum Entry {
 
 /// Adds `n` tasks to an instance, admitting it (taking one of the type's instance slots) when
 /// it has none. Over-budget in audit mode is reported through `over`.
+///
+/// Only one task may admit an instance: the one that marks it `OPENING`. It alone reserves a
+/// slot, so two tasks entering a new instance at once never take two slots between them, nor
+/// does the second find the last slot taken by its own instance and get refused. A task that
+/// finds the mark (or the entry being reclaimed) is let through, counted as contended: a BPF
+/// program cannot wait for another's verdict.
 #[inline(always)]
 fn enter_instance(c: &Counters<'_>, b: &Budget, n: u64, over: &mut Option<Refusal>) -> Entry {
     let mut current = c.instance.load();
@@ -553,56 +620,55 @@ fn enter_instance(c: &Counters<'_>, b: &Budget, n: u64, over: &mut Option<Refusa
             }
             *over = Some(Refusal::MaxTasks);
         }
-        if current & ADMITTED != 0 {
-            match c.instance.compare_exchange(current, current + n) {
-                Ok(_) => {
-                    return Entry::Entered {
-                        opened: false,
-                        previous: tasks,
-                    };
-                }
-                Err(seen) => {
-                    current = seen;
-                    continue;
-                }
-            }
+        if current & (OPENING | RECLAIMING) != 0 {
+            return Entry::Contended;
         }
-        // Not admitted: take a slot first, then claim the instance. Two instances racing for
-        // the last slot both add to `type_instances`; only one sees a previous value below
-        // the limit.
-        if !reserve(c.type_instances, 1, b.max_instances, !b.enforce) {
-            if b.enforce {
-                // The last slot may have gone to a task admitting this very instance since
-                // `current` was read: then this task joins it, it needs no slot.
-                let seen = c.instance.load();
-                if seen & ADMITTED != 0 {
-                    return join_admitted(c, b, n, seen);
-                }
-                return Entry::Refused(Refusal::MaxInstances);
-            }
-            if over.is_none() {
-                *over = Some(Refusal::MaxInstances);
-            }
-        }
-        // Expected without RECLAIMING: a word whose entry is being reclaimed never matches, so
-        // nothing is admitted into an entry that is going (the task ends contended).
-        match c
-            .instance
-            .compare_exchange(current & !RECLAIMING, ADMITTED | (tasks + n))
-        {
-            Ok(_) => {
+        let admitted = current & ADMITTED != 0;
+        // Admitted: join it. Not admitted: mark it.
+        let next = if admitted {
+            current + n
+        } else {
+            current | OPENING
+        };
+        match c.instance.compare_exchange(current, next) {
+            Ok(_) if admitted => {
                 return Entry::Entered {
-                    opened: true,
+                    opened: false,
                     previous: tasks,
                 };
             }
-            Err(seen) => {
-                release(c.type_instances, 1);
-                current = seen;
-            }
+            Ok(_) => return open_instance(c, b, n, over, tasks),
+            Err(seen) => current = seen,
         }
     }
     enter_admitted_by_add(c, b, n, over)
+}
+
+/// This task marked the instance `OPENING`: it takes one of the type's slots for it, or is
+/// refused. No other task changes a marked word's flags (they let themselves through, and
+/// exits only take tasks away), so it finishes with an add, which no contention can fail.
+#[inline(always)]
+fn open_instance(
+    c: &Counters<'_>,
+    b: &Budget,
+    n: u64,
+    over: &mut Option<Refusal>,
+    previous: u64,
+) -> Entry {
+    if !reserve(c.type_instances, 1, b.max_instances, !b.enforce) {
+        if b.enforce {
+            c.instance.fetch_sub(OPENING);
+            return Entry::Refused(Refusal::MaxInstances);
+        }
+        if over.is_none() {
+            *over = Some(Refusal::MaxInstances);
+        }
+    }
+    c.instance.fetch_add((ADMITTED - OPENING) + n);
+    Entry::Entered {
+        opened: true,
+        previous,
+    }
 }
 
 /// After the compare-and-swap lost every try: joins an admitted instance with a plain add
@@ -641,24 +707,6 @@ fn enter_admitted_by_add(
     Entry::Entered {
         opened: false,
         previous: tasks,
-    }
-}
-
-/// Enforce mode: adds `n` tasks to an instance found admitted by a racing task (`seen`). Once,
-/// not in the retry loop: a second race here is contention (fail open), and the verifier
-/// walks a loop once more per path back into it.
-#[inline(always)]
-fn join_admitted(c: &Counters<'_>, b: &Budget, n: u64, seen: u64) -> Entry {
-    let tasks = word_tasks(seen);
-    if tasks.saturating_add(n) > b.max_tasks {
-        return Entry::Refused(Refusal::MaxTasks);
-    }
-    match c.instance.compare_exchange(seen, seen + n) {
-        Ok(_) => Entry::Entered {
-            opened: false,
-            previous: tasks,
-        },
-        Err(_) => Entry::Contended,
     }
 }
 
@@ -760,28 +808,11 @@ pub fn admit_through(
         }
         taken_threads |= keep;
     }
-    // The type's and the host's totals are written out one after the other, not as a loop
-    // over both: the loop form costs the verifier enough states on cgroup_attach_task to pass
-    // its one-million-instruction limit (tried).
-    if refusal.is_none() || keep {
-        let previous = c.type_tasks.fetch_add(r.tasks);
-        taken_type = true;
-        if previous.saturating_add(r.tasks) > b.max_type_tasks {
-            refusal = refusal.or(Some(Refusal::TypeTasks));
-        } else if crossed(previous, r.tasks, b.warn_type_tasks) {
-            warnings |= WARN_TYPE_TASKS;
-        }
-    }
-    if refusal.is_none() || keep {
-        let previous = c.host_tasks.fetch_add(r.tasks);
-        taken_host = true;
-        if previous.saturating_add(r.tasks) > b.max_host_tasks {
-            refusal = refusal.or(Some(Refusal::HostTasks));
-        } else if crossed(previous, r.tasks, b.warn_host_tasks) {
-            warnings |= WARN_HOST_TASKS;
-        }
-    }
+    // The fork-rate token before the shared totals: a fork refused by its own instance's rate
+    // never holds a unit of the type's or the host's, where it could refuse other instances.
+    // A token taken for a task refused further on is given back.
     let mut rate_contended = false;
+    let mut taken_token = false;
     if (refusal.is_none() || keep) && r.rate && b.rate_interval_ns != 0 {
         match take_token(
             c.rate_tat,
@@ -790,12 +821,42 @@ pub fn admit_through(
             b.rate_window_ns,
             b.rate_gen,
         ) {
-            Token::Taken => {}
+            Token::Taken => taken_token = true,
             Token::Contended => rate_contended = true,
             Token::Empty => refusal = refusal.or(Some(Refusal::ForkRate)),
         }
     }
+    // The type's and the host's totals are written out one after the other, not as a loop
+    // over both: the loop form costs the verifier enough states on cgroup_attach_task to pass
+    // its one-million-instruction limit (tried).
+    if refusal.is_none() || keep {
+        let (previous, taken) = through(
+            take_total(c.type_tasks, r.tasks, b.max_type_tasks, keep),
+            &hide,
+        );
+        taken_type = taken;
+        if previous.saturating_add(r.tasks) > b.max_type_tasks {
+            refusal = refusal.or(Some(Refusal::TypeTasks));
+        } else if crossed(previous, r.tasks, b.warn_type_tasks) {
+            warnings |= WARN_TYPE_TASKS;
+        }
+    }
+    if refusal.is_none() || keep {
+        let (previous, taken) = through(
+            take_total(c.host_tasks, r.tasks, b.max_host_tasks, keep),
+            &hide,
+        );
+        taken_host = taken;
+        if previous.saturating_add(r.tasks) > b.max_host_tasks {
+            refusal = refusal.or(Some(Refusal::HostTasks));
+        } else if crossed(previous, r.tasks, b.warn_host_tasks) {
+            warnings |= WARN_HOST_TASKS;
+        }
+    }
     if let Some(why) = refusal.filter(|_| b.enforce) {
+        if taken_token {
+            refund_token(c.rate_tat, b.rate_interval_ns);
+        }
         if taken_host {
             release(c.host_tasks, r.tasks);
         }
@@ -1108,6 +1169,11 @@ pub fn breaker_denial(
         return trip(word, w, breaker_step(w), now_ms, p, Cause::DenyStorm);
     }
     None
+}
+
+/// Index of a type's slot on one side of the double-buffered policy maps (`POLICY_SIDES`).
+pub const fn policy_index(side: u32, type_idx: u32) -> u32 {
+    (side & 1) * spawnguard_common::MAX_TYPES + type_idx
 }
 
 /// Nanoseconds per token for a rate of `per_sec_milli` thousandths of a token per second.
@@ -1555,31 +1621,260 @@ mod tests {
         }
     }
 
-    #[test]
-    fn racing_tasks_into_one_new_instance_take_one_slot() {
-        for _ in 0..200 {
-            let f = Arc::new(Fixture::new());
-            let handles: Vec<_> = (0..4)
-                .map(|_| {
-                    let f = Arc::clone(&f);
+    /// What a racing task got: counted, let through uncounted (contended), or refused (why).
+    fn outcome(adm: Admission) -> Result<bool, Refusal> {
+        match adm.refusal {
+            Some(why) if !adm.counted => Err(why),
+            _ => Ok(adm.counted),
+        }
+    }
+
+    /// Runs `tasks` on threads released together (a barrier), `rounds` times; each gets the
+    /// round's shared state. Returns every round's outcomes.
+    fn race<S: Send + Sync + 'static, T: Send + 'static>(
+        rounds: usize,
+        state: impl Fn() -> S,
+        tasks: &[fn(&S) -> T],
+        mut check: impl FnMut(&S, Vec<T>),
+    ) {
+        for _ in 0..rounds {
+            let shared = Arc::new((state(), std::sync::Barrier::new(tasks.len())));
+            let handles: Vec<_> = tasks
+                .iter()
+                .map(|&task| {
+                    let shared = Arc::clone(&shared);
                     thread::spawn(move || {
-                        let b = Budget {
-                            max_instances: 1,
-                            ..budget(10, 10, true)
-                        };
-                        admit(&f.counters(), &b, &FORK).counted
+                        shared.1.wait();
+                        task(&shared.0)
                     })
                 })
                 .collect();
-            let admitted = handles
-                .into_iter()
-                .map(|h| h.join().unwrap())
-                .filter(|&w| w)
-                .count();
-            assert_eq!(admitted, 4);
-            assert_eq!(f.get(4), 1, "one instance, one slot");
-            assert_eq!(f.0[0].load(), ADMITTED | 4);
+            let results = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            check(&shared.0, results);
         }
+    }
+
+    /// Two instances of one type: their own counters, the type's slots and tasks, the host's.
+    struct TwoInstances(Fixture, Fixture, AtomicU64, AtomicU64, AtomicU64);
+
+    impl TwoInstances {
+        fn new(type_tasks: u64, host_tasks: u64) -> Self {
+            Self(
+                Fixture::new(),
+                Fixture::new(),
+                AtomicU64::new(0),
+                AtomicU64::new(type_tasks),
+                AtomicU64::new(host_tasks),
+            )
+        }
+        fn a(&self) -> Counters<'_> {
+            self.0.shared(&self.2, &self.3, &self.4)
+        }
+        fn b(&self) -> Counters<'_> {
+            self.1.shared(&self.2, &self.3, &self.4)
+        }
+        /// The type's tasks and the host's.
+        fn totals(&self) -> (u64, u64) {
+            (self.3.load(), self.4.load())
+        }
+    }
+
+    /// A process entering an instance and leaving it, 200 times; the first refusal, if any.
+    fn enter_and_leave(c: &Counters<'_>, b: &Budget, r: &Request) -> Result<bool, Refusal> {
+        for _ in 0..200 {
+            outcome(admit(c, b, r))?;
+            release_tasks(c, 1, 0, 1);
+        }
+        Ok(true)
+    }
+
+    /// Enough rounds to see the races of the old reservations (about 1 round in 100 lost).
+    const RACE_ROUNDS: usize = 10_000;
+
+    #[test]
+    fn racing_tasks_into_one_new_instance_take_one_slot_and_none_is_refused() {
+        // One slot left for the type: the instance's first tasks race for it. Each is counted,
+        // or let through (it found another admitting the instance); none is refused, and the
+        // instance takes one slot.
+        fn enter(s: &(Fixture, AtomicU64, AtomicU64, AtomicU64)) -> Result<bool, Refusal> {
+            let b = Budget {
+                max_instances: 3,
+                ..budget(10, 10, true)
+            };
+            outcome(admit(&s.0.shared(&s.1, &s.2, &s.3), &b, &FORK))
+        }
+        let state = || {
+            let slots = AtomicU64::new(2);
+            (Fixture::new(), slots, AtomicU64::new(0), AtomicU64::new(0))
+        };
+        let mut counted_all = 0;
+        race(RACE_ROUNDS, state, &[enter, enter, enter], |s, results| {
+            assert!(
+                results.iter().all(|r| r.is_ok()),
+                "a task refused by its own instance's admission: {results:?}"
+            );
+            let counted = results.iter().filter(|r| **r == Ok(true)).count() as u64;
+            assert!(counted >= 1, "the instance's admitter is counted");
+            assert_eq!(s.1.load(), 3, "one instance, one slot");
+            assert_eq!(s.0 .0[0].load(), ADMITTED | counted);
+            assert_eq!((s.2.load(), s.3.load()), (counted, counted));
+            counted_all += u64::from(counted == 3);
+        });
+        // Most rounds do not race at all (threads start apart): every task is counted.
+        assert!(counted_all > 0);
+    }
+
+    #[test]
+    fn a_new_instance_never_refuses_another_for_a_slot_it_does_not_take() {
+        // Two slots free: instance X's two first tasks race with instance Y's. X takes one
+        // slot, Y the other; no CAS loser of X holds a second one while Y looks.
+        fn b() -> Budget {
+            Budget {
+                max_instances: 2,
+                ..budget(10, 10, true)
+            }
+        }
+        fn x(s: &TwoInstances) -> Result<bool, Refusal> {
+            outcome(admit(&s.a(), &b(), &FORK))
+        }
+        fn y(s: &TwoInstances) -> Result<bool, Refusal> {
+            outcome(admit(&s.b(), &b(), &FORK))
+        }
+        let state = || TwoInstances::new(0, 0);
+        race(RACE_ROUNDS, state, &[x, x, y], |s, results| {
+            assert!(
+                results.iter().all(|r| r.is_ok()),
+                "refused with a slot free for it: {results:?}"
+            );
+            assert_eq!(results[2], Ok(true), "Y's only task admits it");
+            assert_eq!(s.2.load(), 2);
+        });
+    }
+
+    #[test]
+    fn a_rate_limited_instance_never_refuses_others_at_the_type_limit() {
+        // The type holds 2 tasks; A holds 1 and its bucket is empty. A forks hard (every fork
+        // refused by its rate) while B enters and leaves its one task: B is never refused,
+        // although the type is one task from its limit all along.
+        fn b() -> Budget {
+            Budget {
+                max_type_tasks: 2,
+                max_host_tasks: 2,
+                rate_interval_ns: 1_000_000_000_000,
+                rate_window_ns: 1_000_000_000_000,
+                ..budget(10, 10, true)
+            }
+        }
+        fn a(s: &TwoInstances) -> Result<bool, Refusal> {
+            for _ in 0..200 {
+                assert_eq!(outcome(admit(&s.a(), &b(), &FORK)), Err(Refusal::ForkRate));
+            }
+            Ok(true)
+        }
+        fn other(s: &TwoInstances) -> Result<bool, Refusal> {
+            let migration = Request {
+                rate: false,
+                ..FORK
+            };
+            enter_and_leave(&s.b(), &b(), &migration)
+        }
+        let state = || {
+            let s = TwoInstances::new(0, 0);
+            // A's one task, and its one token, taken.
+            assert!(admit(&s.a(), &b(), &FORK).counted);
+            s
+        };
+        race(RACE_ROUNDS / 10, state, &[a, other], |s, results| {
+            assert_eq!(results, vec![Ok(true), Ok(true)], "B was refused");
+            assert_eq!(s.totals(), (1, 1), "only A's task is left");
+        });
+    }
+
+    #[test]
+    fn a_refused_migration_never_refuses_a_fork_that_fits_the_type() {
+        // The type has 5 of its 10 tasks free. A process of 8 tasks keeps trying to move into
+        // instance A (refused: it does not fit) while a task of instance B enters and leaves:
+        // B always fits, and is never refused for units the refused move held.
+        fn b() -> Budget {
+            Budget {
+                max_type_tasks: 10,
+                max_host_tasks: 10,
+                ..budget(100, 100, true)
+            }
+        }
+        fn migrate(s: &TwoInstances) -> Result<bool, Refusal> {
+            let c = s.a();
+            let process = Request {
+                tasks: 8,
+                threads: 7,
+                processes: 1,
+                rate: false,
+                now: 0,
+            };
+            for _ in 0..200 {
+                assert_eq!(outcome(admit(&c, &b(), &process)), Err(Refusal::TypeTasks));
+            }
+            Ok(true)
+        }
+        fn fork(s: &TwoInstances) -> Result<bool, Refusal> {
+            enter_and_leave(&s.b(), &b(), &FORK)
+        }
+        race(
+            RACE_ROUNDS / 10,
+            || TwoInstances::new(5, 5),
+            &[migrate, fork],
+            |s, results| {
+                assert_eq!(results, vec![Ok(true), Ok(true)], "the fork was refused");
+                assert_eq!(s.totals(), (5, 5), "nothing held");
+            },
+        );
+    }
+
+    #[test]
+    fn a_token_taken_for_a_refused_task_is_given_back() {
+        let f = Fixture::new();
+        let c = f.counters();
+        let b = Budget {
+            max_type_tasks: 1,
+            rate_interval_ns: 1_000,
+            rate_window_ns: 2_000,
+            ..budget(10, 10, true)
+        };
+        let at = |now| Request { now, ..FORK };
+        assert!(admit(&c, &b, &at(10_000)).counted);
+        let tat = f.get(3);
+        // Refused by the type's total after its token was taken: the token comes back.
+        assert_eq!(admit(&c, &b, &at(10_000)).refusal, Some(Refusal::TypeTasks));
+        assert_eq!(f.get(3), tat);
+        let b = Budget {
+            max_type_tasks: NO_LIMIT,
+            ..b
+        };
+        assert!(
+            admit(&c, &b, &at(10_000)).counted,
+            "the burst's second token"
+        );
+        assert_eq!(admit(&c, &b, &at(10_000)).refusal, Some(Refusal::ForkRate));
+    }
+
+    #[test]
+    fn an_instance_being_admitted_lets_others_through_and_then_counts_them() {
+        let f = Fixture::new();
+        let c = f.counters();
+        let b = budget(10, 10, true);
+        // Another task holds the mark: this one is let through, and changes nothing.
+        f.0[0].store(OPENING);
+        assert_eq!(admit(&c, &b, &FORK), Admission::contended());
+        assert_eq!((f.0[0].load(), f.get(4), f.get(5)), (OPENING, 0, 0));
+        // Its admitter refused for want of a slot takes the mark back.
+        f.0[0].store(0);
+        f.0[4].store(1);
+        let full = Budget {
+            max_instances: 1,
+            ..b
+        };
+        assert_eq!(admit(&c, &full, &FORK).refusal, Some(Refusal::MaxInstances));
+        assert_eq!((f.0[0].load(), f.get(4)), (0, 1));
     }
 
     #[test]

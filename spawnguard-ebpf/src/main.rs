@@ -18,6 +18,8 @@ mod sched_process_fork;
 #[cfg(target_arch = "bpf")]
 mod sched_process_free;
 #[cfg(target_arch = "bpf")]
+mod settle;
+#[cfg(target_arch = "bpf")]
 mod state;
 #[cfg(target_arch = "bpf")]
 mod sys_exit;

@@ -24,6 +24,9 @@ use crate::{
 /// Runs after the child is fully set up and in its cgroup (`CLONE_INTO_CGROUP` included), before
 /// it is first woken: a child stopped here never runs user code.
 #[btf_tracepoint(function = "sched_process_fork")]
+// Inlined into the program's entry point, which otherwise is a frame of its own (kernels before
+// 6.x count 32 bytes for it in the 512 the program and its subprograms share).
+#[inline(always)]
 pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     let child: Task = ctx.arg(1);
     // lsm backend: what task_alloc charged for this task (taken first, so that no path below

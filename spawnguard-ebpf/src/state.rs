@@ -18,39 +18,46 @@ use spawnguard_common::{
     TypeState, CAUSE_MIGRATION, EVENTS_BYTES, EVENT_ADMITTED, EVENT_AUDIT_DENIED, EVENT_BREAKER,
     EVENT_DENIED, EVENT_FAIL_OPEN, EVENT_WARN, MAX_CREATED, MAX_DOOMED, MAX_INSTANCES,
     MAX_PATH_NODES, MAX_PENDING, MAX_PROCESSES, MAX_RELEASING, MAX_TYPES, MAX_TYPE_LEVELS,
-    MODE_ENFORCE, REASON_FORK_RATE, REASON_HOST_TASKS, REASON_MAX_AGE, REASON_MAX_INSTANCES,
-    REASON_MAX_TASKS, REASON_MAX_THREADS, REASON_TYPE_TASKS, TASK_COMM_LEN,
+    MODE_ENFORCE, POLICY_SIDES, REASON_FORK_RATE, REASON_HOST_TASKS, REASON_MAX_AGE,
+    REASON_MAX_INSTANCES, REASON_MAX_TASKS, REASON_MAX_THREADS, REASON_TYPE_TASKS, SETTLE_BUSY,
+    SETTLE_DONE, SETTLE_GONE, SETTLE_LIVE, TASK_COMM_LEN,
 };
 use spawnguard_ebpf::{
     admit_through, breaker_abandon_probe, breaker_denial, breaker_gate, breaker_instance_ended,
-    release_tasks, start_reclaim, word_tasks, Admission, AtomicU64, BreakerPolicy, Budget,
-    Counters, Gate, Refusal, Request, Transition, BREAKER_OPEN, WARN_HOST_TASKS,
-    WARN_INSTANCE_TASKS, WARN_TYPE_TASKS,
+    policy_index, release, release_tasks, start_reclaim, word_tasks, Admission, AtomicU64,
+    BreakerPolicy, Budget, Counters, Gate, Refusal, Request, Transition, ADMITTED, BREAKER_OPEN,
+    OPENING, RECLAIMING, WARN_HOST_TASKS, WARN_INSTANCE_TASKS, WARN_TYPE_TASKS,
 };
 
 use crate::kernel::{self, Cgroup, Task};
 
 #[map]
 pub static TYPE_DIRS: HashMap<u64, TypeDir> = HashMap::with_max_entries(MAX_TYPES, 0);
+// The policy maps hold two sides (`POLICY_SIDES`): userspace writes a whole policy into the
+// side not in force, then switches `POLICY_SIDE` with one write, so a program never reads a
+// type's limits half from one policy and half from another (see `policy_side`).
 #[map]
-pub static TYPE_POLICY: Array<TypeLimits> = Array::with_max_entries(MAX_TYPES, 0);
+pub static TYPE_POLICY: Array<TypeLimits> = Array::with_max_entries(MAX_TYPES * POLICY_SIDES, 0);
+/// Which side of the policy maps is in force (0 or 1).
+#[map]
+pub static POLICY_SIDE: Array<u32> = Array::with_max_entries(1, 0);
 /// Describes what is pinned (layout version, backend) for a daemon that adopts it.
 #[map]
 pub static META: Array<spawnguard_common::Meta> = Array::with_max_entries(1, 0);
 #[map]
 pub static BREAKER_LIMITS: Array<spawnguard_common::BreakerLimits> =
-    Array::with_max_entries(MAX_TYPES, 0);
+    Array::with_max_entries(MAX_TYPES * POLICY_SIDES, 0);
 #[map]
 pub static BREAKER_STATE: Array<spawnguard_common::BreakerState> =
     Array::with_max_entries(MAX_TYPES, 0);
 #[map]
 pub static TYPE_STATE: Array<TypeState> = Array::with_max_entries(MAX_TYPES, 0);
 #[map]
-pub static HOST_LIMITS: Array<HostLimits> = Array::with_max_entries(1, 0);
+pub static HOST_LIMITS: Array<HostLimits> = Array::with_max_entries(POLICY_SIDES, 0);
 #[map]
 pub static HOST_STATE: Array<HostState> = Array::with_max_entries(1, 0);
 #[map]
-pub static TYPE_LEVELS: Array<TypeLevels> = Array::with_max_entries(1, 0);
+pub static TYPE_LEVELS: Array<TypeLevels> = Array::with_max_entries(POLICY_SIDES, 0);
 // Counters are updated in place with atomics; without preallocation a removed entry is freed
 // after an RCU grace period instead of being reused under a concurrent writer.
 #[map]
@@ -157,7 +164,7 @@ pub struct Placement {
 /// most `MAX_TYPE_LEVELS` ancestor lookups, no walk.
 #[inline(always)]
 pub fn place(cgrp: Cgroup) -> Result<Option<Placement>, i32> {
-    let Some(levels) = TYPE_LEVELS.get(0) else {
+    let Some(levels) = TYPE_LEVELS.get(policy_side()) else {
         return Ok(None);
     };
     let count = levels.count;
@@ -198,16 +205,32 @@ pub fn instance(p: Placement) -> Option<*mut InstanceState> {
 /// Adds an instance's entry (losing the race to another CPU is fine: the caller's lookup finds
 /// its entry). Not inlined: the 72-byte value lives in this small frame, not in the fork
 /// program's, whose stack (with its subprograms') is held to 512 bytes.
+///
+/// Every field is written on its own (volatile): zeroing the value at once is a call to
+/// `memset`, a subprogram whose frame kernels before 6.x add to the 512 bytes.
 #[inline(never)]
 fn create_instance(id: u64, type_idx: u32) {
     // SAFETY: a u64 map value copied out at once.
     let created_ns = unsafe { CREATED.get(&id) }.copied().unwrap_or_else(now);
-    let fresh = InstanceState {
-        created_ns,
-        type_idx,
-        ..InstanceState::default()
+    let mut fresh = core::mem::MaybeUninit::<InstanceState>::uninit();
+    let v = fresh.as_mut_ptr();
+    // SAFETY: each store writes one field of our own stack value; together they write every
+    // byte of it (the struct has no padding), so the map update reads initialized memory.
+    let fresh = unsafe {
+        use core::ptr::write_volatile as put;
+        put(&raw mut (*v).tasks, 0);
+        put(&raw mut (*v).processes, 0);
+        put(&raw mut (*v).threads, 0);
+        put(&raw mut (*v).rate_tat_ns, 0);
+        put(&raw mut (*v).created_ns, created_ns);
+        put(&raw mut (*v).type_idx, type_idx);
+        put(&raw mut (*v).flags, 0);
+        put(&raw mut (*v).admitted_ns, 0);
+        put(&raw mut (*v).releasing, 0);
+        put(&raw mut (*v).refused_unreaped, 0);
+        fresh.assume_init_ref()
     };
-    let _ = INSTANCES.insert(&id, &fresh, BPF_NOEXIST as u64);
+    let _ = INSTANCES.insert(&id, fresh, BPF_NOEXIST as u64);
 }
 
 /// Remembers when an instance directory was created. When CREATED is full the instance's age
@@ -344,10 +367,11 @@ pub fn hold_refused(child: Task, state: *mut InstanceState, r: &Report) {
 /// Drops the entry of an instance whose last task was released, so that directories of ended
 /// agents never fill INSTANCES. Its creation time stays
 /// in CREATED until its rmdir; its fork-rate bucket goes with it (an empty instance cannot fork).
+/// Returns whether this caller removed it.
 #[inline(always)]
-pub fn reclaim(state: *mut InstanceState, c: &Counters<'_>, r: &Report) {
+pub fn reclaim(state: *mut InstanceState, c: &Counters<'_>, r: &Report) -> bool {
     if !start_reclaim(c) {
-        return;
+        return false;
     }
     // SAFETY: live map value, plain read.
     let created_ns = unsafe { (*state).created_ns };
@@ -356,6 +380,49 @@ pub fn reclaim(state: *mut InstanceState, c: &Counters<'_>, r: &Report) {
     if let Some(g) = global_counters() {
         g.reclaimed += 1;
     }
+    true
+}
+
+/// Settles an instance entry that holds no task and waits for none (the daemon's sweep, see
+/// `settle.rs`): closes it if it still holds a `max_instances` slot, then gives the entry back.
+/// Returns a `SETTLE_*` code.
+#[inline(always)]
+pub fn settle(id: u64) -> u32 {
+    let Some(state) = INSTANCES.get_ptr_mut(&id) else {
+        return SETTLE_GONE;
+    };
+    // SAFETY: live map value, plain read.
+    let type_idx = unsafe { (*state).type_idx };
+    let Some(c) = counters(state, type_idx) else {
+        return SETTLE_GONE;
+    };
+    // SAFETY: an aligned u64 of a live map value, only updated atomically.
+    let releasing = unsafe { AtomicU64::from_ptr(&raw mut (*state).releasing) }.load();
+    let word = c.instance.load();
+    if word_tasks(word) != 0 || releasing != 0 || word & (OPENING | RECLAIMING) != 0 {
+        return SETTLE_LIVE;
+    }
+    if word & ADMITTED != 0 {
+        // The close its last task missed. A task entering meanwhile makes this fail: then the
+        // instance is live again, and its own last task closes it.
+        if c.instance.compare_exchange(ADMITTED, 0).is_err() {
+            return SETTLE_BUSY;
+        }
+        release(c.type_instances, 1);
+    }
+    let r = Report {
+        cause: spawnguard_common::CAUSE_EXIT,
+        type_idx,
+        instance: id,
+        target_pid: 0,
+    };
+    if !reclaim(state, &c, &r) {
+        return SETTLE_BUSY;
+    }
+    if let Some(g) = global_counters() {
+        g.settled += 1;
+    }
+    SETTLE_DONE
 }
 
 /// The counters a task in this instance is checked against: the instance's, its type's and
@@ -385,15 +452,32 @@ pub fn process_live<'a>(record: *mut ProcessRecord) -> &'a AtomicU64 {
     unsafe { AtomicU64::from_ptr(&raw mut (*record).live) }
 }
 
+/// The side of the policy maps in force. A policy is written whole into the other side before
+/// the switch, and that side is written again only after every program that may still read it
+/// has finished (the daemon waits out an RCU grace period after each switch).
+#[inline(always)]
+pub fn policy_side() -> u32 {
+    POLICY_SIDE.get(0).map_or(0, |side| *side & 1)
+}
+
+/// A type's limits in the policy in force (`None` past the last slot).
+#[inline(always)]
+pub fn type_policy(type_idx: u32) -> Option<&'static TypeLimits> {
+    if type_idx >= MAX_TYPES {
+        return None;
+    }
+    TYPE_POLICY.get(policy_index(policy_side(), type_idx))
+}
+
 /// The limits of a type (and the host), or `None` when the slot is empty (the type was removed
 /// by a policy change): such tasks are not enforced.
 #[inline(always)]
 pub fn budget(type_idx: u32) -> Option<Budget> {
-    let t = TYPE_POLICY.get(type_idx)?;
+    let t = type_policy(type_idx)?;
     if t.active == 0 {
         return None;
     }
-    let host = HOST_LIMITS.get(0)?;
+    let host = HOST_LIMITS.get(policy_side())?;
     Some(Budget {
         max_tasks: t.max_tasks,
         max_threads: t.max_threads,
@@ -459,7 +543,9 @@ fn usage(reason: u32, c: &Counters<'_>, b: &Budget, warning: bool) -> (u64, u64)
     match reason {
         REASON_HOST_TASKS if warning => (
             c.host_tasks.load(),
-            HOST_LIMITS.get(0).map_or(b.max_host_tasks, |h| h.max_tasks),
+            HOST_LIMITS
+                .get(policy_side())
+                .map_or(b.max_host_tasks, |h| h.max_tasks),
         ),
         REASON_MAX_TASKS => (word_tasks(c.instance.load()), b.max_tasks),
         REASON_MAX_THREADS => (c.threads.load(), b.max_threads),
@@ -563,7 +649,10 @@ struct TypeBreaker<'a> {
 
 #[inline(always)]
 fn type_breaker<'a>(type_idx: u32) -> Option<TypeBreaker<'a>> {
-    let policy = BREAKER_LIMITS.get(type_idx)?;
+    if type_idx >= MAX_TYPES {
+        return None;
+    }
+    let policy = BREAKER_LIMITS.get(policy_index(policy_side(), type_idx))?;
     if policy.enabled == 0 {
         return None;
     }
@@ -757,7 +846,7 @@ pub fn abandon_probe(r: &Report) {
 /// instance (freeze or kill) and the type is enforced, it may not grow meanwhile.
 #[inline(always)]
 pub fn past_max_age(state: *mut InstanceState, type_idx: u32, r: &Report) -> bool {
-    let Some(t) = TYPE_POLICY.get(type_idx) else {
+    let Some(t) = type_policy(type_idx) else {
         return false;
     };
     if t.max_age_ns == spawnguard_common::NO_LIMIT {
@@ -833,7 +922,7 @@ fn emit(kind: u32, reason: u32, r: &Report, usage: u64, limit: u64) {
         (*ev).backend = backend();
         let comm = (&raw mut (*ev).comm).cast::<c_void>();
         if generated::bpf_get_current_comm(comm, TASK_COMM_LEN as u32) != 0 {
-            core::ptr::write_bytes((&raw mut (*ev).comm).cast::<u8>(), 0, TASK_COMM_LEN);
+            crate::kernel::zero_comm((&raw mut (*ev).comm).cast::<u8>());
         }
         crate::kernel::parent_comm_into(
             bpf_get_current_task() as *const u8,

@@ -12,19 +12,21 @@ use spawnguard_common::{
 };
 use spawnguard_ebpf::{
     breaker_gate, breaker_instance_ended, breaker_state, breaker_step, breaker_until, breaker_word,
-    open_for, AtomicU64, Cause, Transition, BREAKER_CLOSED, BREAKER_OPEN, BREAKER_PROBING,
+    open_for, policy_index, AtomicU64, Cause, Transition, BREAKER_CLOSED, BREAKER_OPEN,
+    BREAKER_PROBING,
 };
 
 use crate::{
-    loader::{name_of, open_installed},
+    loader::{installed_policy_side, name_of, open_installed},
     status::monotonic_ns,
 };
 
 /// Slot of the type named `name` in the policy in force.
 fn type_index(name: &str) -> Result<u32> {
     let limits: Array<MapData, TypeLimits> = Array::try_from(open_installed(maps::TYPE_POLICY)?)?;
+    let side = installed_policy_side()?;
     for index in 0..spawnguard_common::MAX_TYPES {
-        let l = limits.get(&index, 0)?;
+        let l = limits.get(&policy_index(side, index), 0)?;
         if l.active != 0 && name_of(&l.name) == name {
             return Ok(index);
         }
@@ -102,14 +104,15 @@ pub fn status(only: Option<&str>) -> Result<Vec<BreakerView>> {
     let states: Array<MapData, BreakerState> =
         Array::try_from(open_installed(maps::BREAKER_STATE)?)?;
     let now = now_ms();
+    let side = installed_policy_side()?;
     let mut out = Vec::new();
     for index in 0..spawnguard_common::MAX_TYPES {
-        let l = limits.get(&index, 0)?;
+        let l = limits.get(&policy_index(side, index), 0)?;
         let name = name_of(&l.name);
         if l.active == 0 || only.is_some_and(|o| o != name) {
             continue;
         }
-        if policies.get(&index, 0)?.enabled == 0 {
+        if policies.get(&policy_index(side, index), 0)?.enabled == 0 {
             continue;
         }
         out.push(view(&name, &states.get(&index, 0)?, now));
@@ -132,7 +135,7 @@ fn update(
     let index = type_index(name)?;
     let policies: Array<MapData, BreakerLimits> =
         Array::try_from(open_installed(maps::BREAKER_LIMITS)?)?;
-    let policy = policies.get(&index, 0)?;
+    let policy = policies.get(&policy_index(installed_policy_side()?, index), 0)?;
     if policy.enabled == 0 {
         bail!("type {name:?} has no breaker in the policy in force (add [type.breaker])");
     }
@@ -211,10 +214,11 @@ pub fn report_failure(name: &str) -> Result<(BreakerView, bool)> {
 /// pinned maps only; never changes anything (it does not claim the half-open probe).
 pub fn gate(name: &str) -> Result<Option<String>> {
     let index = type_index(name)?;
+    let side = installed_policy_side()?;
     let now = now_ms();
     let policy: Array<MapData, BreakerLimits> =
         Array::try_from(open_installed(maps::BREAKER_LIMITS)?)?;
-    let p = policy.get(&index, 0)?;
+    let p = policy.get(&policy_index(side, index), 0)?;
     if p.enabled != 0 {
         let states: Array<MapData, BreakerState> =
             Array::try_from(open_installed(maps::BREAKER_STATE)?)?;
@@ -234,7 +238,7 @@ pub fn gate(name: &str) -> Result<Option<String>> {
         }
     }
     let limits: Array<MapData, TypeLimits> = Array::try_from(open_installed(maps::TYPE_POLICY)?)?;
-    let l = limits.get(&index, 0)?;
+    let l = limits.get(&policy_index(side, index), 0)?;
     let types: Array<MapData, TypeState> = Array::try_from(open_installed(maps::TYPE_STATE)?)?;
     let t = types.get(&index, 0)?;
     if l.mode == spawnguard_common::MODE_ENFORCE {
@@ -249,7 +253,7 @@ pub fn gate(name: &str) -> Result<Option<String>> {
         }
         let hl: Array<MapData, HostLimits> = Array::try_from(open_installed(maps::HOST_LIMITS)?)?;
         let hs: Array<MapData, HostState> = Array::try_from(open_installed(maps::HOST_STATE)?)?;
-        let (h, used) = (hl.get(&0, 0)?, hs.get(&0, 0)?.tasks);
+        let (h, used) = (hl.get(&side, 0)?, hs.get(&0, 0)?.tasks);
         if h.deny_tasks != NO_LIMIT && used >= h.deny_tasks {
             return Ok(Some(format!(
                 "host at {:.0} % of its budget ({used}/{}; denying above {})",

@@ -160,6 +160,7 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
     });
     let max_age_task = tokio::spawn(watch_max_age(names_rx, report_tx.clone()));
     let condemned_task = tokio::spawn(crate::condemned::watch(report_tx.clone()));
+    let settle_task = tokio::spawn(crate::settle::watch());
     let mut jobs = jobs_rx;
     loop {
         tokio::select! {
@@ -175,6 +176,7 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
         if control_task.is_finished()
             || max_age_task.is_finished()
             || condemned_task.is_finished()
+            || settle_task.is_finished()
             || metrics_task.as_ref().is_some_and(|t| t.is_finished())
         {
             bail!("a daemon task ended unexpectedly");

@@ -59,8 +59,9 @@ impl Names {
         let mut names = Self::new(DaemonState::read().map(|d| d.types).unwrap_or_default());
         let limits: Array<MapData, spawnguard_common::TypeLimits> =
             Array::try_from(open_installed(maps::TYPE_POLICY)?)?;
+        let side = crate::loader::installed_policy_side()?;
         for index in 0..spawnguard_common::MAX_TYPES {
-            let l = limits.get(&index, 0)?;
+            let l = limits.get(&spawnguard_ebpf::policy_index(side, index), 0)?;
             if l.active != 0 && !names.types.iter().any(|t| t.0 == index) {
                 names.types.push((index, name_of(&l.name), PathBuf::new()));
             }

@@ -23,7 +23,7 @@ use spawnguard_common::{
     MAX_TYPE_LEVELS, MODE_AUDIT, MODE_ENFORCE, NO_LIMIT, NO_TYPE, ON_MAX_AGE_EVENT,
     ON_MAX_AGE_FREEZE, ON_MAX_AGE_KILL, PATH_NAME_LEN, TYPE_NAME_LEN,
 };
-use spawnguard_ebpf::{rate_interval_ns, rate_window_ns};
+use spawnguard_ebpf::{policy_index, rate_interval_ns, rate_window_ns};
 
 use crate::{
     btf::Btf,
@@ -348,6 +348,35 @@ pub fn open_pinned(dir: &Path, name: &str) -> Result<Map> {
     Ok(Map::from_map_data(data)?)
 }
 
+/// The side of the double-buffered policy maps in force in the enforcer pinned at `dir`.
+pub fn policy_side(dir: &Path) -> Result<u32> {
+    let side: Array<_, u32> = Array::try_from(open_pinned(dir, maps::POLICY_SIDE)?)?;
+    Ok(side.get(&0, 0)? & 1)
+}
+
+/// The side in force of the installed enforcer's policy maps.
+pub fn installed_policy_side() -> Result<u32> {
+    policy_side(&pin_dir())
+}
+
+/// Puts the side just written in force (one 4-byte write the kernel sees at once), then waits
+/// until no program can still be reading the other side, so that the next policy may be
+/// written there: the programs run under RCU, and `membarrier(MEMBARRIER_CMD_GLOBAL)` waits
+/// for an RCU grace period.
+fn switch_policy_side(dir: &Path, next: u32) -> Result<()> {
+    let mut side: Array<_, u32> = Array::try_from(open_pinned(dir, maps::POLICY_SIDE)?)?;
+    side.set(0, next, 0)?;
+    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+    // SAFETY: membarrier(cmd, flags, cpu_id) takes no pointers.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc != 0 {
+        // nohz_full hosts refuse it: a program runs for microseconds, so a pause far longer
+        // than that stands in for the grace period.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// Opens a map of the installed enforcer, or says that none is installed.
 pub fn open_installed(name: &str) -> Result<Map> {
     let dir = pin_dir();
@@ -493,6 +522,9 @@ impl MapCapacity {
             .max(spawnguard_common::MAX_CREATED)
     }
 }
+
+/// The program the daemon runs to settle empty instance entries (see `settle.rs`).
+pub const SETTLE_PROGRAM: &str = "settle";
 
 const HOOKS: [&str; 7] = [
     // Release first, then exit: an exit's charge is never parked where nothing releases it.
@@ -694,11 +726,15 @@ impl Enforcer {
         if types.len() > MAX_TYPES as usize {
             bail!("at most {MAX_TYPES} types are supported");
         }
+        // The policy in force is on one side of the policy maps; the new one is written whole
+        // on the other, then the kernel is switched to it at once (see `switch_policy_side`).
+        let side = policy_side(&self.dir)?;
+        let next = side ^ 1;
         let mut limits: Array<_, TypeLimits> =
             Array::try_from(open_pinned(&self.dir, maps::TYPE_POLICY)?)?;
         let mut existing: Vec<Option<String>> = Vec::new();
         for index in 0..MAX_TYPES {
-            let l = limits.get(&index, 0)?;
+            let l = limits.get(&policy_index(side, index), 0)?;
             existing.push((l.active != 0).then(|| name_of(&l.name)));
         }
         let indices = assign_indices(&existing, types);
@@ -718,20 +754,29 @@ impl Enforcer {
                 levels.len()
             );
         }
-        let mut breakers: Array<_, BreakerLimits> =
-            Array::try_from(open_pinned(&self.dir, maps::BREAKER_LIMITS)?)?;
+        // Every slot of the next side: a type no longer in the policy gets an empty one (its
+        // instances stop being enforced).
+        let mut next_limits = vec![TypeLimits::default(); MAX_TYPES as usize];
+        let mut next_breakers = vec![BreakerLimits::default(); MAX_TYPES as usize];
         for (i, t) in types.iter().enumerate() {
             let mut l = type_limits(policy, i);
             if all_audit {
                 l.mode = MODE_AUDIT;
             }
-            l.rate_gen = rate_generation(&limits.get(&t.index, 0)?, &l);
-            limits.set(t.index, l, 0)?;
-            breakers.set(t.index, breaker_limits(policy, i), 0)?;
+            l.rate_gen = rate_generation(&limits.get(&policy_index(side, t.index), 0)?, &l);
+            next_limits[t.index as usize] = l;
+            next_breakers[t.index as usize] = breaker_limits(policy, i);
+        }
+        let mut breakers: Array<_, BreakerLimits> =
+            Array::try_from(open_pinned(&self.dir, maps::BREAKER_LIMITS)?)?;
+        for index in 0..MAX_TYPES {
+            let key = policy_index(next, index);
+            limits.set(key, next_limits[index as usize], 0)?;
+            breakers.set(key, next_breakers[index as usize], 0)?;
         }
         let mut host: Array<_, HostLimits> =
             Array::try_from(open_pinned(&self.dir, maps::HOST_LIMITS)?)?;
-        host.set(0, host_limits(policy), 0)?;
+        host.set(next, host_limits(policy), 0)?;
         let mut level_map: Array<_, TypeLevels> =
             Array::try_from(open_pinned(&self.dir, maps::TYPE_LEVELS)?)?;
         let mut type_levels = TypeLevels {
@@ -739,7 +784,8 @@ impl Enforcer {
             ..TypeLevels::default()
         };
         type_levels.levels[..levels.len()].copy_from_slice(&levels);
-        level_map.set(0, type_levels, 0)?;
+        level_map.set(next, type_levels, 0)?;
+        switch_policy_side(&self.dir, next)?;
         let mut dirs: HashMap<_, u64, TypeDir> =
             HashMap::try_from(open_pinned(&self.dir, maps::TYPE_DIRS)?)?;
         let stale: Vec<u64> = dirs
@@ -758,13 +804,6 @@ impl Enforcer {
             dirs.remove(&id)?;
         }
         self.follow_type_paths(policy, types)?;
-        // Types no longer in the policy: their instances stop being enforced.
-        for (index, name) in existing.iter().enumerate() {
-            if name.is_some() && !indices.contains(&(index as u32)) {
-                limits.set(index as u32, TypeLimits::default(), 0)?;
-                breakers.set(index as u32, BreakerLimits::default(), 0)?;
-            }
-        }
         Ok(())
     }
 
@@ -1031,6 +1070,21 @@ fn attach_and_pin(
         FdLink::from(prog.take_link(id)?)
             .pin(links.join("sys_exit"))
             .context("pinning the sys_exit link")?;
+    }
+    // Loaded, never attached: the daemon runs it on entries it found empty (`settle.rs`).
+    {
+        let prog: &mut RawTracePoint = ebpf
+            .program_mut(SETTLE_PROGRAM)
+            .ok_or_else(|| anyhow!("program {SETTLE_PROGRAM} missing from the eBPF object"))?
+            .try_into()?;
+        let t = Instant::now();
+        prog.load().context("loading the settle program")?;
+        note(SETTLE_PROGRAM, t, prog.info().ok());
+        let programs = dir.join("programs");
+        std::fs::create_dir_all(&programs)
+            .with_context(|| format!("creating {}", programs.display()))?;
+        prog.pin(programs.join(SETTLE_PROGRAM))
+            .context("pinning the settle program")?;
     }
     let steps: Option<u64> = verified.iter().map(|n| n.map(u64::from)).sum();
     tracing::info!(

@@ -14,6 +14,7 @@ mod loader;
 mod mapbatch;
 mod metrics;
 mod policy;
+mod settle;
 mod status;
 mod top;
 

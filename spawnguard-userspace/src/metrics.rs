@@ -328,6 +328,14 @@ pub fn render(
     )?
     .with_label_values::<&str>(&[])
     .inc_by(crate::condemned::killed());
+    m.counter(
+        "spawnguard_instance_entries_settled_total",
+        "Empty instance entries given back by the daemon's sweep, not by their last task (a \
+         close that missed the emulated lock, a first task refused, processes moved out).",
+        &[],
+    )?
+    .with_label_values::<&str>(&[])
+    .inc_by(s.entries_settled);
     let fail_open = m.counter(
         "spawnguard_fail_open_total",
         "New tasks let through uncounted because the kernel side could not account for them.",
@@ -531,6 +539,7 @@ mod tests {
             failed_open_by: Default::default(),
             maps: vec![],
             entries_reclaimed: 0,
+            entries_settled: 0,
             created_full: 0,
             releasing_full: 0,
         };

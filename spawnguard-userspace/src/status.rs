@@ -187,6 +187,10 @@ pub struct Status {
     /// Instance entries dropped when their last task left (empty instances cost no entry).
     #[serde(default)]
     pub entries_reclaimed: u64,
+    /// Of those, the ones the daemon's sweep gave back: entries left empty where no last task
+    /// could (a close that missed the emulated lock, a first task refused, processes moved out).
+    #[serde(default)]
+    pub entries_settled: u64,
     /// Instance directories whose creation time could not be kept (the map of creation times
     /// was full): their `max_age` counts from their first task.
     #[serde(default)]
@@ -241,9 +245,10 @@ pub fn snapshot() -> Result<Status> {
     let doomed: HashMap<MapData, u32, u32> = HashMap::try_from(open_installed(maps::DOOMED)?)?;
     let daemon = DaemonState::read();
 
+    let side = crate::loader::installed_policy_side()?;
     let mut types = Vec::new();
     for index in 0..MAX_TYPES {
-        let b = budgets.get(&index, 0)?;
+        let b = budgets.get(&spawnguard_ebpf::policy_index(side, index), 0)?;
         if b.active == 0 {
             continue;
         }
@@ -322,7 +327,7 @@ pub fn snapshot() -> Result<Status> {
     }
     let mut dropped = 0;
     let mut f = FailedOpen::default();
-    let (mut reclaimed, mut created_full, mut releasing_full) = (0, 0, 0);
+    let (mut reclaimed, mut settled, mut created_full, mut releasing_full) = (0, 0, 0, 0);
     for g in global.get(&0, 0)?.iter() {
         dropped += g.events_dropped;
         f.instances_full += g.instances_full;
@@ -332,6 +337,7 @@ pub fn snapshot() -> Result<Status> {
         f.contended += g.contended;
         f.kill_failed += g.kill_failed;
         reclaimed += g.reclaimed;
+        settled += g.settled;
         created_full += g.created_full;
         releasing_full += g.releasing_full;
     }
@@ -358,7 +364,7 @@ pub fn snapshot() -> Result<Status> {
             capacity: capacity(maps::DOOMED, spawnguard_common::MAX_DOOMED),
         },
     ];
-    let hl = host_limits.get(&0, 0)?;
+    let hl = host_limits.get(&side, 0)?;
     let host = HostStatus {
         tasks: host_state.get(&0, 0)?.tasks,
         max_tasks: limit(hl.max_tasks),
@@ -379,6 +385,7 @@ pub fn snapshot() -> Result<Status> {
         failed_open_by: f,
         maps,
         entries_reclaimed: reclaimed,
+        entries_settled: settled,
         created_full,
         releasing_full,
     })
