@@ -322,13 +322,17 @@ fn apply(
     text: String,
 ) -> Result<PolicyDiff> {
     let mut types = loader::place_types(&policy, cg)?;
-    if let Err(e) = enforcer.apply_policy(&policy, &mut types, false) {
-        // Put the old policy back in every map before reporting.
-        let mut old = in_force.types.clone();
-        enforcer
-            .apply_policy(&in_force.policy, &mut old, false)
-            .context("restoring the previous policy after a failed apply")?;
-        return Err(e.context("applying the policy; the previous policy is still in force"));
+    match enforcer.put_in_force(&policy, &mut types) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("counted {n} processes already running in the types added"),
+        Err(e) => {
+            // Put the old policy back in every map before reporting.
+            let mut old = in_force.types.clone();
+            enforcer
+                .apply_policy(&in_force.policy, &mut old, &[])
+                .context("restoring the previous policy after a failed apply")?;
+            return Err(e.context("applying the policy; the previous policy is still in force"));
+        }
     }
     let d = diff(&in_force.policy, &policy);
     write_state(enforcer, cg, &types)?;

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, Map, MapData, RingBuf},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
         BtfTracePoint, Lsm, ProgramInfo, RawTracePoint,
@@ -18,10 +18,10 @@ use aya::{
 };
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
-    maps, BreakerLimits, HostLimits, Meta, PathKey, PathNode, TypeDir, TypeLevels, TypeLimits,
-    BACKEND_KILL, BACKEND_KILL_COMPAT, BACKEND_LSM, LAYOUT_VERSION, MAX_PATH_NODES, MAX_TYPES,
-    MAX_TYPE_LEVELS, MODE_AUDIT, MODE_ENFORCE, NO_LIMIT, NO_TYPE, ON_MAX_AGE_EVENT,
-    ON_MAX_AGE_FREEZE, ON_MAX_AGE_KILL, PATH_NAME_LEN, TYPE_NAME_LEN,
+    maps, BreakerLimits, BreakerState, HostLimits, Meta, PathKey, PathNode, TypeCounters, TypeDir,
+    TypeLevels, TypeLimits, TypeState, BACKEND_KILL, BACKEND_KILL_COMPAT, BACKEND_LSM,
+    LAYOUT_VERSION, MAX_PATH_NODES, MAX_TYPES, MAX_TYPE_LEVELS, MODE_AUDIT, MODE_ENFORCE, NO_LIMIT,
+    NO_TYPE, ON_MAX_AGE_EVENT, ON_MAX_AGE_FREEZE, ON_MAX_AGE_KILL, PATH_NAME_LEN, TYPE_NAME_LEN,
 };
 use spawnguard_ebpf::{policy_index, rate_interval_ns, rate_window_ns};
 
@@ -564,8 +564,11 @@ impl Enforcer {
                     capacity.instances
                 );
             }
-            enforcer.apply_policy(policy, types, false)?;
-            return Ok(enforcer);
+            let reconciled = enforcer.put_in_force(policy, types)?;
+            return Ok(Self {
+                reconciled,
+                ..enforcer
+            });
         }
         let result = Self::install(dir.clone(), choice, capacity, policy, types);
         if result.is_err() {
@@ -697,7 +700,8 @@ impl Enforcer {
         )?;
         // Count what already runs in the instances before enforcing: in audit mode, so the
         // agents found running are counted, never stopped.
-        enforcer.apply_policy(policy, types, true)?;
+        let every_type: Vec<String> = types.iter().map(|t| t.name.clone()).collect();
+        enforcer.apply_policy(policy, types, &every_type)?;
         attach_and_pin(
             &mut ebpf,
             backend,
@@ -707,21 +711,59 @@ impl Enforcer {
         )?;
         drop(ebpf);
         let reconciled = reconcile(&enforcer.dir, types)?;
-        enforcer.apply_policy(policy, types, false)?;
+        enforcer.apply_policy(policy, types, &[])?;
         Ok(Self {
             reconciled,
             ..enforcer
         })
     }
 
+    /// Puts `policy` in force over a running enforcer. The agents already running in the
+    /// instances of a type it adds are counted first, in audit mode, as at install: from then
+    /// on they are held to their budget, and none is stopped for having run before the type
+    /// existed. Returns how many processes were counted so.
+    pub fn put_in_force(&self, policy: &Policy, types: &mut [PlacedType]) -> Result<usize> {
+        let in_force = self.types_in_force()?;
+        let added: Vec<String> = types
+            .iter()
+            .filter(|t| !in_force.iter().flatten().any(|n| *n == t.name))
+            .map(|t| t.name.clone())
+            .collect();
+        let mut counted = 0;
+        if !added.is_empty() {
+            self.apply_policy(policy, types, &added)?;
+            let new: Vec<PlacedType> = types
+                .iter()
+                .filter(|t| added.contains(&t.name))
+                .cloned()
+                .collect();
+            counted = reconcile(&self.dir, &new)?;
+        }
+        self.apply_policy(policy, types, &[])?;
+        Ok(counted)
+    }
+
+    /// The name of the type in each slot of the policy in force (`None`: free).
+    fn types_in_force(&self) -> Result<Vec<Option<String>>> {
+        let side = policy_side(&self.dir)?;
+        let limits: Array<_, TypeLimits> =
+            Array::try_from(open_pinned(&self.dir, maps::TYPE_POLICY)?)?;
+        let mut names = Vec::new();
+        for index in 0..MAX_TYPES {
+            let l = limits.get(&policy_index(side, index), 0)?;
+            names.push((l.active != 0).then(|| name_of(&l.name)));
+        }
+        Ok(names)
+    }
+
     /// Puts `policy` in the maps. Types keep their slot (index) across policy changes and
-    /// restarts, matched by name, so live counts stay with their type. `all_audit` loads every
-    /// type in audit mode (used while counting existing agents at install).
+    /// restarts, matched by name, so live counts stay with their type. The types named in
+    /// `audit` are loaded in audit mode (while the agents already running in them are counted).
     pub fn apply_policy(
         &self,
         policy: &Policy,
         types: &mut [PlacedType],
-        all_audit: bool,
+        audit: &[String],
     ) -> Result<()> {
         if types.len() > MAX_TYPES as usize {
             bail!("at most {MAX_TYPES} types are supported");
@@ -732,14 +774,22 @@ impl Enforcer {
         let next = side ^ 1;
         let mut limits: Array<_, TypeLimits> =
             Array::try_from(open_pinned(&self.dir, maps::TYPE_POLICY)?)?;
-        let mut existing: Vec<Option<String>> = Vec::new();
+        let existing = self.types_in_force()?;
+        // A removed type's slot keeps counting its instances that still run (their exits give
+        // back there): a new type must not inherit those totals.
+        let type_state: Array<_, TypeState> =
+            Array::try_from(open_pinned(&self.dir, maps::TYPE_STATE)?)?;
+        let mut holds = Vec::new();
         for index in 0..MAX_TYPES {
-            let l = limits.get(&policy_index(side, index), 0)?;
-            existing.push((l.active != 0).then(|| name_of(&l.name)));
+            let t = type_state.get(&index, 0)?;
+            holds.push(t.tasks != 0 || t.instances != 0);
         }
-        let indices = assign_indices(&existing, types);
+        let indices = assign_indices(&existing, &holds, types)?;
         for (t, index) in types.iter_mut().zip(&indices) {
             t.index = *index;
+            if existing[*index as usize].as_deref() != Some(t.name.as_str()) {
+                self.clear_slot(*index)?;
+            }
         }
         let mut levels: Vec<u32> = Vec::new();
         for t in types.iter() {
@@ -760,7 +810,7 @@ impl Enforcer {
         let mut next_breakers = vec![BreakerLimits::default(); MAX_TYPES as usize];
         for (i, t) in types.iter().enumerate() {
             let mut l = type_limits(policy, i);
-            if all_audit {
+            if audit.contains(&t.name) {
                 l.mode = MODE_AUDIT;
             }
             l.rate_gen = rate_generation(&limits.get(&policy_index(side, t.index), 0)?, &l);
@@ -804,6 +854,23 @@ impl Enforcer {
             dirs.remove(&id)?;
         }
         self.follow_type_paths(policy, types)?;
+        Ok(())
+    }
+
+    /// Clears what a slot's previous type left (its breaker's state and its counters) before a
+    /// new type takes it. Its totals are zero: `assign_indices` only hands out such slots.
+    fn clear_slot(&self, index: u32) -> Result<()> {
+        let mut breakers: Array<_, BreakerState> =
+            Array::try_from(open_pinned(&self.dir, maps::BREAKER_STATE)?)?;
+        breakers.set(index, BreakerState::default(), 0)?;
+        let mut counters: PerCpuArray<_, TypeCounters> =
+            PerCpuArray::try_from(open_pinned(&self.dir, maps::TYPE_COUNTERS)?)?;
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("reading {what}: {e}"))?;
+        counters.set(
+            index,
+            PerCpuValues::try_from(vec![TypeCounters::default(); cpus])?,
+            0,
+        )?;
         Ok(())
     }
 
@@ -971,8 +1038,14 @@ pub fn name_of(raw: &[u8]) -> String {
     String::from_utf8_lossy(&raw[..end]).into_owned()
 }
 
-/// Slot of each type: its old slot when a type of that name exists, else the first free one.
-fn assign_indices(existing: &[Option<String>], types: &[PlacedType]) -> Vec<u32> {
+/// Slot of each type: its old slot when a type of that name exists, else the first free one
+/// that holds no count (`holds`: a removed type's instances still count there), preferring
+/// slots no type in force has.
+fn assign_indices(
+    existing: &[Option<String>],
+    holds: &[bool],
+    types: &[PlacedType],
+) -> Result<Vec<u32>> {
     let mut taken: Vec<bool> = existing
         .iter()
         .map(|n| {
@@ -984,14 +1057,21 @@ fn assign_indices(existing: &[Option<String>], types: &[PlacedType]) -> Vec<u32>
         .iter()
         .map(|t| {
             if let Some(i) = existing.iter().position(|n| n.as_deref() == Some(&t.name)) {
-                return i as u32;
+                return Ok(i as u32);
             }
             let free = (0..taken.len())
-                .find(|&i| !taken[i] && existing[i].is_none())
-                .or_else(|| (0..taken.len()).find(|&i| !taken[i]))
-                .expect("at most MAX_TYPES types");
+                .find(|&i| !taken[i] && !holds[i] && existing[i].is_none())
+                .or_else(|| (0..taken.len()).find(|&i| !taken[i] && !holds[i]))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "no free type slot for type {:?}: the {MAX_TYPES} slots are in use, some \
+                         by removed types whose instances still run (their counts stay there \
+                         until they end)",
+                        t.name
+                    )
+                })?;
             taken[free] = true;
-            free as u32
+            Ok(free as u32)
         })
         .collect()
 }
@@ -1217,6 +1297,40 @@ mod tests {
                 on_max_age: OnMaxAge::Event,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_new_type_never_takes_a_slot_that_still_counts_a_removed_type() {
+        let text = "[[type]]\nname = \"kept\"\npath = \"a/k\"\nmax_tasks = 5\n\
+                    [[type]]\nname = \"new\"\npath = \"a/n\"\nmax_tasks = 5\n";
+        let policy = Policy::parse(text, "p.toml").unwrap();
+        let types = placed(&policy, "/cg");
+        let mut existing = vec![None; MAX_TYPES as usize];
+        existing[0] = Some("removed".to_string());
+        existing[1] = Some("kept".to_string());
+        let mut holds = vec![false; MAX_TYPES as usize];
+        // Slot 0: the removed type's instances still run. Slot 2: an older removed type's.
+        holds[0] = true;
+        holds[2] = true;
+        assert_eq!(
+            assign_indices(&existing, &holds, &types).unwrap(),
+            vec![1, 3],
+            "kept keeps its slot; new skips the slots that still count"
+        );
+        // Once those instances ended, their slots are free again.
+        let holds = vec![false; MAX_TYPES as usize];
+        assert_eq!(
+            assign_indices(&existing, &holds, &types).unwrap(),
+            vec![1, 2]
+        );
+        // Every free slot still counting: a clear error, nothing assigned.
+        let mut holds = vec![true; MAX_TYPES as usize];
+        holds[1] = false;
+        let e = assign_indices(&existing, &holds, &types).unwrap_err();
+        assert!(
+            e.to_string().contains("no free type slot for type \"new\""),
+            "{e}"
+        );
     }
 
     #[test]
