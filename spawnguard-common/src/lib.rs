@@ -380,6 +380,12 @@ pub struct ReleasingTask {
     pub type_idx: u32,
     /// `RELEASE_*`.
     pub kind: u32,
+    /// The task's id and start (`start_boottime`, ns since boot): the daemon's sweep gives
+    /// back the charge of a task that is gone (reaped) while its entry is still here, which the
+    /// free hook should have done (see the userspace `settle.rs`).
+    pub pid: u32,
+    pub _pad: u32,
+    pub start_ns: u64,
 }
 
 /// Value of `CONDEMNED` (key: tgid): a process refused after it existed (moved into an
@@ -479,7 +485,15 @@ pub struct GlobalCounters {
     /// Empty instance entries the daemon's sweep gave back (`SETTLE_DONE`): a close whose lock
     /// was missed (emulated atomics), a first task refused, processes moved out.
     pub settled: u64,
+    /// Charges of exited tasks the daemon's sweep gave back: the task was gone (reaped) and the
+    /// free hook had not given them back.
+    pub released_late: u64,
 }
+
+/// What the `settle` program is asked to do (its first argument; the second is the key).
+pub const SETTLE_INSTANCE: u64 = 0;
+/// Give back what a parked task (`RELEASING`, by task address) held: the task is gone.
+pub const SETTLE_RELEASE: u64 = 1;
 
 /// What the `settle` program did with an instance entry (its return value).
 pub const SETTLE_DONE: u32 = 0;
@@ -623,7 +637,7 @@ mod tests {
         ];
         assert_eq!(
             sizes,
-            [88, 8, 20, 136, 16, 24, 8, 72, 16, 200, 104, 96, 16, 184, 192, 16, 72, 16, 16, 24]
+            [88, 8, 20, 136, 16, 24, 8, 72, 16, 200, 112, 96, 16, 184, 192, 16, 72, 16, 32, 24]
         );
     }
 }

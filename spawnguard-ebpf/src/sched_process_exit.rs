@@ -50,6 +50,8 @@ pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
             } else {
                 RELEASE_THREAD
             },
+            // (The task's id and start are read where it is parked.)
+            ..ReleasingTask::default()
         };
         if defer_release(current, state, &pending) {
             // Its last live task exited: the instance ended (a start-up failure, or the

@@ -4,14 +4,10 @@
 //! an RCU callback: `current` is not the task.
 
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
-use spawnguard_common::{RELEASE_PROCESS, RELEASE_REFUSED};
-use spawnguard_ebpf::AtomicU64;
 
 use crate::{
     kernel::{self, Task},
-    state::{
-        global_counters, process_live, release_counted, take_one, INSTANCES, PROCESSES, RELEASING,
-    },
+    state::{process_live, release_parked, PROCESSES},
 };
 
 #[btf_tracepoint(function = "sched_process_free")]
@@ -28,34 +24,6 @@ pub fn sched_process_free(ctx: BtfTracePointContext) -> i32 {
             }
         }
     }
-    // SAFETY: plain data copied out at once.
-    let Some(r) = (unsafe { RELEASING.get(&key) }).copied() else {
-        return 0;
-    };
-    let _ = RELEASING.remove(&key);
-    let Some(state) = INSTANCES.get_ptr_mut(&r.instance) else {
-        // Its instance's entry went with a count that drifted (settled at rmdir).
-        if r.kind != RELEASE_REFUSED {
-            if let Some(g) = global_counters() {
-                g.drift += 1;
-            }
-        }
-        return 0;
-    };
-    if r.kind == RELEASE_REFUSED {
-        // SAFETY: an aligned u64 of a live map value, only updated atomically.
-        take_one(unsafe { AtomicU64::from_ptr(&raw mut (*state).refused_unreaped) });
-        return 0;
-    }
-    // SAFETY: as above.
-    take_one(unsafe { AtomicU64::from_ptr(&raw mut (*state).releasing) });
-    let (threads, processes) = if r.kind == RELEASE_PROCESS {
-        (0, 1)
-    } else {
-        (1, 0)
-    };
-    release_counted(
-        state, r.type_idx, r.instance, pid, threads, processes, false,
-    );
+    release_parked(key, pid);
     0
 }

@@ -19,8 +19,8 @@ use spawnguard_common::{
     EVENT_DENIED, EVENT_FAIL_OPEN, EVENT_WARN, MAX_CREATED, MAX_DOOMED, MAX_INSTANCES,
     MAX_PATH_NODES, MAX_PENDING, MAX_PROCESSES, MAX_RELEASING, MAX_TYPES, MAX_TYPE_LEVELS,
     MODE_ENFORCE, POLICY_SIDES, REASON_FORK_RATE, REASON_HOST_TASKS, REASON_MAX_AGE,
-    REASON_MAX_INSTANCES, REASON_MAX_TASKS, REASON_MAX_THREADS, REASON_TYPE_TASKS, SETTLE_BUSY,
-    SETTLE_DONE, SETTLE_GONE, SETTLE_LIVE, TASK_COMM_LEN,
+    REASON_MAX_INSTANCES, REASON_MAX_TASKS, REASON_MAX_THREADS, REASON_TYPE_TASKS, RELEASE_PROCESS,
+    RELEASE_REFUSED, SETTLE_BUSY, SETTLE_DONE, SETTLE_GONE, SETTLE_LIVE, TASK_COMM_LEN,
 };
 use spawnguard_ebpf::{
     admit_through, breaker_abandon_probe, breaker_denial, breaker_gate, breaker_instance_ended,
@@ -275,12 +275,56 @@ pub fn defer_release(task: Task, state: *mut InstanceState, r: &ReleasingTask) -
 /// 6.x hold to 512 bytes.
 #[inline(never)]
 fn park(task: u64, instance: u64, type_idx: u32, kind: u32) -> bool {
+    let t = task as Task;
     let v = ReleasingTask {
         instance,
         type_idx,
         kind,
+        pid: kernel::task_ids(t).map_or(0, |(pid, _)| pid),
+        _pad: 0,
+        start_ns: kernel::task_start_ns(t),
     };
     RELEASING.insert(&task, &v, BPF_ANY as u64).is_ok()
+}
+
+/// Gives back what the parked task `key` (a task address) held: from the free hook when the
+/// task is released, or from the daemon's sweep for a task it found gone with its charge still
+/// parked. Whoever removes the entry gives it back, once; returns a `SETTLE_*` code.
+#[inline(always)]
+pub fn release_parked(key: u64, pid: u32) -> u32 {
+    // SAFETY: plain data copied out at once.
+    let Some(r) = (unsafe { RELEASING.get(&key) }).copied() else {
+        return SETTLE_GONE;
+    };
+    if RELEASING.remove(&key).is_err() {
+        // Another CPU took it (or the map's lock failed: the sweep gives it back later).
+        return SETTLE_BUSY;
+    }
+    let Some(state) = INSTANCES.get_ptr_mut(&r.instance) else {
+        // Its instance's entry went with a count that drifted (settled at rmdir).
+        if r.kind != RELEASE_REFUSED {
+            if let Some(g) = global_counters() {
+                g.drift += 1;
+            }
+        }
+        return SETTLE_DONE;
+    };
+    if r.kind == RELEASE_REFUSED {
+        // SAFETY: an aligned u64 of a live map value, only updated atomically.
+        take_one(unsafe { AtomicU64::from_ptr(&raw mut (*state).refused_unreaped) });
+        return SETTLE_DONE;
+    }
+    // SAFETY: as above.
+    take_one(unsafe { AtomicU64::from_ptr(&raw mut (*state).releasing) });
+    let (threads, processes) = if r.kind == RELEASE_PROCESS {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    release_counted(
+        state, r.type_idx, r.instance, pid, threads, processes, false,
+    );
+    SETTLE_DONE
 }
 
 /// Takes one from a counter that must not go below zero (a count that drifted stays at 0).

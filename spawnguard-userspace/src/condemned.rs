@@ -105,7 +105,7 @@ fn kill_checked(tgid: u32, start_ns: u64) -> std::io::Result<bool> {
 }
 
 /// Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot.
-fn start_ticks(pid: u32) -> std::io::Result<Option<u64>> {
+pub(crate) fn start_ticks(pid: u32) -> std::io::Result<Option<u64>> {
     let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -120,7 +120,7 @@ fn parse_start_ticks(stat: &str) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-fn ns_to_ticks(ns: u64) -> u64 {
+pub(crate) fn ns_to_ticks(ns: u64) -> u64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     ns / (1_000_000_000 / hz)

@@ -336,6 +336,14 @@ pub fn render(
     )?
     .with_label_values::<&str>(&[])
     .inc_by(s.entries_settled);
+    m.counter(
+        "spawnguard_releases_settled_total",
+        "Charges of exited tasks given back by the daemon's sweep: the task was gone (reaped) \
+         and the kernel's free hook had not given them back.",
+        &[],
+    )?
+    .with_label_values::<&str>(&[])
+    .inc_by(s.released_late);
     let fail_open = m.counter(
         "spawnguard_fail_open_total",
         "New tasks let through uncounted because the kernel side could not account for them.",
@@ -540,6 +548,7 @@ mod tests {
             maps: vec![],
             entries_reclaimed: 0,
             entries_settled: 0,
+            released_late: 0,
             created_full: 0,
             releasing_full: 0,
         };

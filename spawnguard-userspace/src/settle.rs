@@ -1,10 +1,14 @@
-//! Empty instance entries the hooks could not give back. An instance's last task gives its
-//! entry (and its `max_instances` slot) back; where that cannot happen — the close missed the
-//! emulated-atomics lock (kernels before 5.12: a lock holder's vCPU descheduled), the first task
-//! was refused, the processes moved out — the entry stays. Every `SWEEP`, an entry with no task
-//! and none waiting to be released, found so at two sweeps in a row, is settled by the kernel
-//! program `settle` (run through `BPF_PROG_TEST_RUN`, with the same compare-and-swap as the
-//! hooks, so a task entering meanwhile wins). While the daemon is down such entries wait.
+//! What the hooks left behind. An instance's last task gives its entry (and its
+//! `max_instances` slot) back; where that cannot happen — the close missed the emulated-atomics
+//! lock (kernels before 5.12: a lock holder's vCPU descheduled), the first task was refused, the
+//! processes moved out — the entry stays. And an exited task's charge is given back when the
+//! kernel frees the task; a few were seen never given back on a loaded host (the cause is not
+//! found). Every `SWEEP` the daemon reads both maps; what it finds at two sweeps in a row — an
+//! entry with no task and none waiting to be released, a charge whose task is gone (reaped, or
+//! its pid taken by a later task) — the kernel program `settle` gives back (run through
+//! `BPF_PROG_TEST_RUN`, with the same compare-and-swap as the hooks, so a task entering
+//! meanwhile wins, and removing the parked charge first, so it is never given back twice).
+//! While the daemon is down these wait.
 
 use std::{
     collections::HashSet,
@@ -16,30 +20,39 @@ use aya::{
     maps::{HashMap, MapData},
     programs::{ProgramFd, ProgramInfo},
 };
-use spawnguard_common::{maps, InstanceState, SETTLE_BUSY, SETTLE_DONE};
+use spawnguard_common::{
+    maps, InstanceState, ReleasingTask, SETTLE_BUSY, SETTLE_DONE, SETTLE_INSTANCE, SETTLE_RELEASE,
+};
 use spawnguard_ebpf::{word_tasks, OPENING, RECLAIMING};
 
-use crate::{loader, mapbatch};
+use crate::{condemned, loader, mapbatch};
 
 /// How often the entries are read.
 const SWEEP: Duration = Duration::from_secs(1);
 
-/// Every `SWEEP`: settles the entries that were empty at the previous sweep and still are.
+/// Every `SWEEP`: settles what was left behind at the previous sweep and still is.
 pub async fn watch() -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(SWEEP);
-    let mut empty_before: HashSet<u64> = HashSet::new();
+    let (mut empty_before, mut gone_before) = (HashSet::new(), HashSet::new());
     let mut program: Option<SettleProgram> = None;
     loop {
         tick.tick().await;
-        let empty = match empty_entries() {
-            Ok(e) => e,
-            Err(e) => {
+        let (empty, gone) = match (empty_entries(), gone_tasks()) {
+            (Ok(e), Ok(g)) => (e, g),
+            (Err(e), _) | (_, Err(e)) => {
                 tracing::debug!("settle sweep: {e:#}");
                 continue;
             }
         };
-        let due: Vec<u64> = empty.intersection(&empty_before).copied().collect();
-        empty_before = empty;
+        let due: Vec<(u64, u64)> = empty
+            .intersection(&empty_before)
+            .map(|id| (SETTLE_INSTANCE, *id))
+            .chain(
+                gone.intersection(&gone_before)
+                    .map(|task| (SETTLE_RELEASE, *task)),
+            )
+            .collect();
+        (empty_before, gone_before) = (empty, gone);
         if due.is_empty() {
             continue;
         }
@@ -47,28 +60,57 @@ pub async fn watch() -> anyhow::Result<()> {
             match SettleProgram::open() {
                 Ok(p) => program = Some(p),
                 Err(e) => {
-                    tracing::warn!("cannot settle {} empty instance entries: {e:#}", due.len());
+                    tracing::warn!("cannot settle {} leftovers of the hooks: {e:#}", due.len());
                     continue;
                 }
             }
         }
         let Some(p) = &program else { continue };
-        let (mut settled, mut busy) = (0, 0);
-        for id in due {
-            match p.run(id) {
-                Ok(SETTLE_DONE) => settled += 1,
+        let (mut entries, mut released, mut busy) = (0, 0, 0);
+        for (what, key) in due {
+            match p.run(what, key) {
+                Ok(SETTLE_DONE) if what == SETTLE_RELEASE => released += 1,
+                Ok(SETTLE_DONE) => entries += 1,
                 Ok(SETTLE_BUSY) => busy += 1,
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!("settling instance {id}: {e}");
+                    tracing::warn!("settling {key}: {e}");
                     program = None;
                     break;
                 }
             }
         }
-        if settled + busy > 0 {
-            tracing::debug!("settled {settled} empty instance entries ({busy} busy, retried)");
+        if released > 0 {
+            tracing::warn!(
+                "gave back the charges of {released} exited tasks that were gone (reaped) but \
+                 never released by the kernel's free hook"
+            );
         }
+        if entries + busy > 0 {
+            tracing::debug!("settled {entries} empty instance entries ({busy} busy, retried)");
+        }
+    }
+}
+
+/// The parked charges (task addresses) whose task is gone: no such pid, or a pid that a later
+/// task took. A zombie (exited, not reaped) is still there: its charge stays, as its PID does.
+fn gone_tasks() -> anyhow::Result<HashSet<u64>> {
+    let parked: HashMap<MapData, u64, ReleasingTask> =
+        HashMap::try_from(loader::open_installed(maps::RELEASING)?)?;
+    Ok(mapbatch::entries(&parked)?
+        .into_iter()
+        .filter(|(_, r)| r.pid != 0 && is_gone(condemned::start_ticks(r.pid), r.start_ns))
+        .map(|(task, _)| task)
+        .collect())
+}
+
+/// Whether a task that started at `start_ns` is gone, given what /proc says of its pid.
+fn is_gone(proc_start_ticks: std::io::Result<Option<u64>>, start_ns: u64) -> bool {
+    match proc_start_ticks {
+        Ok(None) => true,
+        Ok(Some(ticks)) => ticks != condemned::ns_to_ticks(start_ns),
+        // Unreadable: not known to be gone.
+        Err(_) => false,
     }
 }
 
@@ -125,9 +167,9 @@ impl SettleProgram {
         Ok(Self { fd })
     }
 
-    /// Runs the program on instance `id`; returns its `SETTLE_*` code.
-    fn run(&self, id: u64) -> std::io::Result<u32> {
-        let args = [id];
+    /// Runs the program (`what`: `SETTLE_*`, on `key`); returns its `SETTLE_*` code.
+    fn run(&self, what: u64, key: u64) -> std::io::Result<u32> {
+        let args = [what, key];
         let mut attr = TestRunAttr {
             prog_fd: self.fd.as_fd().as_raw_fd() as u32,
             ctx_size_in: std::mem::size_of_val(&args) as u32,
@@ -168,6 +210,19 @@ mod tests {
         assert!(!is_empty(&with(spawnguard_ebpf::ADMITTED, 1)));
         assert!(!is_empty(&with(RECLAIMING, 0)));
         assert!(!is_empty(&with(OPENING, 0)), "a task is admitting it");
+    }
+
+    #[test]
+    fn a_task_is_gone_when_its_pid_is_or_names_a_later_task() {
+        let ns = 5_000_000_000;
+        let ticks = condemned::ns_to_ticks(ns);
+        assert!(is_gone(Ok(None), ns), "no such pid");
+        assert!(
+            is_gone(Ok(Some(ticks + 1)), ns),
+            "a later task with its pid"
+        );
+        assert!(!is_gone(Ok(Some(ticks)), ns), "still there (a zombie, say)");
+        assert!(!is_gone(Err(std::io::Error::other("unreadable")), ns));
     }
 
     #[test]

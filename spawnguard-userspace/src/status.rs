@@ -191,6 +191,10 @@ pub struct Status {
     /// could (a close that missed the emulated lock, a first task refused, processes moved out).
     #[serde(default)]
     pub entries_settled: u64,
+    /// Charges of exited tasks the daemon's sweep gave back: the task was gone, the kernel's
+    /// free hook had not given them back.
+    #[serde(default)]
+    pub released_late: u64,
     /// Instance directories whose creation time could not be kept (the map of creation times
     /// was full): their `max_age` counts from their first task.
     #[serde(default)]
@@ -328,6 +332,7 @@ pub fn snapshot() -> Result<Status> {
     let mut dropped = 0;
     let mut f = FailedOpen::default();
     let (mut reclaimed, mut settled, mut created_full, mut releasing_full) = (0, 0, 0, 0);
+    let mut released_late = 0;
     for g in global.get(&0, 0)?.iter() {
         dropped += g.events_dropped;
         f.instances_full += g.instances_full;
@@ -338,6 +343,7 @@ pub fn snapshot() -> Result<Status> {
         f.kill_failed += g.kill_failed;
         reclaimed += g.reclaimed;
         settled += g.settled;
+        released_late += g.released_late;
         created_full += g.created_full;
         releasing_full += g.releasing_full;
     }
@@ -386,6 +392,7 @@ pub fn snapshot() -> Result<Status> {
         maps,
         entries_reclaimed: reclaimed,
         entries_settled: settled,
+        released_late,
         created_full,
         releasing_full,
     })

@@ -220,7 +220,7 @@ const RELEASE_LAG: Duration = Duration::from_secs(60);
 fn leaked_instance_directories_cost_no_entry(backend: &str) {
     const CAPACITY: usize = 64;
     let (rel, tree) = test_type(&format!("leak-{backend}"));
-    let _daemon = Daemon::start_with_args(
+    let daemon = Daemon::start_with_args(
         &policy("lk", &rel, "max_tasks = 10"),
         backend,
         &["--instance-capacity", &CAPACITY.to_string()],
@@ -270,12 +270,24 @@ fn leaked_instance_directories_cost_no_entry(backend: &str) {
     // were seen on this shared host under load; on kernels before 5.12 a close that missed the
     // emulated lock is settled by the daemon's sweep.)
     let started = std::time::Instant::now();
-    assert!(
-        wait_for(RELEASE_LAG, || map("instances")["entries"] == 0),
-        "ended instances kept entries for {} s: {}",
-        RELEASE_LAG.as_secs(),
-        status()["instances"]
-    );
+    let released = wait_for(RELEASE_LAG, || map("instances")["entries"] == 0);
+    if !released {
+        let s = status();
+        panic!(
+            "ended instances kept entries for {} s: {}\nsettled: {} entries, {} late releases; \
+             failed open: {}\ndaemon log:\n{}",
+            RELEASE_LAG.as_secs(),
+            s["instances"],
+            s["entries_settled"],
+            s["released_late"],
+            s["failed_open_by"],
+            {
+                let log = daemon.log_text();
+                let lines: Vec<&str> = log.lines().collect();
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            }
+        );
+    }
     eprintln!(
         "ended instances' entries all given back after {} ms",
         started.elapsed().as_millis()
