@@ -95,6 +95,10 @@ pub async fn watch() -> anyhow::Result<()> {
 /// The parked charges (task addresses) whose task is gone: no such pid, or a pid that a later
 /// task took. A zombie (exited, not reaped) is still there: its charge stays, as its PID does.
 fn gone_tasks() -> anyhow::Result<HashSet<u64>> {
+    if !in_host_pid_namespace() {
+        // The kernel records host pids: /proc here would name other tasks.
+        return Ok(HashSet::new());
+    }
     let parked: HashMap<MapData, u64, ReleasingTask> =
         HashMap::try_from(loader::open_installed(maps::RELEASING)?)?;
     Ok(mapbatch::entries(&parked)?
@@ -102,6 +106,14 @@ fn gone_tasks() -> anyhow::Result<HashSet<u64>> {
         .filter(|(_, r)| r.pid != 0 && is_gone(condemned::start_ticks(r.pid), r.start_ns))
         .map(|(task, _)| task)
         .collect())
+}
+
+/// Whether this process sees the host's pids: its pid namespace is the initial one (the kernel
+/// numbers that one `PROC_PID_INIT_INO`).
+fn in_host_pid_namespace() -> bool {
+    const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").is_ok_and(|m| m.ino() == PROC_PID_INIT_INO)
 }
 
 /// Whether a task that started at `start_ns` is gone, given what /proc says of its pid.
