@@ -163,10 +163,18 @@ fn type_and_host_budgets_deny_with_their_own_reason() {
     )
     .unwrap();
     let inst = tree.root.join("a");
-    let bomb = exec_bomb("hb", "a", &["fork", "1500", "2000", "1000"])
+    // It forks for 1.5 s and holds its processes 5 s more: the state is read while it holds.
+    let bomb = exec_bomb("hb", "a", &["fork", "1500", "2000", "5000"])
         .spawn()
         .unwrap();
-    sleep(Duration::from_millis(1800));
+    let mut s = serde_json::Value::Null;
+    let held = wait_for(Duration::from_secs(6), || {
+        s = status();
+        live_tasks(&inst) == 5 && s["host"]["tasks"] == 5
+    });
+    // Past the forks' deadline: no more than 5 even after every retry.
+    sleep(Duration::from_millis(1600));
+    assert!(held, "not held at deny_at * max_tasks: {s}");
     assert_eq!(live_tasks(&inst), 5, "held at deny_at * max_tasks");
     let s = status();
     assert_eq!(s["host"]["tasks"], 5, "{s}");

@@ -85,6 +85,19 @@ struct BombCounters {
     /// Processes (the first included) that ran their own code: counted by each child at its
     /// first line after fork() returned, so a child killed before it runs is never counted.
     ran: AtomicU64,
+    /// Fork bombs: processes running their own code now (counted in at their first line, out
+    /// just before they exit), and the most there ever were at once.
+    live: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl BombCounters {
+    /// This process reached its own code.
+    fn enter(&self) {
+        self.ran.fetch_add(1, Ordering::Relaxed);
+        let now = self.live.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+    }
 }
 
 fn fork_bomb(deadline_ms: u64, cap: u64, hold_ms: u64, back_off: bool) {
@@ -93,7 +106,7 @@ fn fork_bomb(deadline_ms: u64, cap: u64, hold_ms: u64, back_off: bool) {
     // SAFETY: children are reaped by the kernel; no handler runs.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
     let root = std::process::id();
-    c.ran.fetch_add(1, Ordering::Relaxed);
+    c.enter();
     while Instant::now() < deadline && c.attempts.fetch_add(1, Ordering::Relaxed) < cap {
         // SAFETY: single-threaded process; the child only continues this loop.
         match unsafe { libc::fork() } {
@@ -108,9 +121,7 @@ fn fork_bomb(deadline_ms: u64, cap: u64, hold_ms: u64, back_off: bool) {
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
-            0 => {
-                c.ran.fetch_add(1, Ordering::Relaxed);
-            }
+            0 => c.enter(),
             _ => {
                 c.forked.fetch_add(1, Ordering::Relaxed);
             }
@@ -118,18 +129,24 @@ fn fork_bomb(deadline_ms: u64, cap: u64, hold_ms: u64, back_off: bool) {
     }
     let end = deadline + Duration::from_millis(hold_ms);
     sleep_until(end);
+    // Out before the exit: the kernel gives the task's place back later still (at its
+    // release), so `peak` never counts more than the kernel did at that moment.
+    c.live.fetch_sub(1, Ordering::SeqCst);
     c.exited.fetch_add(1, Ordering::Relaxed);
     if std::process::id() == root {
         // The others end at the same instant: give them time to count themselves.
         sleep_until(end + Duration::from_millis(300));
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        // `ran`: the most processes that ran their own code at once. (A fork slowed past the
+        // others' exits on a loaded machine runs after them: counted in `total`, not `ran`.)
         println!(
-            "attempts={} failed={} eagain={} forked={} killed={} ran={}",
+            "attempts={} failed={} eagain={} forked={} killed={} ran={} total={}",
             n(&c.attempts).min(cap),
             n(&c.failed),
             n(&c.eagain),
             n(&c.forked),
             (n(&c.forked) + 1).saturating_sub(n(&c.exited)),
+            n(&c.peak),
             n(&c.ran),
         );
     }
