@@ -485,8 +485,8 @@ pub struct GlobalCounters {
     /// Empty instance entries the daemon's sweep gave back (`SETTLE_DONE`): a close whose lock
     /// was missed (emulated atomics), a first task refused, processes moved out.
     pub settled: u64,
-    /// Charges of exited tasks the daemon's sweep gave back: the task was gone (reaped) and the
-    /// free hook had not given them back.
+    /// Charges of exited tasks the free hook never gave back, given back later: by the daemon's
+    /// sweep (the task gone), or by the exit of a new task at the same address.
     pub released_late: u64,
 }
 

@@ -262,7 +262,15 @@ const EEXIST: i32 = 17;
 /// caller then releases it at once, as before the task is reaped).
 #[inline(always)]
 pub fn defer_release(task: Task, state: *mut InstanceState, r: &ReleasingTask) -> bool {
-    if !park(task as u64, r.instance, r.type_idx, r.kind) {
+    let mut parked = park(task as u64, r.instance, r.type_idx, r.kind);
+    if parked == -EEXIST {
+        // This task's memory held a task that was freed without its charge given back (its
+        // free hook missed it: a few in some thousands on a loaded host). That task is gone,
+        // so its charge goes back now; overwriting it would lose it for good.
+        release_reused(task as u64);
+        parked = park(task as u64, r.instance, r.type_idx, r.kind);
+    }
+    if parked != 0 {
         return false;
     }
     // SAFETY: an aligned u64 of a live map value, only updated atomically.
@@ -270,11 +278,12 @@ pub fn defer_release(task: Task, state: *mut InstanceState, r: &ReleasingTask) -
     true
 }
 
-/// Puts an exited task (or a refused child) in RELEASING. Not inlined: its value lives in this
-/// small frame, not in the fork program's, whose stack (with its subprograms') kernels before
-/// 6.x hold to 512 bytes.
+/// Puts an exited task (or a refused child) in RELEASING, unless its address is there already;
+/// returns 0 or the map's error (`-EEXIST`: see `defer_release`). Not inlined: its value lives
+/// in this small frame, not in the fork program's, whose stack (with its subprograms') kernels
+/// before 6.x hold to 512 bytes.
 #[inline(never)]
-fn park(task: u64, instance: u64, type_idx: u32, kind: u32) -> bool {
+fn park(task: u64, instance: u64, type_idx: u32, kind: u32) -> i32 {
     let t = task as Task;
     let v = ReleasingTask {
         instance,
@@ -284,7 +293,20 @@ fn park(task: u64, instance: u64, type_idx: u32, kind: u32) -> bool {
         _pad: 0,
         start_ns: kernel::task_start_ns(t),
     };
-    RELEASING.insert(&task, &v, BPF_ANY as u64).is_ok()
+    match RELEASING.insert(&task, &v, BPF_NOEXIST as u64) {
+        Ok(()) => 0,
+        Err(e) => e,
+    }
+}
+
+/// Gives back the charge parked under a task address that a new task now has.
+#[inline(never)]
+fn release_reused(key: u64) {
+    if release_parked(key, 0) == SETTLE_DONE {
+        if let Some(g) = global_counters() {
+            g.released_late += 1;
+        }
+    }
 }
 
 /// Gives back what the parked task `key` (a task address) held: from the free hook when the
@@ -396,12 +418,15 @@ pub fn hold_refused(child: Task, state: *mut InstanceState, r: &Report) {
     if kernel::reaps_children_at_exit(spawner) {
         return;
     }
-    if !park(
+    // (Where the child's address still holds a charge its free hook missed, that charge stays
+    // and this refusal goes unreported: the child's own release gives that charge back.)
+    if park(
         child as u64,
         r.instance,
         r.type_idx,
         spawnguard_common::RELEASE_REFUSED,
-    ) {
+    ) != 0
+    {
         return;
     }
     // SAFETY: an aligned u64 of a live map value, only updated atomically.

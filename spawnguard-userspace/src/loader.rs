@@ -18,10 +18,11 @@ use aya::{
 };
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
-    maps, BreakerLimits, BreakerState, HostLimits, Meta, PathKey, PathNode, TypeCounters, TypeDir,
-    TypeLevels, TypeLimits, TypeState, BACKEND_KILL, BACKEND_KILL_COMPAT, BACKEND_LSM,
-    LAYOUT_VERSION, MAX_PATH_NODES, MAX_TYPES, MAX_TYPE_LEVELS, MODE_AUDIT, MODE_ENFORCE, NO_LIMIT,
-    NO_TYPE, ON_MAX_AGE_EVENT, ON_MAX_AGE_FREEZE, ON_MAX_AGE_KILL, PATH_NAME_LEN, TYPE_NAME_LEN,
+    maps, BreakerLimits, BreakerState, HostLimits, InstanceState, Meta, PathKey, PathNode,
+    TypeCounters, TypeDir, TypeLevels, TypeLimits, TypeState, BACKEND_KILL, BACKEND_KILL_COMPAT,
+    BACKEND_LSM, LAYOUT_VERSION, MAX_PATH_NODES, MAX_TYPES, MAX_TYPE_LEVELS, MODE_AUDIT,
+    MODE_ENFORCE, NO_LIMIT, NO_TYPE, ON_MAX_AGE_EVENT, ON_MAX_AGE_FREEZE, ON_MAX_AGE_KILL,
+    PATH_NAME_LEN, TYPE_NAME_LEN,
 };
 use spawnguard_ebpf::{policy_index, rate_interval_ns, rate_window_ns};
 
@@ -784,10 +785,25 @@ impl Enforcer {
             let t = type_state.get(&index, 0)?;
             holds.push(t.tasks != 0 || t.instances != 0);
         }
-        let indices = assign_indices(&existing, &holds, types)?;
-        for (t, index) in types.iter_mut().zip(&indices) {
+        // The slot a type's running agents are counted in, when that is no longer their type's
+        // (the type was renamed, or removed and added again under another name): the type
+        // takes it back with its counts and breaker, so forks and exits meet in one slot.
+        let instances: HashMap<_, u64, InstanceState> =
+            HashMap::try_from(open_pinned(&self.dir, maps::INSTANCES)?)?;
+        let counted_in: Vec<Option<u32>> = types
+            .iter()
+            .map(|t| {
+                cgroupfs::children(&t.dir)
+                    .iter()
+                    .filter_map(|inst| cgroupfs::cgroup_id(inst).ok())
+                    .find_map(|id| instances.get(&id, 0).ok().map(|s| s.type_idx))
+            })
+            .collect();
+        let indices = assign_indices(&existing, &holds, &counted_in, types)?;
+        for ((t, index), counted) in types.iter_mut().zip(&indices).zip(&counted_in) {
             t.index = *index;
-            if existing[*index as usize].as_deref() != Some(t.name.as_str()) {
+            let kept = existing[*index as usize].as_deref() == Some(t.name.as_str());
+            if !kept && *counted != Some(*index) {
                 self.clear_slot(*index)?;
             }
         }
@@ -1038,12 +1054,14 @@ pub fn name_of(raw: &[u8]) -> String {
     String::from_utf8_lossy(&raw[..end]).into_owned()
 }
 
-/// Slot of each type: its old slot when a type of that name exists, else the first free one
-/// that holds no count (`holds`: a removed type's instances still count there), preferring
-/// slots no type in force has.
+/// Slot of each type: its old slot when a type of that name exists; else the slot its running
+/// agents are counted in (`counted_in`), when no type of the policy keeps that one by name; else
+/// the first free one that holds no count (`holds`: a removed type's instances still count
+/// there), preferring slots no type in force has.
 fn assign_indices(
     existing: &[Option<String>],
     holds: &[bool],
+    counted_in: &[Option<u32>],
     types: &[PlacedType],
 ) -> Result<Vec<u32>> {
     let mut taken: Vec<bool> = existing
@@ -1055,9 +1073,14 @@ fn assign_indices(
         .collect();
     types
         .iter()
-        .map(|t| {
+        .zip(counted_in)
+        .map(|(t, counted)| {
             if let Some(i) = existing.iter().position(|n| n.as_deref() == Some(&t.name)) {
                 return Ok(i as u32);
+            }
+            if let Some(i) = counted.filter(|&i| taken.get(i as usize) == Some(&false)) {
+                taken[i as usize] = true;
+                return Ok(i);
             }
             let free = (0..taken.len())
                 .find(|&i| !taken[i] && !holds[i] && existing[i].is_none())
@@ -1305,6 +1328,7 @@ mod tests {
                     [[type]]\nname = \"new\"\npath = \"a/n\"\nmax_tasks = 5\n";
         let policy = Policy::parse(text, "p.toml").unwrap();
         let types = placed(&policy, "/cg");
+        let none = vec![None; types.len()];
         let mut existing = vec![None; MAX_TYPES as usize];
         existing[0] = Some("removed".to_string());
         existing[1] = Some("kept".to_string());
@@ -1313,23 +1337,52 @@ mod tests {
         holds[0] = true;
         holds[2] = true;
         assert_eq!(
-            assign_indices(&existing, &holds, &types).unwrap(),
+            assign_indices(&existing, &holds, &none, &types).unwrap(),
             vec![1, 3],
             "kept keeps its slot; new skips the slots that still count"
         );
         // Once those instances ended, their slots are free again.
         let holds = vec![false; MAX_TYPES as usize];
         assert_eq!(
-            assign_indices(&existing, &holds, &types).unwrap(),
+            assign_indices(&existing, &holds, &none, &types).unwrap(),
             vec![1, 2]
         );
         // Every free slot still counting: a clear error, nothing assigned.
         let mut holds = vec![true; MAX_TYPES as usize];
         holds[1] = false;
-        let e = assign_indices(&existing, &holds, &types).unwrap_err();
+        let e = assign_indices(&existing, &holds, &none, &types).unwrap_err();
         assert!(
             e.to_string().contains("no free type slot for type \"new\""),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_renamed_type_takes_back_the_slot_its_agents_count_in() {
+        let text = "[[type]]\nname = \"kept\"\npath = \"a/k\"\nmax_tasks = 5\n\
+                    [[type]]\nname = \"renamed\"\npath = \"a/r\"\nmax_tasks = 5\n";
+        let policy = Policy::parse(text, "p.toml").unwrap();
+        let types = placed(&policy, "/cg");
+        let mut existing = vec![None; MAX_TYPES as usize];
+        existing[0] = Some("kept".to_string());
+        existing[4] = Some("old-name".to_string());
+        let mut holds = vec![false; MAX_TYPES as usize];
+        holds[4] = true;
+        // Renamed in this change (slot 4 had the old name), or removed earlier and added again
+        // now (slot 4 empty but still counting): the agents' slot, counts and all.
+        assert_eq!(
+            assign_indices(&existing, &holds, &[None, Some(4)], &types).unwrap(),
+            vec![0, 4]
+        );
+        existing[4] = None;
+        assert_eq!(
+            assign_indices(&existing, &holds, &[None, Some(4)], &types).unwrap(),
+            vec![0, 4]
+        );
+        // Never a slot another type keeps by name: then the first free one.
+        assert_eq!(
+            assign_indices(&existing, &holds, &[None, Some(0)], &types).unwrap(),
+            vec![0, 1]
         );
     }
 

@@ -338,8 +338,8 @@ pub fn render(
     .inc_by(s.entries_settled);
     m.counter(
         "spawnguard_releases_settled_total",
-        "Charges of exited tasks given back by the daemon's sweep: the task was gone (reaped) \
-         and the kernel's free hook had not given them back.",
+        "Charges of exited tasks the kernel's free hook never gave back, given back later: by \
+         the daemon's sweep (the task gone) or when a new task got the task's address.",
         &[],
     )?
     .with_label_values::<&str>(&[])
@@ -549,6 +549,7 @@ mod tests {
             entries_reclaimed: 0,
             entries_settled: 0,
             released_late: 0,
+            count_drift: 0,
             created_full: 0,
             releasing_full: 0,
         };

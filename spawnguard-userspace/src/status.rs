@@ -191,10 +191,14 @@ pub struct Status {
     /// could (a close that missed the emulated lock, a first task refused, processes moved out).
     #[serde(default)]
     pub entries_settled: u64,
-    /// Charges of exited tasks the daemon's sweep gave back: the task was gone, the kernel's
-    /// free hook had not given them back.
+    /// Charges of exited tasks the kernel's free hook never gave back, given back later: by the
+    /// daemon's sweep (the task gone), or when a new task got the task's memory.
     #[serde(default)]
     pub released_late: u64,
+    /// Instance counts found below zero and clamped (a release of what was never counted): 0
+    /// unless the kernel side lost track somewhere.
+    #[serde(default)]
+    pub count_drift: u64,
     /// Instance directories whose creation time could not be kept (the map of creation times
     /// was full): their `max_age` counts from their first task.
     #[serde(default)]
@@ -247,6 +251,8 @@ pub fn snapshot() -> Result<Status> {
     let processes: HashMap<MapData, u32, spawnguard_common::ProcessRecord> =
         HashMap::try_from(open_installed(maps::PROCESSES)?)?;
     let doomed: HashMap<MapData, u32, u32> = HashMap::try_from(open_installed(maps::DOOMED)?)?;
+    let releasing: HashMap<MapData, u64, spawnguard_common::ReleasingTask> =
+        HashMap::try_from(open_installed(maps::RELEASING)?)?;
     let daemon = DaemonState::read();
 
     let side = crate::loader::installed_policy_side()?;
@@ -332,7 +338,7 @@ pub fn snapshot() -> Result<Status> {
     let mut dropped = 0;
     let mut f = FailedOpen::default();
     let (mut reclaimed, mut settled, mut created_full, mut releasing_full) = (0, 0, 0, 0);
-    let mut released_late = 0;
+    let (mut released_late, mut count_drift) = (0, 0);
     for g in global.get(&0, 0)?.iter() {
         dropped += g.events_dropped;
         f.instances_full += g.instances_full;
@@ -344,6 +350,7 @@ pub fn snapshot() -> Result<Status> {
         reclaimed += g.reclaimed;
         settled += g.settled;
         released_late += g.released_late;
+        count_drift += g.drift;
         created_full += g.created_full;
         releasing_full += g.releasing_full;
     }
@@ -369,6 +376,11 @@ pub fn snapshot() -> Result<Status> {
             entries: crate::mapbatch::entries(&doomed)?.len() as u64,
             capacity: capacity(maps::DOOMED, spawnguard_common::MAX_DOOMED),
         },
+        MapUsage {
+            map: maps::RELEASING.to_lowercase(),
+            entries: crate::mapbatch::entries(&releasing)?.len() as u64,
+            capacity: capacity(maps::RELEASING, spawnguard_common::MAX_RELEASING),
+        },
     ];
     let hl = host_limits.get(&side, 0)?;
     let host = HostStatus {
@@ -393,6 +405,7 @@ pub fn snapshot() -> Result<Status> {
         entries_reclaimed: reclaimed,
         entries_settled: settled,
         released_late,
+        count_drift,
         created_full,
         releasing_full,
     })
@@ -424,6 +437,10 @@ impl MapUsage {
             "created" => {
                 "instance directories (empty ones too); when it is full a new instance's \
                  max_age counts from its first task; remove the directories of ended agents"
+            }
+            "releasing" => {
+                "exited tasks not yet reaped; when it is full an exited task's charge is given \
+                 back at its exit, while its zombie still holds a PID"
             }
             _ => "entries; when it is full new tasks run uncounted",
         };

@@ -14,7 +14,9 @@
 //!   even when its main thread is blocked and its other threads make no system call;
 //! - **a policy change applies at once**: a fork-rate bucket emptied under the old rate does not
 //!   hold back the new one, a type added while a removed one's agents still run starts from
-//!   its own counts, not theirs, and a type added over agents already running counts them;
+//!   its own counts, not theirs, a type added over agents already running counts them, and a
+//!   type renamed (or removed and added again under another name) while its agents run keeps
+//!   counting and holding them;
 //! - **nothing is denied by accident**: a new type never inherits a removed type's totals
 //!   (which would refuse it), and instance entries no last task gave back (a first task
 //!   refused, processes moved out) are settled. (The racing reservations are unit tests of the
@@ -38,6 +40,7 @@ per_backend!(
     a_process_moved_in_over_budget_dies_whole,
     a_new_type_never_inherits_a_removed_types_counts,
     a_type_added_over_running_agents_counts_them,
+    a_renamed_type_keeps_counting_its_running_agents,
 );
 
 /// Bombs per backend: `SG_STORM_ROUNDS`, at least 20 (fewer only when asked, e.g. to try one).
@@ -277,12 +280,14 @@ fn leaked_instance_directories_cost_no_entry(backend: &str) {
         let s = status();
         panic!(
             "ended instances kept entries for {} s: {}\nsettled: {} entries, {} late releases; \
-             failed open: {}\ndaemon log:\n{}",
+             count drift: {}; failed open: {}; parked: {}\ndaemon log:\n{}",
             RELEASE_LAG.as_secs(),
             s["instances"],
             s["entries_settled"],
             s["released_late"],
+            s["count_drift"],
             s["failed_open_by"],
+            map("releasing"),
             {
                 let log = daemon.log_text();
                 let lines: Vec<&str> = log.lines().collect();
@@ -685,5 +690,58 @@ fn a_type_added_over_running_agents_counts_them(backend: &str) {
     assert!(
         fourth_died,
         "a process moved into the full instance still runs"
+    );
+}
+
+fn a_renamed_type_keeps_counting_its_running_agents(backend: &str) {
+    let (rel, tree) = test_type(&format!("rename-{backend}"));
+    let _daemon = Daemon::start(&policy("before", &rel, "max_tasks = 5"), backend).unwrap();
+    let agent = tree.root.join("agent");
+    let mut holder = hold_instance("before", "agent", &agent);
+    let apply = |name: &str, text: &str| {
+        let file = write_policy(&format!("{name}-{backend}"), text);
+        let out = cli(&["policy", "apply", file.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+    };
+    // Renamed: the same path under another name, while the agent runs.
+    apply("rename-after", &policy("after", &rel, "max_tasks = 5"));
+    // (Counted once the last bomb's tasks are released: an RCU grace period after their reap.)
+    let counts_one =
+        |ty: &str| wait_for(RELEASE_LAG, || type_status(ty)["tasks"].as_u64() == Some(1));
+    let counted = counts_one("after");
+    // Its instance is still held at the type's budget (the agent holds 1 of the 5 tasks).
+    assert_held(
+        "after",
+        "agent",
+        4,
+        "the running agent's instance of a renamed type",
+    );
+    // Removed, then added again under a third name, while the agent runs.
+    let other = policy("other", &format!("{rel}-other"), "max_tasks = 5");
+    apply("rename-removed", &other);
+    apply(
+        "rename-again",
+        &format!("{other}{}", policy("again", &rel, "max_tasks = 5")),
+    );
+    let counted_again = counts_one("again");
+    assert_held(
+        "again",
+        "agent",
+        4,
+        "the running agent's instance of a re-added type",
+    );
+    // When the agent ends, the type's totals go back to zero: its exits were given back in
+    // the slot its forks were charged to.
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let drained = wait_for(RELEASE_LAG, || {
+        type_status("again")["tasks"].as_u64() == Some(0)
+    });
+    assert!(counted, "the renamed type does not count the agent");
+    assert!(counted_again, "the re-added type does not count the agent");
+    assert!(
+        drained,
+        "the type's totals did not drain: {}",
+        type_status("again")
     );
 }
