@@ -24,6 +24,6 @@ pub fn sched_process_free(ctx: BtfTracePointContext) -> i32 {
             }
         }
     }
-    release_parked(key, pid);
+    release_parked(key, pid, 0);
     0
 }

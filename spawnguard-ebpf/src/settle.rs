@@ -13,8 +13,8 @@ use spawnguard_common::{SETTLE_DONE, SETTLE_RELEASE};
 
 use crate::state;
 
-/// Arguments: what to do (`SETTLE_INSTANCE`, `SETTLE_RELEASE`) and its key (an instance id, a
-/// parked task's address).
+/// Arguments: what to do (`SETTLE_INSTANCE`, `SETTLE_RELEASE`), its key (an instance id, a
+/// parked task's address) and, for a charge, the start time of the task it was parked for.
 #[raw_tracepoint(tracepoint = "spawnguard_settle")]
 pub fn settle(ctx: RawTracePointContext) -> i32 {
     let what: u64 = ctx.arg(0);
@@ -22,7 +22,8 @@ pub fn settle(ctx: RawTracePointContext) -> i32 {
     if what != SETTLE_RELEASE {
         return state::settle(key) as i32;
     }
-    let code = state::release_parked(key, 0);
+    let start_ns: u64 = ctx.arg(2);
+    let code = state::release_parked(key, 0, start_ns);
     if code == SETTLE_DONE {
         if let Some(g) = state::global_counters() {
             g.released_late += 1;

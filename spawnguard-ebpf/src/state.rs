@@ -302,7 +302,7 @@ fn park(task: u64, instance: u64, type_idx: u32, kind: u32) -> i32 {
 /// Gives back the charge parked under a task address that a new task now has.
 #[inline(never)]
 fn release_reused(key: u64) {
-    if release_parked(key, 0) == SETTLE_DONE {
+    if release_parked(key, 0, 0) == SETTLE_DONE {
         if let Some(g) = global_counters() {
             g.released_late += 1;
         }
@@ -311,13 +311,18 @@ fn release_reused(key: u64) {
 
 /// Gives back what the parked task `key` (a task address) held: from the free hook when the
 /// task is released, or from the daemon's sweep for a task it found gone with its charge still
-/// parked. Whoever removes the entry gives it back, once; returns a `SETTLE_*` code.
+/// parked. Whoever removes the entry gives it back, once; returns a `SETTLE_*` code. With
+/// `start_ns` (not 0), only the charge of the task that started then: the sweep's, which a new
+/// task's exit at the same address may have settled and replaced since the sweep read it.
 #[inline(always)]
-pub fn release_parked(key: u64, pid: u32) -> u32 {
+pub fn release_parked(key: u64, pid: u32, start_ns: u64) -> u32 {
     // SAFETY: plain data copied out at once.
     let Some(r) = (unsafe { RELEASING.get(&key) }).copied() else {
         return SETTLE_GONE;
     };
+    if start_ns != 0 && r.start_ns != start_ns {
+        return SETTLE_GONE;
+    }
     if RELEASING.remove(&key).is_err() {
         // Another CPU took it (or the map's lock failed: the sweep gives it back later).
         return SETTLE_BUSY;

@@ -183,16 +183,19 @@ pub fn path_of_id(mount: &std::fs::File, id: u64) -> Option<PathBuf> {
     std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()
 }
 
-/// Child directories of a cgroup (the instances of a type directory).
+/// Child directories of a cgroup (the instances of a type directory); none if it cannot be
+/// listed.
 pub fn children(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
+    try_children(dir).unwrap_or_default()
+}
+
+/// Child directories of a cgroup, or why it cannot be listed.
+pub fn try_children(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    Ok(std::fs::read_dir(dir)?
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .map(|e| e.path())
-        .collect()
+        .collect())
 }
 
 /// Freezes every task of a cgroup subtree (`cgroup.freeze`, cgroup v2, kernel >= 5.2).

@@ -1,6 +1,7 @@
 //! `spawnguard run`: a few tokio tasks with one owner each. The policy task owns the policy in
 //! force and the enforcer's configuration maps; the control socket and SIGHUP send it requests.
-//! The event task owns the ring buffer. The max-age task watches instance ages. The kernel side
+//! The event task owns the ring buffer. The max-age task watches instance ages, the settle task
+//! what the hooks left behind, the backstop task the instances' `pids.max`. The kernel side
 //! never waits on any of them.
 
 use std::{
@@ -158,6 +159,13 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
             names_rx.clone(),
         ))
     });
+    // A thread of its own: a sweep of many instance directories is blocking file system work.
+    let backstop_task = {
+        let (types, mount) = (names_rx.clone(), cg.mount.clone());
+        std::thread::Builder::new()
+            .name("backstop".into())
+            .spawn(move || crate::backstop::run(types, mount))?
+    };
     let max_age_task = tokio::spawn(watch_max_age(names_rx, report_tx.clone()));
     let condemned_task = tokio::spawn(crate::condemned::watch(report_tx.clone()));
     let settle_task = tokio::spawn(crate::settle::watch());
@@ -177,6 +185,7 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
             || max_age_task.is_finished()
             || condemned_task.is_finished()
             || settle_task.is_finished()
+            || backstop_task.is_finished()
             || metrics_task.as_ref().is_some_and(|t| t.is_finished())
         {
             bail!("a daemon task ended unexpectedly");
@@ -186,6 +195,7 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
     let _ = std::fs::remove_file(control::SOCKET);
     if opts.no_pin {
         loader::uninstall()?;
+        crate::backstop::give_back_all();
         tracing::info!("--no-pin: removed the enforcer; nothing is enforced any more");
     } else {
         tracing::info!(

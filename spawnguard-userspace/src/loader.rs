@@ -203,6 +203,10 @@ pub struct PlacedType {
     pub max_threads: u64,
     pub max_age: Option<std::time::Duration>,
     pub on_max_age: OnMaxAge,
+    /// The `pids.max` the backstop writes in its instances (`max_tasks` where enforced; none
+    /// in audit or for an exempt type, which are never denied).
+    #[serde(default)]
+    pub backstop: Option<u64>,
 }
 
 /// What the daemon writes to `STATE_FILE` for the CLI (`status`, `exec`).
@@ -242,6 +246,7 @@ pub fn place_types(policy: &Policy, cg: &Cgroup2) -> Result<Vec<PlacedType>> {
                 max_threads: t.max_threads,
                 max_age: t.max_age,
                 on_max_age: t.on_max_age,
+                backstop: (t.effective_mode() == Mode::Enforce).then_some(t.max_tasks),
             })
         })
         .collect()
@@ -806,6 +811,14 @@ impl Enforcer {
             if !kept && *counted != Some(*index) {
                 self.clear_slot(*index)?;
             }
+            if counted.is_some_and(|c| c != *index) {
+                tracing::warn!(
+                    "type {}: its running instances are counted in another type's slot (a type \
+                     moved away from this path while they run); until they end, the two types' \
+                     totals drift",
+                    t.name
+                );
+            }
         }
         let mut levels: Vec<u32> = Vec::new();
         for t in types.iter() {
@@ -1071,15 +1084,29 @@ fn assign_indices(
                 .is_some_and(|n| types.iter().any(|t| &t.name == n))
         })
         .collect();
-    types
+    // In passes, so that no type takes as a free slot the one another's agents count in.
+    let mut slots: Vec<Option<u32>> = types
         .iter()
-        .zip(counted_in)
-        .map(|(t, counted)| {
-            if let Some(i) = existing.iter().position(|n| n.as_deref() == Some(&t.name)) {
-                return Ok(i as u32);
-            }
+        .map(|t| {
+            existing
+                .iter()
+                .position(|n| n.as_deref() == Some(&t.name))
+                .map(|i| i as u32)
+        })
+        .collect();
+    for (slot, counted) in slots.iter_mut().zip(counted_in) {
+        if slot.is_none() {
             if let Some(i) = counted.filter(|&i| taken.get(i as usize) == Some(&false)) {
                 taken[i as usize] = true;
+                *slot = Some(i);
+            }
+        }
+    }
+    types
+        .iter()
+        .zip(slots)
+        .map(|(t, slot)| {
+            if let Some(i) = slot {
                 return Ok(i);
             }
             let free = (0..taken.len())
@@ -1318,6 +1345,7 @@ mod tests {
                 max_threads: t.max_threads,
                 max_age: None,
                 on_max_age: OnMaxAge::Event,
+                backstop: None,
             })
             .collect()
     }
@@ -1383,6 +1411,13 @@ mod tests {
         assert_eq!(
             assign_indices(&existing, &holds, &[None, Some(0)], &types).unwrap(),
             vec![0, 1]
+        );
+        // A type placed earlier never takes the counted slot as a free one.
+        let existing = vec![None; MAX_TYPES as usize];
+        let holds = vec![false; MAX_TYPES as usize];
+        assert_eq!(
+            assign_indices(&existing, &holds, &[None, Some(0)], &types).unwrap(),
+            vec![1, 0]
         );
     }
 

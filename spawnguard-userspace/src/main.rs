@@ -1,5 +1,6 @@
 //! `spawnguard`: the daemon that loads the kernel enforcer, and the CLI around it.
 
+mod backstop;
 mod breaker;
 mod btf;
 mod cgroupfs;
@@ -321,6 +322,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .context("stop the daemon before uninstalling (it would reinstall)")?;
             let removed = loader::uninstall()?;
             let _ = std::fs::remove_file(STATE_FILE);
+            // The pids.max limits the backstop wrote go back to what was there before.
+            backstop::give_back_all();
             match (output, removed) {
                 (Output::Json, _) => println!("{}", serde_json::json!({ "removed": removed })),
                 (Output::Table, true) => {

@@ -44,12 +44,12 @@ pub async fn watch() -> anyhow::Result<()> {
                 continue;
             }
         };
-        let due: Vec<(u64, u64)> = empty
+        let due: Vec<[u64; 3]> = empty
             .intersection(&empty_before)
-            .map(|id| (SETTLE_INSTANCE, *id))
+            .map(|id| [SETTLE_INSTANCE, *id, 0])
             .chain(
                 gone.intersection(&gone_before)
-                    .map(|task| (SETTLE_RELEASE, *task)),
+                    .map(|&(task, start_ns)| [SETTLE_RELEASE, task, start_ns]),
             )
             .collect();
         (empty_before, gone_before) = (empty, gone);
@@ -67,8 +67,9 @@ pub async fn watch() -> anyhow::Result<()> {
         }
         let Some(p) = &program else { continue };
         let (mut entries, mut released, mut busy) = (0, 0, 0);
-        for (what, key) in due {
-            match p.run(what, key) {
+        for args in due {
+            let (what, key) = (args[0], args[1]);
+            match p.run(args) {
                 Ok(SETTLE_DONE) if what == SETTLE_RELEASE => released += 1,
                 Ok(SETTLE_DONE) => entries += 1,
                 Ok(SETTLE_BUSY) => busy += 1,
@@ -92,9 +93,10 @@ pub async fn watch() -> anyhow::Result<()> {
     }
 }
 
-/// The parked charges (task addresses) whose task is gone: no such pid, or a pid that a later
-/// task took. A zombie (exited, not reaped) is still there: its charge stays, as its PID does.
-fn gone_tasks() -> anyhow::Result<HashSet<u64>> {
+/// The parked charges (task address, start time) whose task is gone: no such pid, or a pid that
+/// a later task took. A zombie (exited, not reaped) is still there: its charge stays, as its PID
+/// does.
+fn gone_tasks() -> anyhow::Result<HashSet<(u64, u64)>> {
     if !in_host_pid_namespace() {
         // The kernel records host pids: /proc here would name other tasks.
         return Ok(HashSet::new());
@@ -104,7 +106,7 @@ fn gone_tasks() -> anyhow::Result<HashSet<u64>> {
     Ok(mapbatch::entries(&parked)?
         .into_iter()
         .filter(|(_, r)| r.pid != 0 && is_gone(condemned::start_ticks(r.pid), r.start_ns))
-        .map(|(task, _)| task)
+        .map(|(task, r)| (task, r.start_ns))
         .collect())
 }
 
@@ -179,9 +181,9 @@ impl SettleProgram {
         Ok(Self { fd })
     }
 
-    /// Runs the program (`what`: `SETTLE_*`, on `key`); returns its `SETTLE_*` code.
-    fn run(&self, what: u64, key: u64) -> std::io::Result<u32> {
-        let args = [what, key];
+    /// Runs the program on its arguments (what: `SETTLE_*`, key, start time); returns its
+    /// `SETTLE_*` code.
+    fn run(&self, args: [u64; 3]) -> std::io::Result<u32> {
         let mut attr = TestRunAttr {
             prog_fd: self.fd.as_fd().as_raw_fd() as u32,
             ctx_size_in: std::mem::size_of_val(&args) as u32,

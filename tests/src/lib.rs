@@ -694,6 +694,11 @@ impl PidsCgroup {
         Self { dir, v1: None }
     }
 
+    /// Whether it is a v1 directory (tasks must be put there too: see `join`).
+    pub fn is_v1(&self) -> bool {
+        self.v1.is_some()
+    }
+
     /// Puts a process in it too (v1 only; on cgroup2 it is the instance itself).
     pub fn join(&self, pid: u32) {
         if self.v1.is_some() {

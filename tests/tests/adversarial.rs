@@ -7,7 +7,8 @@
 //!   cleanup scripts, `spawnguard exec` itself), its parents too, and instance directories
 //!   leaked by the thousand;
 //! - **counts are the pids controller's**: an unreaped zombie holds its PID and its place in the
-//!   budget, and refused children left unreaped are reported; a mixed workload
+//!   budget, and refused children left unreaped are reported, and bounded by the `pids.max` the
+//!   daemon writes wherever a pids controller covers the instance; a mixed workload
 //!   (forks, threads, vfork, io_uring workers, zombies, migrations) is counted exactly as
 //!   `pids.current` counts it;
 //! - **a refusal stops what it refuses**: a process moved into a full instance dies as a whole,
@@ -41,6 +42,7 @@ per_backend!(
     a_new_type_never_inherits_a_removed_types_counts,
     a_type_added_over_running_agents_counts_them,
     a_renamed_type_keeps_counting_its_running_agents,
+    refused_zombies_are_bounded_where_a_pids_controller_covers_the_instance,
 );
 
 /// Bombs per backend: `SG_STORM_ROUNDS`, at least 20 (fewer only when asked, e.g. to try one).
@@ -693,16 +695,19 @@ fn a_type_added_over_running_agents_counts_them(backend: &str) {
     );
 }
 
+/// `spawnguard policy apply` of `text` (written to a file named `name`), which must succeed.
+fn apply_policy(name: &str, text: &str) {
+    let file = write_policy(name, text);
+    let out = cli(&["policy", "apply", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+}
+
 fn a_renamed_type_keeps_counting_its_running_agents(backend: &str) {
     let (rel, tree) = test_type(&format!("rename-{backend}"));
     let _daemon = Daemon::start(&policy("before", &rel, "max_tasks = 5"), backend).unwrap();
     let agent = tree.root.join("agent");
     let mut holder = hold_instance("before", "agent", &agent);
-    let apply = |name: &str, text: &str| {
-        let file = write_policy(&format!("{name}-{backend}"), text);
-        let out = cli(&["policy", "apply", file.to_str().unwrap()]);
-        assert!(out.status.success(), "{out:?}");
-    };
+    let apply = |name: &str, text: &str| apply_policy(&format!("{name}-{backend}"), text);
     // Renamed: the same path under another name, while the agent runs.
     apply("rename-after", &policy("after", &rel, "max_tasks = 5"));
     // (Counted once the last bomb's tasks are released: an RCU grace period after their reap.)
@@ -744,4 +749,124 @@ fn a_renamed_type_keeps_counting_its_running_agents(backend: &str) {
         "the type's totals did not drain: {}",
         type_status("again")
     );
+}
+
+fn refused_zombies_are_bounded_where_a_pids_controller_covers_the_instance(backend: &str) {
+    const BUDGET: u64 = 30;
+    let (rel, _tree) = test_type(&format!("backstop-{backend}"));
+    let type_rel = format!("{rel}/t");
+    let with_budget = |max: u64| policy("bs", &type_rel, &format!("max_tasks = {max}"));
+    let pids = PidsCgroup::for_instance(&format!("{type_rel}/i"));
+    fs::create_dir_all(cgroup2_mount().join(&type_rel).join("i")).unwrap();
+    // Beside it, an instance whose pids.max runc (say) set lower than the budget.
+    let theirs = pids.dir.with_file_name("j");
+    fs::create_dir_all(&theirs).unwrap();
+    fs::create_dir_all(cgroup2_mount().join(&type_rel).join("j")).unwrap();
+    fs::write(theirs.join("pids.max"), "10").unwrap();
+    let _daemon = Daemon::start(&with_budget(BUDGET), backend).unwrap();
+    let max_of = |dir: &std::path::Path| {
+        fs::read_to_string(dir.join("pids.max"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    // (A new directory within two sweeps; a changed limit within a recheck, 10 s.)
+    let reaches = |dir: &std::path::Path, want: &str| {
+        wait_for(Duration::from_secs(30), || max_of(dir) == want)
+    };
+    assert!(
+        reaches(&pids.dir, &BUDGET.to_string()),
+        "the daemon wrote no pids.max: {}",
+        max_of(&pids.dir)
+    );
+
+    // A spawner forks children that exit at once and never reaps them, with no back-off: under
+    // the kill backends its refused children are killed and stay zombies, holding PIDs. Its
+    // parent (in the instance too) reaps everything at the end.
+    let mut cmd = exec_bomb("bs", "i", &["zombies", "2000", "1000"]);
+    if pids.is_v1() {
+        // Its v1 pids cgroup, joined before it starts (children are born where it is).
+        let procs = std::ffi::CString::new(
+            pids.dir
+                .join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        use std::os::unix::process::CommandExt;
+        // SAFETY: only open/write/close of a path prepared before the fork, in the child.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let pid = b"0";
+                let n = libc::write(fd, pid.as_ptr().cast(), pid.len());
+                libc::close(fd);
+                if n < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut run = cmd.spawn().unwrap();
+    let mut peak = 0;
+    while run.try_wait().unwrap().is_none() {
+        peak = peak.max(pids.current());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = run.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        peak <= BUDGET,
+        "the instance held {peak} PIDs, budget {BUDGET}: {report}"
+    );
+    assert!(
+        report_value(&report, "ran") >= BUDGET / 2,
+        "the spawner barely ran: {report}"
+    );
+
+    // A limit raised over the daemon's, and the directory recreated at the same path (the
+    // next agent's): both get the budget again.
+    fs::write(pids.dir.join("pids.max"), "max").unwrap();
+    assert!(
+        reaches(&pids.dir, "30"),
+        "pids.max is {}",
+        max_of(&pids.dir)
+    );
+    // (Its last tasks leave it an instant after their reap.)
+    assert!(wait_for(Duration::from_secs(10), || fs::remove_dir(
+        &pids.dir
+    )
+    .is_ok()));
+    fs::create_dir(&pids.dir).unwrap();
+    assert!(
+        reaches(&pids.dir, "30"),
+        "pids.max is {}",
+        max_of(&pids.dir)
+    );
+
+    // A policy change moves the limit the daemon wrote, never the one runc set.
+    apply_policy(&format!("backstop-{backend}"), &with_budget(40));
+    assert!(
+        reaches(&pids.dir, "40"),
+        "pids.max is {}",
+        max_of(&pids.dir)
+    );
+    assert_eq!(
+        max_of(&theirs),
+        "10",
+        "the daemon raised a limit it did not set"
+    );
+    // The type goes: so does the limit the daemon wrote.
+    let other = policy("other", &format!("{rel}/other"), "max_tasks = 5");
+    apply_policy(&format!("backstop-gone-{backend}"), &other);
+    assert!(
+        reaches(&pids.dir, "max"),
+        "pids.max is {}",
+        max_of(&pids.dir)
+    );
+    assert_eq!(max_of(&theirs), "10");
 }
