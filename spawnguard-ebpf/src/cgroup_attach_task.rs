@@ -77,16 +77,17 @@ pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
         }
         let _ = PROCESSES.remove(&tgid);
     }
-    let Some(p) = target else {
+    let Some(mut p) = target else {
         return 0;
     };
-    report.type_idx = p.type_idx;
     report.instance = p.instance;
-    let Some(b) = budget(p.type_idx) else {
+    let state = instance(&mut p);
+    report.type_idx = p.type_idx;
+    let Some(state) = state else {
+        fail_open(FAIL_INSTANCES_FULL, &report);
         return 0;
     };
-    let Some(state) = instance(p) else {
-        fail_open(FAIL_INSTANCES_FULL, &report);
+    let Some(b) = budget(p.type_idx) else {
         return 0;
     };
     let Some(c) = counters(state, p.type_idx) else {

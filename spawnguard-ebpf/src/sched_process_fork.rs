@@ -183,7 +183,7 @@ fn new_thread(child: Task, pid: u32, tgid: u32) {
 
 #[inline(always)]
 fn new_process(child: Task, pid: u32, tgid: u32) {
-    let placement = match kernel::task_cgroup(child).and_then(place) {
+    let mut placement = match kernel::task_cgroup(child).and_then(place) {
         Ok(Some(p)) => p,
         // Outside every instance: not counted (an earlier record of its tgid went at the top).
         Ok(None) => return,
@@ -192,12 +192,15 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
             return;
         }
     };
-    let r = report(CAUSE_FORK, placement.type_idx, placement.instance, pid);
-    let Some(b) = budget(placement.type_idx) else {
+    let Some(state) = instance(&mut placement) else {
+        fail_open(
+            FAIL_INSTANCES_FULL,
+            &report(CAUSE_FORK, placement.type_idx, placement.instance, pid),
+        );
         return;
     };
-    let Some(state) = instance(placement) else {
-        fail_open(FAIL_INSTANCES_FULL, &r);
+    let r = report(CAUSE_FORK, placement.type_idx, placement.instance, pid);
+    let Some(b) = budget(placement.type_idx) else {
         return;
     };
     let Some(c) = counters(state, placement.type_idx) else {

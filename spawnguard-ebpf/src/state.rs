@@ -193,13 +193,23 @@ pub fn place(cgrp: Cgroup) -> Result<Option<Placement>, i32> {
 
 /// The state of an instance, created when a task first enters it (its age counts from its
 /// directory's creation, kept in CREATED). `None` means the map is full.
+///
+/// Sets `p.type_idx` to the type the instance is counted in: the one its path had when its
+/// entry was made. They differ only for a type moved away while its agents run, with another
+/// type placed at its old path; those instances keep counting where their tasks were charged
+/// until they end, so every charge and its release meet in one slot.
 #[inline(always)]
-pub fn instance(p: Placement) -> Option<*mut InstanceState> {
-    if let Some(state) = INSTANCES.get_ptr_mut(&p.instance) {
-        return Some(state);
-    }
-    create_instance(p.instance, p.type_idx);
-    INSTANCES.get_ptr_mut(&p.instance)
+pub fn instance(p: &mut Placement) -> Option<*mut InstanceState> {
+    let state = match INSTANCES.get_ptr_mut(&p.instance) {
+        Some(state) => state,
+        None => {
+            create_instance(p.instance, p.type_idx);
+            INSTANCES.get_ptr_mut(&p.instance)?
+        }
+    };
+    // SAFETY: live map value, plain read.
+    p.type_idx = unsafe { (*state).type_idx };
+    Some(state)
 }
 
 /// Adds an instance's entry (losing the race to another CPU is fine: the caller's lookup finds

@@ -128,17 +128,20 @@ fn new_process(child: Task) -> i32 {
     // still `init_css_set` here: `cgroup_fork` set it, the real one comes later.)
     // SAFETY: the helper returns the current task, valid for this program run.
     let parent = unsafe { bpf_get_current_task() } as Task;
-    let Ok(Some(placement)) = kernel::task_cgroup(parent).and_then(place) else {
+    let Ok(Some(mut placement)) = kernel::task_cgroup(parent).and_then(place) else {
         // Outside every instance, or unreadable: the fork tracepoint looks again.
+        return 0;
+    };
+    let Some(state) = instance(&mut placement) else {
+        fail_open(
+            FAIL_INSTANCES_FULL,
+            &report(CAUSE_FORK, placement.type_idx, placement.instance),
+        );
+        let _ = pend(child, placement.instance, placement.type_idx, 0);
         return 0;
     };
     let r = report(CAUSE_FORK, placement.type_idx, placement.instance);
     let Some(b) = budget(placement.type_idx) else {
-        return 0;
-    };
-    let Some(state) = instance(placement) else {
-        fail_open(FAIL_INSTANCES_FULL, &r);
-        let _ = pend(child, placement.instance, placement.type_idx, 0);
         return 0;
     };
     let Some(c) = counters(state, placement.type_idx) else {

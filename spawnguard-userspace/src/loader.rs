@@ -813,9 +813,10 @@ impl Enforcer {
             }
             if counted.is_some_and(|c| c != *index) {
                 tracing::warn!(
-                    "type {}: its running instances are counted in another type's slot (a type \
-                     moved away from this path while they run); until they end, the two types' \
-                     totals drift",
+                    "type {}: running instances at its path are counted in another type's slot \
+                     (a type moved away from this path while they run): until they end, they \
+                     stay counted there and held to that type's budget; new instances are {}'s",
+                    t.name,
                     t.name
                 );
             }

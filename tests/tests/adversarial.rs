@@ -17,7 +17,8 @@
 //!   hold back the new one, a type added while a removed one's agents still run starts from
 //!   its own counts, not theirs, a type added over agents already running counts them, and a
 //!   type renamed (or removed and added again under another name) while its agents run keeps
-//!   counting and holding them;
+//!   counting and holding them, and so does a type moved to another path while another takes
+//!   its old one;
 //! - **nothing is denied by accident**: a new type never inherits a removed type's totals
 //!   (which would refuse it), and instance entries no last task gave back (a first task
 //!   refused, processes moved out) are settled. (The racing reservations are unit tests of the
@@ -42,6 +43,7 @@ per_backend!(
     a_new_type_never_inherits_a_removed_types_counts,
     a_type_added_over_running_agents_counts_them,
     a_renamed_type_keeps_counting_its_running_agents,
+    a_type_moved_away_keeps_its_running_agents_where_they_are_charged,
     refused_zombies_are_bounded_where_a_pids_controller_covers_the_instance,
 );
 
@@ -749,6 +751,67 @@ fn a_renamed_type_keeps_counting_its_running_agents(backend: &str) {
         "the type's totals did not drain: {}",
         type_status("again")
     );
+}
+
+fn a_type_moved_away_keeps_its_running_agents_where_they_are_charged(backend: &str) {
+    let (rel, tree) = test_type(&format!("move-{backend}"));
+    let moved_rel = format!("{rel}-moved");
+    let _moved_tree = CgroupTree::new(cgroup2_mount().join(&moved_rel));
+    let _daemon = Daemon::start(&policy("mover", &rel, "max_tasks = 5"), backend).unwrap();
+    let agent = tree.root.join("agent");
+    let mut holder = hold_instance("mover", "agent", &agent);
+    // In one change, while the agent runs: the type moves to another path, and a new type
+    // takes its old one.
+    apply_policy(
+        &format!("move-{backend}"),
+        &format!(
+            "{}{}",
+            policy("mover", &moved_rel, "max_tasks = 5"),
+            policy("newcomer", &rel, "max_tasks = 3")
+        ),
+    );
+    let denied = |ty: &str| type_status(ty)["denied"]["max_tasks"].as_u64().unwrap();
+    let tasks = |ty: &str| type_status(ty)["tasks"].as_u64();
+    // The running agent's instance stays where its tasks were charged: held to the moved
+    // type's budget (the agent holds 1 of its 5), its forks charged and refused there.
+    let before = denied("mover");
+    let report = bomb("newcomer", "agent", &["storm", "500", "3000", "100"]);
+    let n = report_value(&report, "ran");
+    assert!(
+        n <= 4,
+        "the running agent's instance: {n} processes ran, budget 4 more"
+    );
+    assert!(
+        denied("mover") > before,
+        "the moved type refused nothing in its running instance ({report})"
+    );
+    assert_eq!(
+        denied("newcomer"),
+        0,
+        "the newcomer refused its predecessor's agent"
+    );
+    // A new instance at the old path is the newcomer's.
+    assert_held(
+        "newcomer",
+        "fresh",
+        3,
+        "a new instance at the moved type's old path",
+    );
+    // When the agent ends, both types' totals go back to zero: no exit was given back in a slot
+    // its fork was not charged to.
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let drained = wait_for(RELEASE_LAG, || {
+        tasks("mover") == Some(0) && tasks("newcomer") == Some(0)
+    });
+    let s = status();
+    assert!(
+        drained,
+        "the types' totals did not drain: mover {}, newcomer {}",
+        type_status("mover"),
+        type_status("newcomer")
+    );
+    assert_eq!(s["count_drift"], 0, "counts drifted: {s}");
 }
 
 fn refused_zombies_are_bounded_where_a_pids_controller_covers_the_instance(backend: &str) {
