@@ -17,6 +17,8 @@
 
 use core::cell::UnsafeCell;
 
+use spawnguard_common::{HostLimits, TypeLimits, MODE_ENFORCE};
+
 /// A u64 updated atomically by every CPU: a counter or timestamp inside a map value.
 #[repr(transparent)]
 pub struct AtomicU64(UnsafeCell<u64>);
@@ -453,6 +455,25 @@ pub struct Budget {
 
 impl Budget {
     pub const UNLIMITED: u64 = u64::MAX;
+
+    /// A type's budget as its policy and the host's give it.
+    #[inline(always)]
+    pub const fn of(t: &TypeLimits, host: &HostLimits) -> Self {
+        Self {
+            max_tasks: t.max_tasks,
+            max_threads: t.max_threads,
+            rate_interval_ns: t.rate_interval_ns,
+            rate_window_ns: t.rate_window_ns,
+            max_instances: t.max_instances,
+            max_type_tasks: t.max_total_tasks,
+            max_host_tasks: host.deny_tasks,
+            warn_tasks: t.warn_tasks,
+            warn_type_tasks: t.warn_total_tasks,
+            warn_host_tasks: host.warn_tasks,
+            rate_gen: t.rate_gen as u64,
+            enforce: t.mode == MODE_ENFORCE,
+        }
+    }
 }
 
 /// What a decision asks for: a fork is 1/0/1 (tasks/threads/processes), a thread 1/1/0, a
@@ -882,6 +903,46 @@ pub fn admit_through(
     }
 }
 
+/// What a type and the host hold now: the shared totals a new instance's admission reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SharedUsage {
+    /// Admitted instances of the type.
+    pub type_instances: u64,
+    pub type_tasks: u64,
+    pub host_tasks: u64,
+}
+
+/// Why a new instance's first process would be refused now (`None`: it would be admitted, or
+/// the type is not enforced), decided by `admit` itself on copies of the totals, so that a
+/// preview (`spawnguard gate`) and the kernel cannot disagree. Nothing is taken. The breaker is
+/// `breaker_gate`'s to preview; a new instance's fork-rate bucket starts full.
+pub fn preview_new_instance(b: &Budget, usage: &SharedUsage) -> Option<Refusal> {
+    let fresh = || AtomicU64::new(0);
+    let (instance, processes, threads, rate_tat) = (fresh(), fresh(), fresh(), fresh());
+    let type_instances = AtomicU64::new(usage.type_instances);
+    let type_tasks = AtomicU64::new(usage.type_tasks);
+    let host_tasks = AtomicU64::new(usage.host_tasks);
+    let c = Counters {
+        instance: &instance,
+        processes: &processes,
+        threads: &threads,
+        rate_tat: &rate_tat,
+        type_instances: &type_instances,
+        type_tasks: &type_tasks,
+        host_tasks: &host_tasks,
+    };
+    let first = Request {
+        rate: false,
+        ..Request::fork(0)
+    };
+    let adm = admit(&c, b, &first);
+    if adm.counted {
+        None
+    } else {
+        adm.refusal
+    }
+}
+
 /// Uncounts tasks that leave: `tasks` tasks of which `threads` threads and `processes`
 /// processes (an exiting thread 1/1/0, a process's last task 1/0/1, a process migrating out
 /// n/n-1/1).
@@ -1252,6 +1313,94 @@ mod tests {
 
     const FORK: Request = Request::fork(0);
     const THREAD: Request = Request::thread(0);
+
+    fn usage(type_instances: u64, type_tasks: u64, host_tasks: u64) -> SharedUsage {
+        SharedUsage {
+            type_instances,
+            type_tasks,
+            host_tasks,
+        }
+    }
+
+    #[test]
+    fn a_new_instance_preview_names_the_admission_s_refusal() {
+        let b = Budget {
+            max_instances: 2,
+            max_type_tasks: 10,
+            max_host_tasks: 20,
+            ..budget(5, NO_LIMIT, true)
+        };
+        let cases = [
+            (usage(1, 9, 19), None),
+            (usage(2, 0, 0), Some(Refusal::MaxInstances)),
+            (usage(0, 10, 0), Some(Refusal::TypeTasks)),
+            (usage(0, 0, 20), Some(Refusal::HostTasks)),
+            // In the order the admission checks them.
+            (usage(2, 10, 20), Some(Refusal::MaxInstances)),
+            (usage(1, 10, 20), Some(Refusal::TypeTasks)),
+        ];
+        for (u, want) in cases {
+            assert_eq!(preview_new_instance(&b, &u), want, "{u:?}");
+        }
+        assert_eq!(
+            preview_new_instance(&budget(0, NO_LIMIT, true), &usage(0, 0, 0)),
+            Some(Refusal::MaxTasks)
+        );
+        // Audit mode admits, over budget or not; so does a fork rate (a new bucket is full).
+        let audit = Budget {
+            enforce: false,
+            ..b
+        };
+        assert_eq!(preview_new_instance(&audit, &usage(2, 10, 20)), None);
+        let rated = Budget {
+            rate_interval_ns: 1_000_000_000,
+            rate_window_ns: 1_000_000_000,
+            ..b
+        };
+        assert_eq!(preview_new_instance(&rated, &usage(0, 0, 0)), None);
+    }
+
+    /// For random budgets and usages, the preview says what a first process entering a new
+    /// instance is then told, and takes nothing.
+    #[test]
+    fn a_new_instance_preview_agrees_with_the_admission() {
+        // xorshift64: deterministic, so a failure names its case.
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |below: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % below
+        };
+        for round in 0..20_000 {
+            // (A policy's burst is at least 1: the window holds one interval or more.)
+            let interval = 1_000 * next(2);
+            let window = interval * (1 + next(3));
+            let enforce = next(4) != 0;
+            let mut limit = |most: u64| match next(most + 2) {
+                0 => NO_LIMIT,
+                n => n - 1,
+            };
+            let b = Budget {
+                max_instances: limit(4),
+                max_type_tasks: limit(8),
+                max_host_tasks: limit(12),
+                rate_interval_ns: interval,
+                rate_window_ns: window,
+                ..budget(limit(3), NO_LIMIT, enforce)
+            };
+            let u = usage(next(6), next(10), next(14));
+            let preview = preview_new_instance(&b, &u);
+            let f = Fixture::new();
+            f.0[4].store(u.type_instances);
+            f.0[5].store(u.type_tasks);
+            f.0[6].store(u.host_tasks);
+            let adm = admit(&f.counters(), &b, &Request::fork(0));
+            let decided = if adm.counted { None } else { adm.refusal };
+            assert_eq!(preview, decided, "round {round}: {b:?} {u:?}");
+            assert!(!adm.contended, "round {round}");
+        }
+    }
 
     #[test]
     fn classify_by_thread_group() {

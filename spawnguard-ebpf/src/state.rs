@@ -562,20 +562,7 @@ pub fn budget(type_idx: u32) -> Option<Budget> {
         return None;
     }
     let host = HOST_LIMITS.get(policy_side())?;
-    Some(Budget {
-        max_tasks: t.max_tasks,
-        max_threads: t.max_threads,
-        rate_interval_ns: t.rate_interval_ns,
-        rate_window_ns: t.rate_window_ns,
-        max_instances: t.max_instances,
-        max_type_tasks: t.max_total_tasks,
-        max_host_tasks: host.deny_tasks,
-        warn_tasks: t.warn_tasks,
-        warn_type_tasks: t.warn_total_tasks,
-        warn_host_tasks: host.warn_tasks,
-        rate_gen: t.rate_gen as u64,
-        enforce: t.mode == MODE_ENFORCE,
-    })
+    Some(Budget::of(t, host))
 }
 
 #[inline(always)]

@@ -8,12 +8,12 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{Array, MapData};
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
-    maps, BreakerLimits, BreakerState, HostLimits, HostState, TypeLimits, TypeState, NO_LIMIT,
+    maps, BreakerLimits, BreakerState, HostLimits, HostState, TypeLimits, TypeState,
 };
 use spawnguard_ebpf::{
     breaker_gate, breaker_instance_ended, breaker_state, breaker_step, breaker_until, breaker_word,
-    open_for, policy_index, AtomicU64, Cause, Transition, BREAKER_CLOSED, BREAKER_OPEN,
-    BREAKER_PROBING,
+    open_for, policy_index, preview_new_instance, AtomicU64, Budget, Cause, Refusal, SharedUsage,
+    Transition, BREAKER_CLOSED, BREAKER_OPEN, BREAKER_PROBING,
 };
 
 use crate::{
@@ -241,29 +241,34 @@ pub fn gate(name: &str) -> Result<Option<String>> {
     let l = limits.get(&policy_index(side, index), 0)?;
     let types: Array<MapData, TypeState> = Array::try_from(open_installed(maps::TYPE_STATE)?)?;
     let t = types.get(&index, 0)?;
-    if l.mode == spawnguard_common::MODE_ENFORCE {
-        if l.max_instances != NO_LIMIT && t.instances >= l.max_instances {
-            return Ok(Some(format!("ceiling {}/{}", t.instances, l.max_instances)));
-        }
-        if l.max_total_tasks != NO_LIMIT && t.tasks >= l.max_total_tasks {
-            return Ok(Some(format!(
-                "type at max_total_tasks {}/{}",
-                t.tasks, l.max_total_tasks
-            )));
-        }
-        let hl: Array<MapData, HostLimits> = Array::try_from(open_installed(maps::HOST_LIMITS)?)?;
-        let hs: Array<MapData, HostState> = Array::try_from(open_installed(maps::HOST_STATE)?)?;
-        let (h, used) = (hl.get(&side, 0)?, hs.get(&0, 0)?.tasks);
-        if h.deny_tasks != NO_LIMIT && used >= h.deny_tasks {
-            return Ok(Some(format!(
-                "host at {:.0} % of its budget ({used}/{}; denying above {})",
-                used as f64 * 100.0 / h.max_tasks as f64,
-                h.max_tasks,
-                h.deny_tasks
-            )));
-        }
-    }
-    Ok(None)
+    let hl: Array<MapData, HostLimits> = Array::try_from(open_installed(maps::HOST_LIMITS)?)?;
+    let hs: Array<MapData, HostState> = Array::try_from(open_installed(maps::HOST_STATE)?)?;
+    let (h, used) = (hl.get(&side, 0)?, hs.get(&0, 0)?.tasks);
+    let usage = SharedUsage {
+        type_instances: t.instances,
+        type_tasks: t.tasks,
+        host_tasks: used,
+    };
+    // The kernel's own admission decides, on copies of the totals.
+    Ok(match preview_new_instance(&Budget::of(&l, &h), &usage) {
+        None => None,
+        Some(Refusal::MaxInstances) => Some(format!("ceiling {}/{}", t.instances, l.max_instances)),
+        Some(Refusal::TypeTasks) => Some(format!(
+            "type at max_total_tasks {}/{}",
+            t.tasks, l.max_total_tasks
+        )),
+        Some(Refusal::HostTasks) => Some(format!(
+            "host at {:.0} % of its budget ({used}/{}; denying above {})",
+            used as f64 * 100.0 / h.max_tasks as f64,
+            h.max_tasks,
+            h.deny_tasks
+        )),
+        Some(Refusal::MaxTasks) => Some(format!(
+            "max_tasks {} leaves no room for a first task",
+            l.max_tasks
+        )),
+        Some(other) => Some(format!("{other:?}")),
+    })
 }
 
 /// Local wall-clock time `d` from now, as HH:MM:SS UTC.

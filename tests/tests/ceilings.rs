@@ -44,6 +44,13 @@ fn a_type_at_its_ceiling_admits_no_new_instance() {
     assert_eq!(t["instances"], 3, "{t}");
     assert!(t["denied"]["max_instances"].as_u64().unwrap() >= 1, "{t}");
     assert!(daemon.log_text().contains("type ce at ceiling 3/3"));
+    // `gate` says so before a runtime spawns one (the kernel's own admission, on copies).
+    let gate = cli(&["gate", "ce"]);
+    let why = String::from_utf8_lossy(&gate.stdout);
+    assert!(
+        !gate.status.success() && why.contains("ceiling 3/3"),
+        "{why}"
+    );
 
     // Admitted instances keep growing: the ceiling is on instances, not tasks.
     let out = exec_bomb("ce", "a", &["rate", "500", "3"])
@@ -61,6 +68,7 @@ fn a_type_at_its_ceiling_admits_no_new_instance() {
     assert!(wait_for(Duration::from_secs(5), || type_status("ce")
         ["instances"]
         == 2));
+    assert!(cli(&["gate", "ce"]).status.success(), "a slot is free");
     assert!(
         instance_runs("ce", "d", &marker),
         "after one instance ended, d is admitted"
@@ -172,6 +180,12 @@ fn type_and_host_budgets_deny_with_their_own_reason() {
         s = status();
         live_tasks(&inst) == 5 && s["host"]["tasks"] == 5
     });
+    let gate = cli(&["gate", "hb"]);
+    let why = String::from_utf8_lossy(&gate.stdout);
+    assert!(
+        !gate.status.success() && why.contains("host at 50 % of its budget (5/10"),
+        "{why}"
+    );
     // Past the forks' deadline: no more than 5 even after every retry.
     sleep(Duration::from_millis(1600));
     assert!(held, "not held at deny_at * max_tasks: {s}");
