@@ -4,6 +4,7 @@
 
 use std::{
     env,
+    ffi::OsString,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -42,6 +43,10 @@ fn main() {
         },
     ];
     let mut builds = Vec::new();
+    let path = ebpf_path();
+    if objects.iter().any(|f| env::var_os(f.prebuilt).is_none()) {
+        watch_tools(&path);
+    }
     for flavour in &objects {
         println!("cargo:rerun-if-env-changed={}", flavour.prebuilt);
         let object = out.join(flavour.object);
@@ -57,7 +62,7 @@ fn main() {
             );
         }
         let target_dir = out.join(flavour.target_dir);
-        let child = ebpf_build(&root, &target_dir, flavour)
+        let child = ebpf_build(&root, &target_dir, &path, flavour)
             .spawn()
             .expect("run cargo for the eBPF build");
         builds.push((child, target_dir, object, flavour));
@@ -86,7 +91,9 @@ struct Flavour {
     rustflags: &'static str,
 }
 
-fn ebpf_build(root: &Path, target_dir: &Path, flavour: &Flavour) -> Command {
+/// PATH for the eBPF build: ours, then cargo's bin directory (where `cargo install` put
+/// bpf-linker).
+fn ebpf_path() -> OsString {
     let mut path = env::var_os("PATH").unwrap_or_default();
     if let Some(home) = env::var_os("CARGO_HOME")
         .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo").into_os_string()))
@@ -95,6 +102,28 @@ fn ebpf_build(root: &Path, target_dir: &Path, flavour: &Flavour) -> Command {
         paths.push(PathBuf::from(home).join("bin"));
         path = env::join_paths(paths).unwrap();
     }
+    path
+}
+
+/// The programs are rebuilt when the compiler or the linker that built them changes (a
+/// toolchain upgrade changes the object without a source change). Not on a change of PATH
+/// itself: it differs between shells, and the build takes minutes.
+fn watch_tools(path: &OsString) {
+    let linker = env::split_paths(path)
+        .map(|dir| dir.join("bpf-linker"))
+        .find(|p| p.is_file());
+    for tool in std::iter::once(PathBuf::from(DEBIAN_RUSTC)).chain(linker) {
+        println!("cargo:rerun-if-changed={}", tool.display());
+        // A symlink (update-alternatives, a toolchain manager's shim) changes at its target.
+        if let Ok(real) = tool.canonicalize() {
+            if real != tool {
+                println!("cargo:rerun-if-changed={}", real.display());
+            }
+        }
+    }
+}
+
+fn ebpf_build(root: &Path, target_dir: &Path, path: &OsString, flavour: &Flavour) -> Command {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root.join("spawnguard-ebpf"))

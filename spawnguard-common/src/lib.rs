@@ -1,5 +1,6 @@
 //! Types shared by the eBPF programs and the `spawnguard` binary: map keys and values, events,
-//! kernel offsets. Layout only: the decision logic lives in `spawnguard-ebpf`'s library.
+//! the codes in them (with the names userspace prints), kernel offsets. Layout only: the
+//! decision logic lives in `spawnguard-ebpf`'s library.
 #![no_std]
 
 /// Most agent types a policy may define (size of the per-type arrays).
@@ -115,7 +116,7 @@ pub struct BreakerState {
     pub storm_count: u64,
     /// Times it opened.
     pub trips: u64,
-    /// `CAUSE_*` and time (ms) of the last transition.
+    /// Cause (spawnguard-ebpf's breaker `Cause`) and time (ms) of the last transition.
     pub last_cause: u64,
     pub last_change_ms: u64,
 }
@@ -145,11 +146,68 @@ pub const EVENTS_BYTES: u32 = 256 * 1024;
 pub const MODE_AUDIT: u32 = 0;
 pub const MODE_ENFORCE: u32 = 1;
 
-/// How a denied task is stopped: killed before it runs (kfunc), killed at its first syscall
-/// exit, or never created (`lsm/task_alloc` fails the fork with EAGAIN).
-pub const BACKEND_KILL: u32 = 1;
-pub const BACKEND_KILL_COMPAT: u32 = 2;
-pub const BACKEND_LSM: u32 = 3;
+/// One enum per code the kernel side writes into a map or an event: the code (its
+/// discriminant), its name as userspace prints it (`name`), and the way back from a `u32` read
+/// from a map (`from_u32`; map fields stay `u32`, as a pinned map of another layout could hold
+/// any value). `ALL` lists the codes in order.
+macro_rules! codes {
+    (
+        $(#[$meta:meta])*
+        pub enum $enum:ident {
+            $($(#[$vmeta:meta])* $variant:ident = $code:literal => $name:literal,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $enum {
+            $($(#[$vmeta])* $variant = $code,)+
+        }
+
+        impl $enum {
+            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
+
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name,)+
+                }
+            }
+
+            pub const fn from_u32(v: u32) -> Option<Self> {
+                match v {
+                    $($code => Some(Self::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+codes! {
+    /// How a denied task is stopped: killed before it runs (kfunc), killed at its first syscall
+    /// exit, or never created (`lsm/task_alloc` fails the fork with EAGAIN). `Meta::backend` and
+    /// `Event::backend`.
+    #[cfg_attr(
+        feature = "user",
+        derive(serde::Serialize, serde::Deserialize),
+        serde(rename_all = "kebab-case")
+    )]
+    pub enum Backend {
+        Kill = 1 => "kill",
+        KillCompat = 2 => "kill-compat",
+        Lsm = 3 => "lsm",
+    }
+}
+
+impl core::fmt::Display for Backend {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+pub const BACKEND_KILL: u32 = Backend::Kill as u32;
+pub const BACKEND_KILL_COMPAT: u32 = Backend::KillCompat as u32;
+pub const BACKEND_LSM: u32 = Backend::Lsm as u32;
 
 /// Struct member offsets of the running kernel, read from its BTF by the loader and written into
 /// the programs' read-only globals before load. Never hard-coded.
@@ -265,6 +323,15 @@ pub struct TypeLimits {
 }
 
 pub const NO_LIMIT: u64 = u64::MAX;
+
+/// A limit as userspace shows it: `None` for `NO_LIMIT`.
+pub const fn limit(v: u64) -> Option<u64> {
+    if v == NO_LIMIT {
+        None
+    } else {
+        Some(v)
+    }
+}
 
 pub const ON_MAX_AGE_EVENT: u32 = 0;
 pub const ON_MAX_AGE_FREEZE: u32 = 1;
@@ -426,21 +493,49 @@ pub const PENDING_COUNTED: u32 = 1;
 /// The task is a thread of an existing process.
 pub const PENDING_THREAD: u32 = 2;
 
-pub const REASON_MAX_TASKS: u32 = 0;
-pub const REASON_MAX_THREADS: u32 = 1;
-pub const REASON_FORK_RATE: u32 = 2;
-pub const REASON_MAX_INSTANCES: u32 = 3;
-pub const REASON_TYPE_TASKS: u32 = 4;
-pub const REASON_HOST_TASKS: u32 = 5;
-/// The instance is past its `max_age` and its type's `on_max_age` freezes or kills it: it
-/// may not grow meanwhile.
-pub const REASON_MAX_AGE: u32 = 6;
-/// The type's circuit breaker is open (or half-open with its probe running).
-pub const REASON_BREAKER_OPEN: u32 = 7;
-pub const REASONS: usize = 8;
+codes! {
+    /// The budget that refused a task or that a warning is about (`Event::reason` of denials
+    /// and warnings), and the index of its counters in `TypeCounters::denied`. Named as the
+    /// policy names the budget.
+    pub enum Reason {
+        MaxTasks = 0 => "max_tasks",
+        MaxThreads = 1 => "max_threads",
+        ForkRate = 2 => "fork_rate",
+        MaxInstances = 3 => "max_instances",
+        TypeTasks = 4 => "max_total_tasks",
+        HostTasks = 5 => "host_max_tasks",
+        /// The instance is past its `max_age` and its type's `on_max_age` freezes or kills it:
+        /// it may not grow meanwhile.
+        MaxAge = 6 => "max_age",
+        /// The type's circuit breaker is open (or half-open with its probe running).
+        BreakerOpen = 7 => "breaker_open",
+    }
+}
 
-/// Breaker states: closed, open, half-open (the `BREAKER_*` values of spawnguard-ebpf).
-pub const BREAKER_STATES: usize = 3;
+pub const REASON_MAX_TASKS: u32 = Reason::MaxTasks as u32;
+pub const REASON_MAX_THREADS: u32 = Reason::MaxThreads as u32;
+pub const REASON_FORK_RATE: u32 = Reason::ForkRate as u32;
+pub const REASON_MAX_INSTANCES: u32 = Reason::MaxInstances as u32;
+pub const REASON_TYPE_TASKS: u32 = Reason::TypeTasks as u32;
+pub const REASON_HOST_TASKS: u32 = Reason::HostTasks as u32;
+pub const REASON_MAX_AGE: u32 = Reason::MaxAge as u32;
+pub const REASON_BREAKER_OPEN: u32 = Reason::BreakerOpen as u32;
+pub const REASONS: usize = Reason::ALL.len();
+
+codes! {
+    /// The state of a type's breaker: the top two bits of its `BreakerState::word` (the
+    /// `BREAKER_*` values of spawnguard-ebpf) and the index of `TypeCounters::breaker_entered`.
+    /// (Not named `BreakerState`: that is the map value holding the word.)
+    pub enum BreakerPhase {
+        Closed = 0 => "closed",
+        /// Refusing new instances until the deadline.
+        Open = 1 => "open",
+        /// A probe instance may start, or runs (`BREAKER_PROBING`).
+        HalfOpen = 2 => "half-open",
+    }
+}
+
+pub const BREAKER_STATES: usize = BreakerPhase::ALL.len();
 
 /// Per-CPU counters per type; element `type_idx` of `TYPE_COUNTERS`.
 #[repr(C)]
@@ -504,37 +599,76 @@ pub const SETTLE_GONE: u32 = 2;
 /// Another CPU held the word (or its emulated lock): try again later.
 pub const SETTLE_BUSY: u32 = 3;
 
-pub const EVENT_DENIED: u32 = 1;
-pub const EVENT_AUDIT_DENIED: u32 = 2;
-pub const EVENT_FAIL_OPEN: u32 = 3;
-/// A warning threshold was crossed; `reason` names the budget (`REASON_*`).
-pub const EVENT_WARN: u32 = 4;
-/// An instance was first seen past its max age (usage and limit in seconds).
-pub const EVENT_MAX_AGE: u32 = 5;
-/// A breaker changed state: `reason` is the cause (`Cause` of spawnguard-ebpf), `usage` is
-/// `from << 8 | to`, `limit` the new deadline in ms (next retry when opened).
-pub const EVENT_BREAKER: u32 = 6;
-/// A new instance was admitted (its first task counted; it holds a `max_instances` slot).
-/// `usage`/`limit` are the type's admitted instances and its ceiling.
-pub const EVENT_ADMITTED: u32 = 7;
+codes! {
+    /// What an `Event` reports (`Event::kind`).
+    pub enum EventKind {
+        Denied = 1 => "denied",
+        AuditDenied = 2 => "audit_denied",
+        FailOpen = 3 => "fail_open",
+        /// A warning threshold was crossed; `reason` names the budget (`Reason`).
+        Warn = 4 => "warn",
+        /// An instance was first seen past its max age (usage and limit in seconds).
+        MaxAge = 5 => "max_age",
+        /// A breaker changed state: `reason` is the cause (`Cause` of spawnguard-ebpf), `usage`
+        /// is `from << 8 | to` (`BreakerPhase`), `limit` the new deadline in ms (next retry
+        /// when opened).
+        Breaker = 6 => "breaker",
+        /// A new instance was admitted (its first task counted; it holds a `max_instances`
+        /// slot). `usage`/`limit` are the type's admitted instances and its ceiling.
+        Admitted = 7 => "admitted",
+    }
+}
 
-pub const CAUSE_FORK: u32 = 1;
-pub const CAUSE_THREAD: u32 = 2;
-pub const CAUSE_MIGRATION: u32 = 3;
-/// A task exit (breaker transitions caused by an instance ending).
-pub const CAUSE_EXIT: u32 = 4;
+pub const EVENT_DENIED: u32 = EventKind::Denied as u32;
+pub const EVENT_AUDIT_DENIED: u32 = EventKind::AuditDenied as u32;
+pub const EVENT_FAIL_OPEN: u32 = EventKind::FailOpen as u32;
+pub const EVENT_WARN: u32 = EventKind::Warn as u32;
+pub const EVENT_MAX_AGE: u32 = EventKind::MaxAge as u32;
+pub const EVENT_BREAKER: u32 = EventKind::Breaker as u32;
+pub const EVENT_ADMITTED: u32 = EventKind::Admitted as u32;
 
-pub const FAIL_INSTANCES_FULL: u32 = 1;
-pub const FAIL_PROCESSES_FULL: u32 = 2;
-pub const FAIL_DOOMED_FULL: u32 = 3;
-pub const FAIL_READ_ERROR: u32 = 4;
-/// Other CPUs kept changing the instance's counters (bounded compare-and-swap gave up).
-pub const FAIL_CONTENDED: u32 = 5;
-/// The kernel refused to signal a refused task (it runs, uncounted).
-pub const FAIL_KILL: u32 = 6;
-/// Not a task let through: an instance directory's creation time could not be kept (`CREATED`
-/// is full), so its `max_age` counts from its first task.
-pub const FAIL_CREATED_FULL: u32 = 7;
+codes! {
+    /// What the kernel saw when it made an event (`Event::cause`).
+    pub enum Cause {
+        /// A new process.
+        Fork = 1 => "fork",
+        Thread = 2 => "thread",
+        /// A process moved into an instance.
+        Migration = 3 => "migration",
+        /// A task exit (breaker transitions caused by an instance ending).
+        Exit = 4 => "exit",
+    }
+}
+
+pub const CAUSE_FORK: u32 = Cause::Fork as u32;
+pub const CAUSE_THREAD: u32 = Cause::Thread as u32;
+pub const CAUSE_MIGRATION: u32 = Cause::Migration as u32;
+pub const CAUSE_EXIT: u32 = Cause::Exit as u32;
+
+codes! {
+    /// Why a task was let through uncounted (`Event::reason` of fail-open events).
+    pub enum FailOpen {
+        InstancesFull = 1 => "instances_full",
+        ProcessesFull = 2 => "processes_full",
+        DoomedFull = 3 => "doomed_full",
+        ReadError = 4 => "read_error",
+        /// Other CPUs kept changing the instance's counters (bounded compare-and-swap gave up).
+        Contended = 5 => "contended",
+        /// The kernel refused to signal a refused task (it runs, uncounted).
+        KillFailed = 6 => "kill_failed",
+        /// Not a task let through: an instance directory's creation time could not be kept
+        /// (`CREATED` is full), so its `max_age` counts from its first task.
+        CreatedFull = 7 => "created_full",
+    }
+}
+
+pub const FAIL_INSTANCES_FULL: u32 = FailOpen::InstancesFull as u32;
+pub const FAIL_PROCESSES_FULL: u32 = FailOpen::ProcessesFull as u32;
+pub const FAIL_DOOMED_FULL: u32 = FailOpen::DoomedFull as u32;
+pub const FAIL_READ_ERROR: u32 = FailOpen::ReadError as u32;
+pub const FAIL_CONTENDED: u32 = FailOpen::Contended as u32;
+pub const FAIL_KILL: u32 = FailOpen::KillFailed as u32;
+pub const FAIL_CREATED_FULL: u32 = FailOpen::CreatedFull as u32;
 
 /// One record of the `EVENTS` ring buffer.
 #[repr(C)]
@@ -608,6 +742,129 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every code in `constants` has a name, no other code in 0..=64 has one, and names are
+    /// unique: whatever the kernel side emits, userspace prints it by name.
+    fn named_exactly<T: Copy + PartialEq + core::fmt::Debug>(
+        constants: &[u32],
+        from_u32: fn(u32) -> Option<T>,
+        name: fn(T) -> &'static str,
+        all: &[T],
+    ) {
+        for v in 0..=64 {
+            assert_eq!(
+                from_u32(v).is_some(),
+                constants.contains(&v),
+                "code {v}: named if and only if it is a constant"
+            );
+        }
+        assert_eq!(all.len(), constants.len());
+        for (i, &c) in constants.iter().enumerate() {
+            let code = from_u32(c).unwrap();
+            assert_eq!(code, all[i], "ALL is in code order");
+            assert!(!name(code).is_empty());
+            for &other in &constants[i + 1..] {
+                assert_ne!(
+                    name(code),
+                    name(from_u32(other).unwrap()),
+                    "names are unique"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_code_has_one_name_and_round_trips() {
+        let reasons = [
+            REASON_MAX_TASKS,
+            REASON_MAX_THREADS,
+            REASON_FORK_RATE,
+            REASON_MAX_INSTANCES,
+            REASON_TYPE_TASKS,
+            REASON_HOST_TASKS,
+            REASON_MAX_AGE,
+            REASON_BREAKER_OPEN,
+        ];
+        named_exactly(&reasons, Reason::from_u32, Reason::name, Reason::ALL);
+        // Reasons index the per-reason counters.
+        assert_eq!(reasons, core::array::from_fn(|i| i as u32));
+        assert_eq!(REASONS, reasons.len());
+        for r in reasons {
+            assert_eq!(Reason::from_u32(r).unwrap() as u32, r);
+        }
+
+        let kinds = [
+            EVENT_DENIED,
+            EVENT_AUDIT_DENIED,
+            EVENT_FAIL_OPEN,
+            EVENT_WARN,
+            EVENT_MAX_AGE,
+            EVENT_BREAKER,
+            EVENT_ADMITTED,
+        ];
+        named_exactly(&kinds, EventKind::from_u32, EventKind::name, EventKind::ALL);
+        for k in kinds {
+            assert_eq!(EventKind::from_u32(k).unwrap() as u32, k);
+        }
+
+        let causes = [CAUSE_FORK, CAUSE_THREAD, CAUSE_MIGRATION, CAUSE_EXIT];
+        named_exactly(&causes, Cause::from_u32, Cause::name, Cause::ALL);
+        for c in causes {
+            assert_eq!(Cause::from_u32(c).unwrap() as u32, c);
+        }
+
+        let fails = [
+            FAIL_INSTANCES_FULL,
+            FAIL_PROCESSES_FULL,
+            FAIL_DOOMED_FULL,
+            FAIL_READ_ERROR,
+            FAIL_CONTENDED,
+            FAIL_KILL,
+            FAIL_CREATED_FULL,
+        ];
+        named_exactly(&fails, FailOpen::from_u32, FailOpen::name, FailOpen::ALL);
+        for f in fails {
+            assert_eq!(FailOpen::from_u32(f).unwrap() as u32, f);
+        }
+
+        let backends = [BACKEND_KILL, BACKEND_KILL_COMPAT, BACKEND_LSM];
+        named_exactly(&backends, Backend::from_u32, Backend::name, Backend::ALL);
+        for b in backends {
+            assert_eq!(Backend::from_u32(b).unwrap() as u32, b);
+        }
+
+        // Breaker states index `breaker_entered`.
+        let phases: [u32; BREAKER_STATES] = core::array::from_fn(|i| i as u32);
+        named_exactly(
+            &phases,
+            BreakerPhase::from_u32,
+            BreakerPhase::name,
+            BreakerPhase::ALL,
+        );
+    }
+
+    #[test]
+    fn codes_are_named_as_userspace_prints_them() {
+        let names: [&str; REASONS] = core::array::from_fn(|i| Reason::ALL[i].name());
+        assert_eq!(
+            names,
+            [
+                "max_tasks",
+                "max_threads",
+                "fork_rate",
+                "max_instances",
+                "max_total_tasks",
+                "host_max_tasks",
+                "max_age",
+                "breaker_open"
+            ]
+        );
+        assert_eq!(BreakerPhase::HalfOpen.name(), "half-open");
+        assert_eq!(Backend::KillCompat.name(), "kill-compat");
+        assert_eq!(FailOpen::KillFailed.name(), "kill_failed");
+        assert_eq!(EventKind::AuditDenied.name(), "audit_denied");
+        assert_eq!(Cause::Migration.name(), "migration");
+    }
 
     /// A change here changes what a pinned enforcer holds: bump `LAYOUT_VERSION` with it.
     #[test]

@@ -330,9 +330,6 @@ pub enum Token {
     Contended,
 }
 
-/// Bounded so the verifier accepts the loop and a CPU never spins.
-pub const TOKEN_CAS_ATTEMPTS: usize = 8;
-
 /// Bits of a bucket word that hold the theoretical arrival time; the top 8 hold the type's rate
 /// generation it was taken under (2^56 ns is over two years of uptime).
 pub const TAT_MASK: u64 = (1 << 56) - 1;
@@ -378,7 +375,11 @@ pub fn refund_token(tat: &AtomicU64, interval_ns: u64) {
     }
 }
 
-/// Which budget refused a new task, in the order they are checked.
+/// Which budget refused a new task, in the order of `REASON_*` (the per-reason counters), not
+/// of the checks. `admit` checks the instance's `max_tasks`, then `max_instances` (an instance
+/// not yet admitted), `max_threads`, the fork rate, the type's total and the host's; the
+/// programs check `max_age` before it (processes, new or moving in) and the breaker after it
+/// (an instance it just admitted).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
     /// The instance's own `max_tasks`.
@@ -771,7 +772,7 @@ pub fn leave_instance(c: &Counters<'_>, n: u64) -> Left {
 }
 
 /// Decides whether `r` may enter, and counts it when it may. Budgets are checked in the order
-/// of `Refusal`; whatever was taken before a refusal is given back.
+/// `Refusal` gives; whatever was taken before a refusal is given back.
 #[inline(always)]
 pub fn admit(c: &Counters<'_>, b: &Budget, r: &Request) -> Admission {
     admit_through(c, b, r, Some)

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{Array, MapData};
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
-    maps, BreakerLimits, BreakerState, HostLimits, HostState, TypeLimits, TypeState,
+    maps, BreakerLimits, BreakerPhase, BreakerState, HostLimits, HostState, TypeLimits, TypeState,
 };
 use spawnguard_ebpf::{
     breaker_gate, breaker_instance_ended, breaker_state, breaker_step, breaker_until, breaker_word,
@@ -17,8 +17,8 @@ use spawnguard_ebpf::{
 };
 
 use crate::{
+    host::monotonic_ns,
     loader::{installed_policy_side, name_of, open_installed},
-    status::monotonic_ns,
 };
 
 /// Slot of the type named `name` in the policy in force.
@@ -34,26 +34,30 @@ fn type_index(name: &str) -> Result<u32> {
     bail!("no type {name:?} in the policy in force")
 }
 
+/// A breaker state (`BREAKER_*`, as the word and events hold it) by name.
 pub fn state_name(state: u64) -> &'static str {
-    match state {
-        BREAKER_CLOSED => "closed",
-        BREAKER_OPEN => "open",
-        BREAKER_PROBING => "half-open",
-        _ => "unknown",
-    }
+    u32::try_from(state)
+        .ok()
+        .and_then(BreakerPhase::from_u32)
+        .map_or("unknown", BreakerPhase::name)
 }
 
+/// Why a breaker changed state (spawnguard-ebpf's `Cause`, as `last_cause` and events hold it),
+/// by name.
 pub fn cause_name(cause: u64) -> &'static str {
-    match cause {
-        1 => "start-up failures",
-        2 => "open time over: probe admitted",
-        3 => "probe healthy",
-        4 => "probe failed",
-        5 => "deny storm",
-        6 => "manual",
-        7 => "probe never ran",
-        _ => "-",
-    }
+    const NAMES: [(Cause, &str); 7] = [
+        (Cause::Failures, "start-up failures"),
+        (Cause::ProbeAdmitted, "open time over: probe admitted"),
+        (Cause::ProbeHealthy, "probe healthy"),
+        (Cause::ProbeFailed, "probe failed"),
+        (Cause::DenyStorm, "deny storm"),
+        (Cause::Manual, "manual"),
+        (Cause::ProbeAbandoned, "probe never ran"),
+    ];
+    NAMES
+        .iter()
+        .find(|(c, _)| *c as u64 == cause)
+        .map_or("-", |(_, name)| name)
 }
 
 /// A breaker as `status` and `breaker status` show it.
@@ -293,4 +297,28 @@ pub fn describe(v: &BreakerView) -> String {
     }
     line += &format!(", opened {} times, last: {})", v.trips, v.last_cause);
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names of breaker states come from `BreakerPhase`: its codes are the kernel's.
+    #[test]
+    fn breaker_phases_are_the_kernel_states() {
+        assert_eq!(BreakerPhase::Closed as u64, BREAKER_CLOSED);
+        assert_eq!(BreakerPhase::Open as u64, BREAKER_OPEN);
+        assert_eq!(BreakerPhase::HalfOpen as u64, BREAKER_PROBING);
+        assert_eq!(state_name(BREAKER_PROBING), "half-open");
+        assert_eq!(state_name(3), "unknown");
+        assert_eq!(state_name(1 << 40), "unknown");
+    }
+
+    #[test]
+    fn every_breaker_cause_has_a_name() {
+        assert_eq!(cause_name(Cause::Failures as u64), "start-up failures");
+        assert_eq!(cause_name(Cause::ProbeAbandoned as u64), "probe never ran");
+        assert_eq!(cause_name(0), "-");
+        assert_eq!(cause_name(8), "-");
+    }
 }

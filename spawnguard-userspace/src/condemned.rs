@@ -14,7 +14,7 @@ use std::{
 use aya::maps::{HashMap, MapData};
 use spawnguard_common::{maps, Condemned};
 
-use crate::{events, loader, status};
+use crate::{events, host, loader};
 
 /// How long a condemned process gets to reach a system call before the daemon kills it.
 const GRACE: Duration = Duration::from_millis(200);
@@ -37,7 +37,7 @@ pub async fn watch(report: tokio::sync::mpsc::Sender<events::EventRecord>) -> an
         let Ok(condemned) = HashMap::<MapData, u32, Condemned>::try_from(map) else {
             continue;
         };
-        let now = status::monotonic_ns();
+        let now = host::monotonic_ns();
         for (tgid, c) in condemned.iter().filter_map(Result::ok) {
             if now.saturating_sub(c.since_ns) < GRACE.as_nanos() as u64 {
                 continue;

@@ -21,7 +21,7 @@ use tokio::{
 use crate::{
     cgroupfs::{self, Cgroup2},
     control::{self, Job, Reply, Request},
-    events,
+    events, host,
     loader::{self, BackendChoice, DaemonState, Enforcer, PlacedType, RUN_DIR, STATE_FILE},
     metrics,
     policy::{OnMaxAge, Policy},
@@ -150,7 +150,7 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
         tracing::info!("metrics at http://{addr}/metrics");
         let info = metrics::BuildInfo {
             backend: enforcer.backend.name().to_owned(),
-            kernel: metrics::kernel_release(),
+            kernel: host::kernel_release(),
         };
         tokio::spawn(metrics::serve(
             listener,

@@ -14,6 +14,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
+use spawnguard_common::BreakerPhase;
 
 use crate::{
     cgroupfs,
@@ -338,7 +339,9 @@ fn respawn_loop(exe: &Path, type_dir: &Path) -> Result<()> {
             type_status(&s)
                 .and_then(|t| t.breaker.as_ref())
                 .map_or("-".to_owned(), |b| match b.retry_in_seconds {
-                    Some(r) if b.state == "open" => format!("open, probe in {r:.1} s"),
+                    Some(r) if b.state == BreakerPhase::Open.name() => {
+                        format!("open, probe in {r:.1} s")
+                    }
                     _ => b.state.clone(),
                 });
         let state = breaker.split(',').next().unwrap_or_default().to_owned();

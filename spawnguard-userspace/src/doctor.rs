@@ -5,12 +5,12 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{btf::Btf, cgroupfs, loader};
-
-/// Oldest kernel spawnguard runs on (the oldest tested): ring buffers (5.8), BPF LSM (5.7),
-/// BTF tracepoints (5.5). Before 5.12 (no atomic fetch/compare-and-swap instructions) it loads
-/// the programs that emulate them.
-pub const MIN_KERNEL: (u32, u32) = (5, 10);
+use crate::{
+    btf::Btf,
+    cgroupfs,
+    host::{self, ATOMICS_KERNEL, MIN_KERNEL},
+    loader,
+};
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -49,19 +49,12 @@ fn check(name: &str, level: Level, detail: impl Into<String>, advice: Option<&st
     }
 }
 
-/// "6.18.44-fc" -> (6, 18)
-pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
-}
-
 const LSM_LIST: &str = "/sys/kernel/security/lsm";
 
 pub fn run() -> Report {
     let mut checks = Vec::new();
-    let release = crate::metrics::kernel_release();
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let release = host::kernel_release();
+    let root = host::is_root();
     checks.push(if root {
         check("root", Level::Ok, "running as root", None)
     } else {
@@ -72,9 +65,9 @@ pub fn run() -> Report {
             Some("run spawnguard (and this check) as root"),
         )
     });
-    let version = kernel_version(&release);
+    let version = host::kernel_version(&release);
     checks.push(match version {
-        Some(v) if v >= loader::ATOMICS_KERNEL => check(
+        Some(v) if v >= ATOMICS_KERNEL => check(
             "kernel",
             Level::Ok,
             format!("{release} (minimum {}.{})", MIN_KERNEL.0, MIN_KERNEL.1),
@@ -86,10 +79,7 @@ pub fn run() -> Report {
             format!(
                 "{release} (minimum {}.{}); no BPF atomic fetch or compare-and-swap before \
                  {}.{}: emulated with a lock in a map",
-                MIN_KERNEL.0,
-                MIN_KERNEL.1,
-                loader::ATOMICS_KERNEL.0,
-                loader::ATOMICS_KERNEL.1
+                MIN_KERNEL.0, MIN_KERNEL.1, ATOMICS_KERNEL.0, ATOMICS_KERNEL.1
             ),
             None,
         ),
@@ -258,7 +248,7 @@ pub fn run() -> Report {
     checks.push(if installed.join("links").exists() {
         let daemon = loader::DaemonState::read()
             .map(|d| d.pid)
-            .filter(|p| Path::new(&format!("/proc/{p}")).exists());
+            .filter(|&p| host::pid_alive(p));
         check(
             "enforcer",
             Level::Ok,
@@ -299,7 +289,7 @@ pub fn run() -> Report {
 
     let can_run = checks.iter().all(|c| c.level != Level::Fatal);
     let (backend, backend_reason) = if can_run {
-        match loader::Backend::select(loader::BackendChoice::Auto, has_kfunc, &probe) {
+        match loader::BackendChoice::Auto.select(has_kfunc, &probe) {
             Ok((b, why)) => (Some(b.name().to_owned()), why),
             Err(e) => (None, format!("{e:#}")),
         }
@@ -343,22 +333,5 @@ pub fn print_table(r: &Report) {
         for (name, a) in advice {
             println!("  {name}: {a}");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kernel_versions_parse_from_releases() {
-        assert_eq!(kernel_version("6.18.44-fc-v669"), Some((6, 18)));
-        assert_eq!(kernel_version("5.10.0-30-amd64"), Some((5, 10)));
-        assert_eq!(kernel_version("6.1"), Some((6, 1)));
-        assert_eq!(kernel_version("garbage"), None);
-        assert!(kernel_version("5.4.0").unwrap() < MIN_KERNEL);
-        assert!(kernel_version("5.10.0").unwrap() >= MIN_KERNEL);
-        assert!(kernel_version("5.10.0").unwrap() < loader::ATOMICS_KERNEL);
-        assert!(kernel_version("5.12.1").unwrap() >= loader::ATOMICS_KERNEL);
     }
 }

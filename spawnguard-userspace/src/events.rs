@@ -12,17 +12,14 @@ use anyhow::Result;
 use aya::maps::{Array, MapData, RingBuf};
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
-    maps, Event, BACKEND_KILL, BACKEND_KILL_COMPAT, CAUSE_EXIT, CAUSE_FORK, CAUSE_MIGRATION,
-    CAUSE_THREAD, EVENT_ADMITTED, EVENT_AUDIT_DENIED, EVENT_BREAKER, EVENT_DENIED, EVENT_FAIL_OPEN,
-    EVENT_MAX_AGE, EVENT_WARN, FAIL_CONTENDED, FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL,
-    FAIL_PROCESSES_FULL, REASON_FORK_RATE, REASON_HOST_TASKS, REASON_MAX_AGE, REASON_MAX_INSTANCES,
-    REASON_MAX_TASKS, REASON_MAX_THREADS, REASON_TYPE_TASKS,
+    limit, maps, Backend, BreakerPhase, Cause, Event, EventKind, FailOpen, Reason,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::{
-    cgroupfs,
+    breaker, cgroupfs,
+    host::monotonic_ns,
     loader::{name_of, open_installed, DaemonState, PlacedType},
 };
 
@@ -111,18 +108,9 @@ impl Names {
     }
 }
 
-pub fn reason_name(reason: u32) -> &'static str {
-    match reason {
-        REASON_MAX_TASKS => "max_tasks",
-        REASON_MAX_THREADS => "max_threads",
-        REASON_FORK_RATE => "fork_rate",
-        REASON_MAX_INSTANCES => "max_instances",
-        REASON_TYPE_TASKS => "max_total_tasks",
-        REASON_HOST_TASKS => "host_max_tasks",
-        REASON_MAX_AGE => "max_age",
-        spawnguard_common::REASON_BREAKER_OPEN => "breaker_open",
-        _ => "unknown",
-    }
+/// The budget of a denial or a warning, by name.
+fn reason_name(reason: Option<Reason>) -> &'static str {
+    reason.map_or("unknown", Reason::name)
 }
 
 fn text(raw: &[u8]) -> String {
@@ -136,36 +124,40 @@ fn comm(ev: &Event) -> String {
 
 /// One line per event, for the daemon's log.
 pub fn describe(ev: &Event, names: &mut Names) -> String {
-    let what = match ev.cause {
-        CAUSE_THREAD => "new thread",
-        CAUSE_MIGRATION => "process moving in",
+    let what = match Cause::from_u32(ev.cause) {
+        Some(Cause::Thread) => "new thread",
+        Some(Cause::Migration) => "process moving in",
         _ => "new process",
     };
     let instance = names.instance(ev.instance);
     let type_name = names.type_name(ev.type_idx);
-    let limit = match ev.reason {
-        REASON_FORK_RATE => "fork rate bucket empty".to_owned(),
-        spawnguard_common::REASON_BREAKER_OPEN => {
+    let reason = Reason::from_u32(ev.reason);
+    let limit = match reason {
+        Some(Reason::ForkRate) => "fork rate bucket empty".to_owned(),
+        Some(Reason::BreakerOpen) => {
             format!("breaker of type {type_name} is open")
         }
-        REASON_MAX_INSTANCES => format!(
+        Some(Reason::MaxInstances) => format!(
             "type {type_name} at ceiling {}/{}",
             ev.usage.min(ev.limit),
             ev.limit
         ),
         r => format!("{} {}/{}", reason_name(r), ev.usage, ev.limit),
     };
-    match ev.kind {
-        EVENT_DENIED if ev.target_pid == 0 => format!(
+    let Some(kind) = EventKind::from_u32(ev.kind) else {
+        return format!("unknown event kind {}", ev.kind);
+    };
+    match kind {
+        EventKind::Denied if ev.target_pid == 0 => format!(
             "denied {what} in {instance} (type {type_name}): {limit}; pid {} ({}) got EAGAIN, \
              no task was created",
             ev.pid,
             comm(ev),
         ),
-        EVENT_DENIED => {
-            let action = match ev.backend {
-                BACKEND_KILL => "killed before it ran",
-                BACKEND_KILL_COMPAT => "killed at its first syscall exit",
+        EventKind::Denied => {
+            let action = match Backend::from_u32(ev.backend) {
+                Some(Backend::Kill) => "killed before it ran",
+                Some(Backend::KillCompat) => "killed at its first syscall exit",
                 _ => "killed",
             };
             format!(
@@ -176,28 +168,28 @@ pub fn describe(ev: &Event, names: &mut Names) -> String {
                 ev.target_pid
             )
         }
-        EVENT_AUDIT_DENIED => format!(
+        EventKind::AuditDenied => format!(
             "audit: would deny {what} in {instance} (type {type_name}): {limit}; pid {} ({}), \
              target pid {}",
             ev.pid,
             comm(ev),
             ev.target_pid
         ),
-        EVENT_FAIL_OPEN => {
-            let why = match ev.reason {
-                FAIL_INSTANCES_FULL => "the instance map is full",
-                FAIL_PROCESSES_FULL => "the process map is full",
-                FAIL_DOOMED_FULL => "the doomed-task map is full",
-                FAIL_CONTENDED => "other CPUs kept changing the same counters",
-                spawnguard_common::FAIL_KILL => "the kernel refused to signal it",
-                spawnguard_common::FAIL_CREATED_FULL => {
+        EventKind::FailOpen => {
+            let why = match FailOpen::from_u32(ev.reason) {
+                Some(FailOpen::InstancesFull) => "the instance map is full",
+                Some(FailOpen::ProcessesFull) => "the process map is full",
+                Some(FailOpen::DoomedFull) => "the doomed-task map is full",
+                Some(FailOpen::Contended) => "other CPUs kept changing the same counters",
+                Some(FailOpen::KillFailed) => "the kernel refused to signal it",
+                Some(FailOpen::CreatedFull) => {
                     return format!(
                         "{instance} (type {type_name}): its creation time could not be kept \
                          (the map of creation times is full); its max_age counts from its \
                          first task"
                     )
                 }
-                _ => "a kernel structure could not be read",
+                Some(FailOpen::ReadError) | None => "a kernel structure could not be read",
             };
             format!(
                 "failed open: {what} of pid {} ({}) let through uncounted because {why}",
@@ -205,21 +197,21 @@ pub fn describe(ev: &Event, names: &mut Names) -> String {
                 comm(ev)
             )
         }
-        EVENT_MAX_AGE => format!(
+        EventKind::MaxAge => format!(
             "max age: instance {instance} (type {type_name}) is {}s old, over its max_age of \
              {}s (seen by the kernel at a new task)",
             ev.usage, ev.limit
         ),
-        spawnguard_common::EVENT_BREAKER => {
+        EventKind::Breaker => {
             let (from, to) = (ev.usage >> 8, ev.usage & 0xff);
             let mut line = format!(
                 "breaker of type {type_name}: {} -> {} ({})",
-                crate::breaker::state_name(from),
-                crate::breaker::state_name(to),
-                crate::breaker::cause_name(u64::from(ev.reason)),
+                breaker::state_name(from),
+                breaker::state_name(to),
+                breaker::cause_name(u64::from(ev.reason)),
             );
-            let now_ms = crate::status::monotonic_ns() / 1_000_000;
-            if to == spawnguard_ebpf::BREAKER_OPEN && ev.limit > now_ms {
+            let now_ms = monotonic_ns() / 1_000_000;
+            if to == BreakerPhase::Open as u64 && ev.limit > now_ms {
                 line += &format!(
                     "; next probe in {:.0} s",
                     (ev.limit - now_ms) as f64 / 1000.0
@@ -227,13 +219,13 @@ pub fn describe(ev: &Event, names: &mut Names) -> String {
             }
             line
         }
-        EVENT_WARN => format!(
+        EventKind::Warn => format!(
             "warning: {} reached {}/{} in {instance} (type {type_name})",
-            reason_name(ev.reason),
+            reason_name(reason),
             ev.usage,
             ev.limit
         ),
-        EVENT_ADMITTED => format!(
+        EventKind::Admitted => format!(
             "admitted instance {instance} (type {type_name}): {} instances{}; pid {} ({})",
             ev.usage,
             if ev.limit == spawnguard_common::NO_LIMIT {
@@ -244,7 +236,6 @@ pub fn describe(ev: &Event, names: &mut Names) -> String {
             ev.pid,
             comm(ev)
         ),
-        k => format!("unknown event kind {k}"),
     }
 }
 
@@ -307,34 +298,9 @@ pub struct BreakerChange {
     pub retry_at: Option<String>,
 }
 
-fn kind_name(kind: u32) -> &'static str {
-    match kind {
-        EVENT_DENIED => "denied",
-        EVENT_AUDIT_DENIED => "audit_denied",
-        EVENT_FAIL_OPEN => "fail_open",
-        EVENT_WARN => "warn",
-        EVENT_MAX_AGE => "max_age",
-        EVENT_BREAKER => "breaker",
-        EVENT_ADMITTED => "admitted",
-        _ => "unknown",
-    }
-}
-
-fn fail_name(reason: u32) -> &'static str {
-    match reason {
-        FAIL_INSTANCES_FULL => "instances_full",
-        FAIL_PROCESSES_FULL => "processes_full",
-        FAIL_DOOMED_FULL => "doomed_full",
-        FAIL_CONTENDED => "contended",
-        spawnguard_common::FAIL_KILL => "kill_failed",
-        spawnguard_common::FAIL_CREATED_FULL => "created_full",
-        _ => "read_error",
-    }
-}
-
 /// Wall-clock time of a kernel timestamp (CLOCK_MONOTONIC nanoseconds).
-fn wall_time(monotonic_ns: u64) -> std::time::SystemTime {
-    let ago = crate::status::monotonic_ns().saturating_sub(monotonic_ns);
+fn wall_time(ts_ns: u64) -> std::time::SystemTime {
+    let ago = monotonic_ns().saturating_sub(ts_ns);
     std::time::SystemTime::now() - Duration::from_nanos(ago)
 }
 
@@ -349,18 +315,15 @@ impl EventRecord {
         let mut r = Self {
             schema: EVENT_SCHEMA,
             time: rfc3339(wall_time(ev.ts_ns)),
-            kind: kind_name(ev.kind).to_owned(),
+            kind: EventKind::from_u32(ev.kind)
+                .map_or("unknown", EventKind::name)
+                .to_owned(),
             type_name: placed.then(|| names.type_name(ev.type_idx).to_owned()),
             instance: placed.then(|| names.instance(ev.instance)),
             instance_id: ev.instance,
-            cause: match ev.cause {
-                CAUSE_FORK => "fork",
-                CAUSE_THREAD => "thread",
-                CAUSE_MIGRATION => "migration",
-                CAUSE_EXIT => "exit",
-                _ => "unknown",
-            }
-            .to_owned(),
+            cause: Cause::from_u32(ev.cause)
+                .map_or("unknown", Cause::name)
+                .to_owned(),
             reason: None,
             usage: None,
             limit: None,
@@ -369,48 +332,54 @@ impl EventRecord {
             comm: comm(ev),
             parent_comm: text(&ev.parent_comm),
             target_pid: (ev.target_pid != 0).then_some(ev.target_pid),
-            backend: crate::loader::Backend::from_code(ev.backend)
+            backend: Backend::from_u32(ev.backend)
+                .unwrap_or(Backend::KillCompat)
                 .name()
                 .to_owned(),
             breaker: None,
             message,
         };
-        let limit = |v: u64| (v != spawnguard_common::NO_LIMIT).then_some(v);
-        match ev.kind {
-            EVENT_DENIED | EVENT_AUDIT_DENIED | EVENT_WARN => {
-                r.reason = Some(reason_name(ev.reason).to_owned());
-                if !matches!(ev.reason, REASON_FORK_RATE | REASON_MAX_AGE)
-                    && ev.reason != spawnguard_common::REASON_BREAKER_OPEN
-                {
+        match EventKind::from_u32(ev.kind) {
+            Some(EventKind::Denied | EventKind::AuditDenied | EventKind::Warn) => {
+                let reason = Reason::from_u32(ev.reason);
+                r.reason = Some(reason_name(reason).to_owned());
+                if !matches!(
+                    reason,
+                    Some(Reason::ForkRate | Reason::MaxAge | Reason::BreakerOpen)
+                ) {
                     r.usage = Some(ev.usage);
                     r.limit = limit(ev.limit);
                 }
             }
-            EVENT_ADMITTED => {
+            Some(EventKind::Admitted) => {
                 r.usage = Some(ev.usage);
                 r.limit = limit(ev.limit);
             }
-            EVENT_MAX_AGE => {
-                r.reason = Some("max_age".into());
+            Some(EventKind::MaxAge) => {
+                r.reason = Some(Reason::MaxAge.name().into());
                 r.usage = Some(ev.usage);
                 r.limit = Some(ev.limit);
             }
-            EVENT_FAIL_OPEN => r.reason = Some(fail_name(ev.reason).to_owned()),
-            EVENT_BREAKER => {
+            Some(EventKind::FailOpen) => {
+                // An unknown code reads as the catch-all.
+                let why = FailOpen::from_u32(ev.reason).unwrap_or(FailOpen::ReadError);
+                r.reason = Some(why.name().to_owned());
+            }
+            Some(EventKind::Breaker) => {
                 let (from, to) = (ev.usage >> 8, ev.usage & 0xff);
-                r.reason = Some(crate::breaker::cause_name(u64::from(ev.reason)).to_owned());
-                let retry_at = (to == spawnguard_ebpf::BREAKER_OPEN).then(|| {
-                    let now_ms = crate::status::monotonic_ns() / 1_000_000;
+                r.reason = Some(breaker::cause_name(u64::from(ev.reason)).to_owned());
+                let retry_at = (to == BreakerPhase::Open as u64).then(|| {
+                    let now_ms = monotonic_ns() / 1_000_000;
                     let wait = Duration::from_millis(ev.limit.saturating_sub(now_ms));
                     rfc3339(std::time::SystemTime::now() + wait)
                 });
                 r.breaker = Some(BreakerChange {
-                    from: crate::breaker::state_name(from).to_owned(),
-                    to: crate::breaker::state_name(to).to_owned(),
+                    from: breaker::state_name(from).to_owned(),
+                    to: breaker::state_name(to).to_owned(),
                     retry_at,
                 });
             }
-            _ => {}
+            None => {}
         }
         r
     }
@@ -649,9 +618,9 @@ fn log(limiter: &mut LogLimiter, ev: &Event, record: &EventRecord) {
         return;
     }
     let line = &record.message;
-    match ev.kind {
-        EVENT_FAIL_OPEN => tracing::error!("{line}"),
-        EVENT_DENIED | EVENT_WARN | EVENT_BREAKER => tracing::warn!("{line}"),
+    match EventKind::from_u32(ev.kind) {
+        Some(EventKind::FailOpen) => tracing::error!("{line}"),
+        Some(EventKind::Denied | EventKind::Warn | EventKind::Breaker) => tracing::warn!("{line}"),
         _ => tracing::info!("{line}"),
     }
 }
@@ -659,6 +628,7 @@ fn log(limiter: &mut LogLimiter, ev: &Event, record: &EventRecord) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use spawnguard_common::{BACKEND_KILL, CAUSE_FORK, EVENT_DENIED, REASON_MAX_TASKS};
 
     #[test]
     fn a_burst_is_logged_then_counted_and_summed_up_once() {
@@ -707,7 +677,7 @@ mod tests {
         let mut parent = [0u8; 16];
         parent[..4].copy_from_slice(b"bash");
         let ev = Event {
-            ts_ns: crate::status::monotonic_ns(),
+            ts_ns: monotonic_ns(),
             instance: 42,
             usage: 40,
             limit: 40,

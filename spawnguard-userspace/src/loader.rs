@@ -2,7 +2,6 @@
 //! choice, policy into maps, attaching every hook, pinning the maps for `status`.
 
 use std::{
-    fmt,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -19,16 +18,18 @@ use aya::{
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
     maps, BreakerLimits, BreakerState, HostLimits, InstanceState, Meta, PathKey, PathNode,
-    TypeCounters, TypeDir, TypeLevels, TypeLimits, TypeState, BACKEND_KILL, BACKEND_KILL_COMPAT,
-    BACKEND_LSM, LAYOUT_VERSION, MAX_PATH_NODES, MAX_TYPES, MAX_TYPE_LEVELS, MODE_AUDIT,
-    MODE_ENFORCE, NO_LIMIT, NO_TYPE, ON_MAX_AGE_EVENT, ON_MAX_AGE_FREEZE, ON_MAX_AGE_KILL,
-    PATH_NAME_LEN, TYPE_NAME_LEN,
+    TypeCounters, TypeDir, TypeLevels, TypeLimits, TypeState, LAYOUT_VERSION, MAX_PATH_NODES,
+    MAX_TYPES, MAX_TYPE_LEVELS, MODE_AUDIT, MODE_ENFORCE, NO_LIMIT, NO_TYPE, ON_MAX_AGE_EVENT,
+    ON_MAX_AGE_FREEZE, ON_MAX_AGE_KILL, PATH_NAME_LEN, TYPE_NAME_LEN,
 };
 use spawnguard_ebpf::{policy_index, rate_interval_ns, rate_window_ns};
+
+pub use spawnguard_common::Backend;
 
 use crate::{
     btf::Btf,
     cgroupfs::{self, Cgroup2},
+    host,
     kfunc::patch_kfunc_calls,
     policy::{Mode, OnMaxAge, Policy},
 };
@@ -43,9 +44,6 @@ static EBPF_OBJECT_EMULATED_ATOMICS: &[u8] = aya::include_bytes_aligned!(concat!
     "/spawnguard-emulated-atomics.bpf.o"
 ));
 
-/// First kernel with BPF atomic fetch-and-add and compare-and-swap.
-pub const ATOMICS_KERNEL: (u32, u32) = (5, 12);
-
 /// `SPAWNGUARD_EMULATED_ATOMICS=1` loads the emulated-atomics object on any kernel: the test
 /// suite runs it on real CPUs that way (the 5.10 guest's two vCPUs share one host thread).
 pub const EMULATED_ATOMICS_ENV: &str = "SPAWNGUARD_EMULATED_ATOMICS";
@@ -54,8 +52,7 @@ pub const EMULATED_ATOMICS_ENV: &str = "SPAWNGUARD_EMULATED_ATOMICS";
 /// environment asks for it.
 pub fn emulated_atomics() -> bool {
     std::env::var(EMULATED_ATOMICS_ENV).is_ok_and(|v| v == "1")
-        || crate::doctor::kernel_version(&crate::metrics::kernel_release())
-            .is_some_and(|v| v < ATOMICS_KERNEL)
+        || host::kernel_older_than(&host::kernel_release(), host::ATOMICS_KERNEL)
 }
 
 /// The object this kernel can verify.
@@ -88,66 +85,32 @@ pub enum BackendChoice {
     KillCompat,
 }
 
-/// How a denied task is stopped: `lsm` fails the fork with EAGAIN (nothing is killed); `kill`
-/// and `kill-compat` kill the new task before it runs user code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Backend {
-    Lsm,
-    Kill,
-    KillCompat,
+/// Whether a task refused after it exists is killed with the kfunc (else `sys_exit` kills it at
+/// its next syscall exit, and is attached for that).
+fn stops_with_kfunc(backend: Backend, has_kill: bool) -> bool {
+    match backend {
+        Backend::Kill => true,
+        Backend::Lsm => has_kill,
+        Backend::KillCompat => false,
+    }
 }
 
-impl Backend {
-    fn code(self) -> u32 {
-        match self {
-            Backend::Lsm => BACKEND_LSM,
-            Backend::Kill => BACKEND_KILL,
-            Backend::KillCompat => BACKEND_KILL_COMPAT,
-        }
-    }
-
-    pub fn from_code(code: u32) -> Self {
-        match code {
-            BACKEND_LSM => Backend::Lsm,
-            BACKEND_KILL => Backend::Kill,
-            _ => Backend::KillCompat,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Lsm => "lsm",
-            Backend::Kill => "kill",
-            Backend::KillCompat => "kill-compat",
-        }
-    }
-
-    /// Whether a task refused after it exists is killed with the kfunc (else `sys_exit` kills
-    /// it at its next syscall exit, and is attached for that).
-    fn stops_with_kfunc(self, has_kill: bool) -> bool {
-        match self {
-            Backend::Kill => true,
-            Backend::Lsm => has_kill,
-            Backend::KillCompat => false,
-        }
-    }
-
+impl BackendChoice {
     /// Picks the best backend this kernel supports (`lsm` where BPF LSM programs run, then
     /// `kill` where the kfunc exists, then `kill-compat`), or checks a forced one. `lsm` is
     /// the outcome of `probe_lsm`. Returns the backend and why, in one line.
     pub fn select(
-        choice: BackendChoice,
+        self,
         has_kill: bool,
         lsm: &std::result::Result<(), String>,
-    ) -> Result<(Self, String)> {
+    ) -> Result<(Backend, String)> {
         let after_kill = if has_kill {
             "with the bpf_send_signal_task kfunc for migrations (no per-syscall cost)"
         } else {
             "with a syscall-exit hook for migrations (no bpf_send_signal_task kfunc, needs \
              >= 6.13)"
         };
-        Ok(match (choice, lsm) {
+        Ok(match (self, lsm) {
             (BackendChoice::Auto, Ok(())) => (
                 Backend::Lsm,
                 format!("BPF LSM programs run here: a denied fork fails with EAGAIN, {after_kill}"),
@@ -183,12 +146,6 @@ impl Backend {
     }
 }
 
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
 /// One type of the policy, placed on this host's cgroup2 hierarchy.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct PlacedType {
@@ -198,7 +155,7 @@ pub struct PlacedType {
     pub dir: PathBuf,
     pub cgroup_id: u64,
     pub level: u32,
-    pub mode: String,
+    pub mode: Mode,
     pub max_tasks: u64,
     pub max_threads: u64,
     pub max_age: Option<std::time::Duration>,
@@ -241,7 +198,7 @@ pub fn place_types(policy: &Policy, cg: &Cgroup2) -> Result<Vec<PlacedType>> {
                 cgroup_id: cgroupfs::cgroup_id(&dir)?,
                 level: cg.level(&t.path),
                 dir,
-                mode: t.mode.to_string(),
+                mode: t.mode,
                 max_tasks: t.max_tasks,
                 max_threads: t.max_threads,
                 max_age: t.max_age,
@@ -482,13 +439,12 @@ pub fn probe_lsm_reason(btf: &Btf) -> std::result::Result<(), String> {
 
 /// Fails with one sentence when spawnguard cannot run here at all.
 pub fn preflight() -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !host::is_root() {
         bail!("spawnguard must run as root: it loads eBPF programs and manages cgroups (try sudo)");
     }
-    let release = crate::metrics::kernel_release();
-    let (major, minor) = crate::doctor::MIN_KERNEL;
-    if crate::doctor::kernel_version(&release).is_some_and(|v| v < (major, minor)) {
+    let release = host::kernel_release();
+    let (major, minor) = host::MIN_KERNEL;
+    if host::kernel_older_than(&release, host::MIN_KERNEL) {
         bail!(
             "spawnguard needs Linux {major}.{minor} or newer (BTF tracepoints, BPF LSM, ring \
              buffers); this kernel is {release} \
@@ -594,7 +550,8 @@ impl Enforcer {
                 meta.layout_version
             );
         }
-        let backend = Backend::from_code(meta.backend);
+        // A code no daemon wrote reads as the backend that needs least of the kernel.
+        let backend = Backend::from_u32(meta.backend).unwrap_or(Backend::KillCompat);
         let forced = match choice {
             BackendChoice::Auto => None,
             BackendChoice::Lsm => Some(Backend::Lsm),
@@ -630,8 +587,8 @@ impl Enforcer {
             tracing::info!(
                 "loading the programs that emulate BPF atomic fetch and compare-and-swap (a lock \
                  in a map): kernels before {}.{} lack them (or {EMULATED_ATOMICS_ENV}=1)",
-                ATOMICS_KERNEL.0,
-                ATOMICS_KERNEL.1
+                host::ATOMICS_KERNEL.0,
+                host::ATOMICS_KERNEL.1
             );
         }
         let btf = Btf::from_sys_fs()?;
@@ -643,8 +600,8 @@ impl Enforcer {
         let has_kill = kfuncs.has(KILL_KFUNC);
         let kernel_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
         let load = |backend: Backend| -> Result<Ebpf> {
-            let code = backend.code();
-            let stop_with_kfunc = u32::from(backend.stops_with_kfunc(has_kill));
+            let code = backend as u32;
+            let stop_with_kfunc = u32::from(stops_with_kfunc(backend, has_kill));
             EbpfLoader::new()
                 .verifier_log_level(VERIFIER_LOG)
                 .map_max_entries(maps::INSTANCES, capacity.instances)
@@ -669,12 +626,12 @@ impl Enforcer {
             }
             _ => Err("not asked for".into()),
         };
-        let (backend, mut backend_reason) = Backend::select(choice, has_kill, &lsm)?;
+        let (backend, mut backend_reason) = choice.select(has_kill, &lsm)?;
         if !kfuncs.missing.is_empty() {
             backend_reason += &format!("; kfuncs missing: {}", kfuncs.missing.join(", "));
         }
-        let backend_code = backend.code();
-        let stop_with_kfunc = backend.stops_with_kfunc(has_kill);
+        let backend_code = backend as u32;
+        let stop_with_kfunc = stops_with_kfunc(backend, has_kill);
         let mut ebpf = match lsm_object {
             Some(ebpf) if backend == Backend::Lsm => ebpf,
             _ => load(backend)?,
@@ -700,7 +657,7 @@ impl Enforcer {
             Meta {
                 layout_version: LAYOUT_VERSION,
                 backend: backend_code,
-                installed_ns: crate::status::monotonic_ns(),
+                installed_ns: host::monotonic_ns(),
             },
             0,
         )?;
@@ -1236,7 +1193,7 @@ fn attach_and_pin(
 /// already counted and skipped. Returns how many processes were written.
 fn reconcile(dir: &Path, types: &[PlacedType]) -> Result<usize> {
     let mut created: HashMap<_, u64, u64> = HashMap::try_from(open_pinned(dir, maps::CREATED)?)?;
-    let (now_mono, now_wall) = (crate::status::monotonic_ns(), std::time::SystemTime::now());
+    let (now_mono, now_wall) = (host::monotonic_ns(), std::time::SystemTime::now());
     let mut count = 0;
     for t in types {
         for inst in cgroupfs::children(&t.dir) {
@@ -1341,7 +1298,7 @@ mod tests {
                 cgroup_id: 0,
                 dir: cg.dir(&t.path),
                 level: cg.level(&t.path),
-                mode: "enforce".into(),
+                mode: Mode::Enforce,
                 max_tasks: t.max_tasks,
                 max_threads: t.max_threads,
                 max_age: None,
@@ -1490,7 +1447,7 @@ mod tests {
         let lsm_ok = Ok(());
         let no_lsm: std::result::Result<(), String> = Err("bpf is not an active LSM".into());
         let pick = |has_kill, lsm: &std::result::Result<(), String>| {
-            Backend::select(BackendChoice::Auto, has_kill, lsm).unwrap()
+            BackendChoice::Auto.select(has_kill, lsm).unwrap()
         };
         assert_eq!(pick(true, &lsm_ok).0, Backend::Lsm);
         assert_eq!(pick(false, &lsm_ok).0, Backend::Lsm);
@@ -1504,24 +1461,51 @@ mod tests {
             "{why}"
         );
         // lsm kills what task_alloc cannot refuse with the kfunc where there is one.
-        assert!(Backend::Lsm.stops_with_kfunc(true));
-        assert!(!Backend::Lsm.stops_with_kfunc(false));
-        assert!(!Backend::KillCompat.stops_with_kfunc(true));
+        assert!(stops_with_kfunc(Backend::Lsm, true));
+        assert!(!stops_with_kfunc(Backend::Lsm, false));
+        assert!(!stops_with_kfunc(Backend::KillCompat, true));
+    }
+
+    /// The state file of a running daemon is read by the CLI of another build: its words stay.
+    #[test]
+    fn the_state_file_names_backends_and_modes_as_words() {
+        let policy = Policy::parse(
+            "[[type]]\nname = \"a\"\npath = \"a\"\nmax_tasks = 5\n",
+            "p.toml",
+        )
+        .unwrap();
+        let mut types = placed(&policy, "/cg");
+        types[0].mode = Mode::Audit;
+        let state = DaemonState {
+            pid: 1,
+            backend: Backend::KillCompat,
+            cgroup2: "/cg".into(),
+            types,
+        };
+        let v = serde_json::to_value(&state).unwrap();
+        assert_eq!(v["backend"], "kill-compat");
+        assert_eq!(v["types"][0]["mode"], "audit");
+        let back: DaemonState = serde_json::from_value(v).unwrap();
+        assert_eq!(
+            (back.backend, &back.types),
+            (Backend::KillCompat, &state.types)
+        );
+        for (backend, name) in [(Backend::Lsm, "lsm"), (Backend::Kill, "kill")] {
+            assert_eq!(serde_json::to_value(backend).unwrap(), name);
+        }
+        assert_eq!(serde_json::to_value(Mode::Enforce).unwrap(), "enforce");
     }
 
     #[test]
     fn a_forced_backend_the_kernel_lacks_is_refused_with_the_reason() {
         let no_lsm: std::result::Result<(), String> = Err("EPERM loading it".into());
-        let e = Backend::select(BackendChoice::Lsm, true, &no_lsm).unwrap_err();
+        let e = BackendChoice::Lsm.select(true, &no_lsm).unwrap_err();
         assert!(
             format!("{e}").starts_with("--backend lsm needs BPF LSM programs")
                 && format!("{e}").contains("EPERM loading it"),
             "{e}"
         );
-        let e = Backend::select(BackendChoice::Kill, false, &Ok(())).unwrap_err();
+        let e = BackendChoice::Kill.select(false, &Ok(())).unwrap_err();
         assert!(format!("{e}").starts_with("--backend kill needs"), "{e}");
-        for code in [BACKEND_LSM, BACKEND_KILL, BACKEND_KILL_COMPAT] {
-            assert_eq!(Backend::from_code(code).code(), code);
-        }
     }
 }

@@ -10,6 +10,7 @@ mod daemon;
 mod demo;
 mod doctor;
 mod events;
+mod host;
 mod kfunc;
 mod loader;
 mod mapbatch;

@@ -13,6 +13,7 @@ use http_body_util::Full;
 use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use spawnguard_common::BreakerPhase;
 use tokio::net::TcpListener;
 
 use crate::{
@@ -78,12 +79,6 @@ impl FromStr for Listen {
 pub struct BuildInfo {
     pub backend: String,
     pub kernel: String,
-}
-
-pub fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// The families of one scrape, registered as they are made.
@@ -273,24 +268,21 @@ pub fn render(
             .inc_by(t.instances_admitted);
         warnings.with_label_values(&[ty]).inc_by(t.warnings);
         if let Some(b) = &t.breaker {
-            for state in ["closed", "open", "half-open"] {
+            for state in BreakerPhase::ALL.iter().map(|s| s.name()) {
                 breaker
                     .with_label_values(&[ty, state])
                     .set(i64::from(b.state == state));
             }
             step.with_label_values(&[ty]).set(int(b.step));
-            retry.with_label_values(&[ty]).set(if b.state == "open" {
-                b.retry_in_seconds.unwrap_or(0.0)
-            } else {
-                0.0
-            });
-            let e = &t.breaker_entered;
-            for (to, n) in [
-                ("closed", e.closed),
-                ("open", e.open),
-                ("half-open", e.half_open),
-            ] {
-                transitions.with_label_values(&[ty, to]).inc_by(n);
+            retry
+                .with_label_values(&[ty])
+                .set(if b.state == BreakerPhase::Open.name() {
+                    b.retry_in_seconds.unwrap_or(0.0)
+                } else {
+                    0.0
+                });
+            for (to, n) in t.breaker_entered.by_state() {
+                transitions.with_label_values(&[ty, to.name()]).inc_by(n);
             }
         }
     }
@@ -349,16 +341,8 @@ pub fn render(
         "New tasks let through uncounted because the kernel side could not account for them.",
         &["cause"],
     )?;
-    let f = &s.failed_open_by;
-    for (cause, n) in [
-        ("instances_full", f.instances_full),
-        ("processes_full", f.processes_full),
-        ("doomed_full", f.doomed_full),
-        ("read_error", f.read_error),
-        ("contended", f.contended),
-        ("kill_failed", f.kill_failed),
-    ] {
-        fail_open.with_label_values(&[cause]).inc_by(n);
+    for (cause, n) in s.failed_open_by.by_cause() {
+        fail_open.with_label_values(&[cause.name()]).inc_by(n);
     }
     let entries = m.gauge(
         "spawnguard_map_entries",

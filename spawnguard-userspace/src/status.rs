@@ -1,21 +1,19 @@
 //! `spawnguard status`: read straight from the pinned maps, so it works whether or not the
 //! daemon answers.
 
-use std::path::Path;
-
 use anyhow::Result;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
-    maps, GlobalCounters, HostLimits, HostState, InstanceState, TypeCounters, TypeLimits,
-    TypeState, MAX_TYPES, MODE_ENFORCE, NO_LIMIT, REASONS,
+    limit, maps, BreakerPhase, FailOpen, GlobalCounters, HostLimits, HostState, InstanceState,
+    Reason, TypeCounters, TypeLimits, TypeState, BREAKER_STATES, MAX_TYPES, MODE_ENFORCE, REASONS,
 };
 
-use spawnguard_ebpf::{BREAKER_CLOSED, BREAKER_OPEN, BREAKER_PROBING};
-
 use crate::{
-    events::{reason_name, Names},
+    events::Names,
+    host::{self, monotonic_ns},
     loader::{name_of, open_installed, DaemonState},
+    policy::Mode,
 };
 
 /// Denials per reason (the budget that refused).
@@ -32,20 +30,21 @@ pub struct Denials {
 }
 
 impl Denials {
+    /// From the per-reason counters (indexed by `Reason`).
     fn from(c: [u64; REASONS]) -> Self {
         Self {
-            max_tasks: c[0],
-            max_threads: c[1],
-            fork_rate: c[2],
-            max_instances: c[3],
-            max_total_tasks: c[4],
-            host_max_tasks: c[5],
-            max_age: c[6],
-            breaker_open: c[7],
+            max_tasks: c[Reason::MaxTasks as usize],
+            max_threads: c[Reason::MaxThreads as usize],
+            fork_rate: c[Reason::ForkRate as usize],
+            max_instances: c[Reason::MaxInstances as usize],
+            max_total_tasks: c[Reason::TypeTasks as usize],
+            host_max_tasks: c[Reason::HostTasks as usize],
+            max_age: c[Reason::MaxAge as usize],
+            breaker_open: c[Reason::BreakerOpen as usize],
         }
     }
 
-    /// (reason name, count) for every reason, in `REASON_*` order.
+    /// (reason name, count) for every reason, in `Reason` order.
     pub fn by_reason(&self) -> [(&'static str, u64); REASONS] {
         let n = [
             self.max_tasks,
@@ -57,7 +56,7 @@ impl Denials {
             self.max_age,
             self.breaker_open,
         ];
-        std::array::from_fn(|r| (reason_name(r as u32), n[r]))
+        std::array::from_fn(|r| (Reason::ALL[r].name(), n[r]))
     }
 
     pub fn total(&self) -> u64 {
@@ -79,6 +78,14 @@ pub struct BreakerEntered {
     pub half_open: u64,
 }
 
+impl BreakerEntered {
+    /// (state, transitions into it) for every breaker state, in `BreakerPhase` order.
+    pub fn by_state(&self) -> [(BreakerPhase, u64); BREAKER_STATES] {
+        let n = [self.closed, self.open, self.half_open];
+        std::array::from_fn(|s| (BreakerPhase::ALL[s], n[s]))
+    }
+}
+
 /// Tasks let through uncounted, by why (the kernel side fails open, never closed).
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct FailedOpen {
@@ -91,6 +98,18 @@ pub struct FailedOpen {
 }
 
 impl FailedOpen {
+    /// (why, count) for every way a task is let through uncounted, in `FailOpen` order.
+    pub fn by_cause(&self) -> [(FailOpen, u64); 6] {
+        [
+            (FailOpen::InstancesFull, self.instances_full),
+            (FailOpen::ProcessesFull, self.processes_full),
+            (FailOpen::DoomedFull, self.doomed_full),
+            (FailOpen::ReadError, self.read_error),
+            (FailOpen::Contended, self.contended),
+            (FailOpen::KillFailed, self.kill_failed),
+        ]
+    }
+
     pub fn total(&self) -> u64 {
         self.instances_full
             + self.processes_full
@@ -107,10 +126,6 @@ pub struct MapUsage {
     pub map: String,
     pub entries: u64,
     pub capacity: u64,
-}
-
-fn limit(v: u64) -> Option<u64> {
-    (v != NO_LIMIT).then_some(v)
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -208,20 +223,6 @@ pub struct Status {
     pub releasing_full: u64,
 }
 
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
 /// Everything the pinned maps say, with each instance's path resolved (for `status`).
 pub fn read() -> Result<Status> {
     let mut s = snapshot()?;
@@ -266,11 +267,11 @@ pub fn snapshot() -> Result<Status> {
         let mut t = TypeStatus {
             name: name_of(&b.name),
             mode: if b.mode == MODE_ENFORCE {
-                "enforce"
+                Mode::Enforce
             } else {
-                "audit"
+                Mode::Audit
             }
-            .to_owned(),
+            .to_string(),
             max_tasks: b.max_tasks,
             max_threads: b.max_threads,
             max_instances: limit(b.max_instances),
@@ -299,9 +300,9 @@ pub fn snapshot() -> Result<Status> {
             t.migrations_denied += c.migrations_denied;
             t.instances_admitted += c.instances_admitted;
             t.warnings += c.warnings;
-            t.breaker_entered.closed += c.breaker_entered[BREAKER_CLOSED as usize];
-            t.breaker_entered.open += c.breaker_entered[BREAKER_OPEN as usize];
-            t.breaker_entered.half_open += c.breaker_entered[BREAKER_PROBING as usize];
+            t.breaker_entered.closed += c.breaker_entered[BreakerPhase::Closed as usize];
+            t.breaker_entered.open += c.breaker_entered[BreakerPhase::Open as usize];
+            t.breaker_entered.half_open += c.breaker_entered[BreakerPhase::HalfOpen as usize];
             for r in 0..REASONS {
                 denied[r] += c.denied[r];
                 audit[r] += c.audit_denied[r];
@@ -393,7 +394,10 @@ pub fn snapshot() -> Result<Status> {
         t.breaker = breakers.iter().find(|b| b.type_name == t.name).cloned();
     }
     Ok(Status {
-        daemon_pid: daemon.as_ref().map(|d| d.pid).filter(|&p| pid_alive(p)),
+        daemon_pid: daemon
+            .as_ref()
+            .map(|d| d.pid)
+            .filter(|&p| host::pid_alive(p)),
         backend: daemon.map(|d| d.backend.name().to_owned()),
         host,
         types: types.into_iter().map(|(_, t)| t).collect(),
@@ -454,7 +458,8 @@ impl MapUsage {
     }
 }
 
-fn or_dash(v: Option<u64>) -> String {
+/// A figure, or "-" where there is none (no limit).
+pub fn or_dash(v: Option<u64>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 

@@ -14,11 +14,12 @@ use crossterm::{
     execute, queue,
     terminal::{self, ClearType},
 };
+use spawnguard_common::BreakerPhase;
 
 use crate::{
     events::Names,
     loader::DaemonState,
-    status::{self, Status},
+    status::{self, or_dash, Status},
 };
 
 /// Per-type totals of the last frame, for rates.
@@ -41,10 +42,6 @@ fn totals(s: &Status) -> HashMap<String, Totals> {
             )
         })
         .collect()
-}
-
-fn or_dash(v: Option<u64>) -> String {
-    v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
 fn age(seconds: f64) -> String {
@@ -101,7 +98,7 @@ fn frame(
             .breaker
             .as_ref()
             .map_or("-".into(), |b| match b.retry_in_seconds {
-                Some(r) if b.state == "open" => format!("open {r:.0}s"),
+                Some(r) if b.state == BreakerPhase::Open.name() => format!("open {r:.0}s"),
                 _ => b.state.clone(),
             });
         lines.push(format!(
