@@ -7,13 +7,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use aya::maps::{Array, MapData};
 use serde::{Deserialize, Serialize};
-use spawnguard_common::{
-    maps, BreakerLimits, BreakerPhase, BreakerState, HostLimits, HostState, TypeLimits, TypeState,
-};
+use spawnguard_common::{maps, BreakerLimits, BreakerPhase, BreakerState, TypeLimits};
 use spawnguard_ebpf::{
-    breaker_gate, breaker_instance_ended, breaker_state, breaker_step, breaker_until, breaker_word,
-    open_for, policy_index, preview_new_instance, AtomicU64, Budget, Cause, Refusal, SharedUsage,
-    Transition, BREAKER_CLOSED, BREAKER_OPEN, BREAKER_PROBING,
+    breaker_instance_ended, breaker_state, breaker_step, breaker_until, breaker_word, open_for,
+    policy_index, AtomicU64, Cause, Transition, BREAKER_CLOSED, BREAKER_OPEN, BREAKER_PROBING,
 };
 
 use crate::{
@@ -23,15 +20,23 @@ use crate::{
 
 /// Slot of the type named `name` in the policy in force.
 fn type_index(name: &str) -> Result<u32> {
+    match find_type(name)? {
+        Some(index) => Ok(index),
+        None => bail!("no type {name:?} in the policy in force"),
+    }
+}
+
+/// Slot of the type named `name` in the policy in force, if it has one.
+pub(crate) fn find_type(name: &str) -> Result<Option<u32>> {
     let limits: Array<MapData, TypeLimits> = Array::try_from(open_installed(maps::TYPE_POLICY)?)?;
     let side = installed_policy_side()?;
     for index in 0..spawnguard_common::MAX_TYPES {
         let l = limits.get(&policy_index(side, index), 0)?;
         if l.active != 0 && name_of(&l.name) == name {
-            return Ok(index);
+            return Ok(Some(index));
         }
     }
-    bail!("no type {name:?} in the policy in force")
+    Ok(None)
 }
 
 /// A breaker state (`BREAKER_*`, as the word and events hold it) by name.
@@ -96,7 +101,7 @@ fn view(type_name: &str, s: &BreakerState, now_ms: u64) -> BreakerView {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     monotonic_ns() / 1_000_000
 }
 
@@ -214,69 +219,8 @@ pub fn report_failure(name: &str) -> Result<(BreakerView, bool)> {
     Ok((v, t.is_some_and(|t| t.to == BREAKER_OPEN)))
 }
 
-/// Why a new instance of the type would not be admitted now (`None`: it would be). Reads the
-/// pinned maps only; never changes anything (it does not claim the half-open probe).
-pub fn gate(name: &str) -> Result<Option<String>> {
-    let index = type_index(name)?;
-    let side = installed_policy_side()?;
-    let now = now_ms();
-    let policy: Array<MapData, BreakerLimits> =
-        Array::try_from(open_installed(maps::BREAKER_LIMITS)?)?;
-    let p = policy.get(&policy_index(side, index), 0)?;
-    if p.enabled != 0 {
-        let states: Array<MapData, BreakerState> =
-            Array::try_from(open_installed(maps::BREAKER_STATE)?)?;
-        let s = states.get(&index, 0)?;
-        let word = AtomicU64::new(s.word);
-        // On a copy: the real probe is claimed by the kernel when the instance starts.
-        if let (spawnguard_ebpf::Gate::Refused { until_ms, probing }, _) =
-            breaker_gate(&word, now, &p)
-        {
-            let wait = (until_ms - now) as f64 / 1000.0;
-            let at = wall_clock_in(Duration::from_millis(until_ms - now));
-            return Ok(Some(if probing {
-                format!("breaker half-open: its probe instance runs until {at} (in {wait:.0} s)")
-            } else {
-                format!("breaker open until {at} (in {wait:.0} s)")
-            }));
-        }
-    }
-    let limits: Array<MapData, TypeLimits> = Array::try_from(open_installed(maps::TYPE_POLICY)?)?;
-    let l = limits.get(&policy_index(side, index), 0)?;
-    let types: Array<MapData, TypeState> = Array::try_from(open_installed(maps::TYPE_STATE)?)?;
-    let t = types.get(&index, 0)?;
-    let hl: Array<MapData, HostLimits> = Array::try_from(open_installed(maps::HOST_LIMITS)?)?;
-    let hs: Array<MapData, HostState> = Array::try_from(open_installed(maps::HOST_STATE)?)?;
-    let (h, used) = (hl.get(&side, 0)?, hs.get(&0, 0)?.tasks);
-    let usage = SharedUsage {
-        type_instances: t.instances,
-        type_tasks: t.tasks,
-        host_tasks: used,
-    };
-    // The kernel's own admission decides, on copies of the totals.
-    Ok(match preview_new_instance(&Budget::of(&l, &h), &usage) {
-        None => None,
-        Some(Refusal::MaxInstances) => Some(format!("ceiling {}/{}", t.instances, l.max_instances)),
-        Some(Refusal::TypeTasks) => Some(format!(
-            "type at max_total_tasks {}/{}",
-            t.tasks, l.max_total_tasks
-        )),
-        Some(Refusal::HostTasks) => Some(format!(
-            "host at {:.0} % of its budget ({used}/{}; denying above {})",
-            used as f64 * 100.0 / h.max_tasks as f64,
-            h.max_tasks,
-            h.deny_tasks
-        )),
-        Some(Refusal::MaxTasks) => Some(format!(
-            "max_tasks {} leaves no room for a first task",
-            l.max_tasks
-        )),
-        Some(other) => Some(format!("{other:?}")),
-    })
-}
-
 /// Local wall-clock time `d` from now, as HH:MM:SS UTC.
-fn wall_clock_in(d: Duration) -> String {
+pub(crate) fn wall_clock_in(d: Duration) -> String {
     let t = std::time::SystemTime::now() + d;
     let secs = t
         .duration_since(std::time::UNIX_EPOCH)

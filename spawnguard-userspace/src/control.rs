@@ -273,15 +273,3 @@ pub fn call(request: &Request) -> Result<Result<Value>, Unreachable> {
         Err(anyhow!(reply.error.unwrap_or_default()))
     })
 }
-
-/// `call`, for verbs that need the daemon.
-pub fn call_daemon(request: &Request) -> Result<Value> {
-    match call(request) {
-        Ok(result) => result,
-        Err(Unreachable::NotRunning) => bail!(
-            "the spawnguard daemon is not running ({SOCKET} does not answer); start it with \
-             `spawnguard run`"
-        ),
-        Err(Unreachable::Other(e)) => Err(e),
-    }
-}

@@ -93,6 +93,8 @@ pub struct Options {
     pub metrics_listen: metrics::Listen,
     pub metrics_instances: metrics::InstanceSeries,
     pub capacity: loader::MapCapacity,
+    /// The group the read-only gate socket is open to (root only when none).
+    pub gate_group: Option<String>,
 }
 
 pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
@@ -127,6 +129,7 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
     }
     log_types(&types);
     let listener = control::bind()?;
+    let gate_listener = crate::gate::bind(opts.gate_group.as_deref())?;
     let metrics_listener = match opts.metrics_listen {
         metrics::Listen::At(addr) => Some((addr, metrics::bind(addr).await?)),
         metrics::Listen::Off => None,
@@ -146,6 +149,7 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
     let mut events_task =
         tokio::spawn(events::run(ring, names_rx.clone(), subscribe_rx, report_rx));
     let control_task = tokio::spawn(control::serve(listener, jobs_tx, subscribe_tx));
+    let gate_task = tokio::spawn(crate::gate::serve(gate_listener));
     let metrics_task = metrics_listener.map(|(addr, listener)| {
         tracing::info!("metrics at http://{addr}/metrics");
         let info = metrics::BuildInfo {
@@ -182,6 +186,7 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
             r = &mut events_task => { r??; break; }
         }
         if control_task.is_finished()
+            || gate_task.is_finished()
             || max_age_task.is_finished()
             || condemned_task.is_finished()
             || settle_task.is_finished()
@@ -193,6 +198,7 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
     }
     let _ = std::fs::remove_file(STATE_FILE);
     let _ = std::fs::remove_file(control::SOCKET);
+    let _ = std::fs::remove_file(crate::gate::SOCKET);
     if opts.no_pin {
         loader::uninstall()?;
         crate::backstop::give_back_all();

@@ -352,21 +352,27 @@ pub fn open_installed(name: &str) -> Result<Map> {
     open_pinned(&dir, name)
 }
 
+/// The pinned enforcers of other map layouts (`v<N>` directory names under `PIN_ROOT`).
+pub fn other_layouts() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(PIN_ROOT) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| *name != format!("v{LAYOUT_VERSION}"))
+        .collect()
+}
+
 /// Fails when pinned state of another layout version exists: adopting it would corrupt it.
 fn check_no_other_layout() -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(PIN_ROOT) else {
-        return Ok(());
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name != format!("v{LAYOUT_VERSION}") {
-            bail!(
-                "{PIN_ROOT}/{name} holds an enforcer with another map layout (this daemon uses \
-                 v{LAYOUT_VERSION}); it keeps enforcing its last policy. To migrate: stop its \
-                 daemon, run `spawnguard uninstall` (removes every pinned layout), then start \
-                 this daemon, which counts the running agents again"
-            );
-        }
+    if let Some(name) = other_layouts().first() {
+        bail!(
+            "{PIN_ROOT}/{name} holds an enforcer with another map layout (this daemon uses \
+             v{LAYOUT_VERSION}); it keeps enforcing its last policy. To migrate: stop its \
+             daemon, run `spawnguard uninstall` (removes every pinned layout), then start this \
+             daemon, which counts the running agents again"
+        );
     }
     Ok(())
 }

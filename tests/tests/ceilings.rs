@@ -242,3 +242,57 @@ fn an_exempt_type_is_counted_and_reported_never_denied() {
     assert_eq!(t["forks_allowed"], 17, "15 forks + 2 in b: {t}");
     drop(tree);
 }
+
+/// `spawnguard gate TYPE` as an unprivileged user (the agent runtime's own account): exit code
+/// and its one line.
+fn gate_as_nobody(type_name: &str) -> (Option<i32>, String) {
+    use std::os::unix::process::CommandExt;
+    const NOBODY: u32 = 65_534;
+    let out = Command::new(spawnguard_bin())
+        .args(["gate", type_name])
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+#[test]
+fn a_runtime_that_is_not_root_asks_the_gate_through_the_daemon_s_socket() {
+    if !privileged() {
+        return;
+    }
+    let (rel, _tree) = test_type("gate-socket");
+    let policy = policy("gs", &rel, "max_tasks = 10\nmax_instances = 1");
+    // Root only by default: an unprivileged caller is told how to open it.
+    {
+        let _daemon = Daemon::start_with(&policy, &[]).unwrap();
+        let (code, text) = gate_as_nobody("gs");
+        assert_eq!(code, Some(2), "{text}");
+        assert!(text.contains("--gate-group"), "{text}");
+    }
+    let _daemon = Daemon::start_with(&policy, &["--gate-group", "65534"]).unwrap();
+    let (code, text) = gate_as_nobody("gs");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.starts_with("ok: "), "{text}");
+    let (code, text) = gate_as_nobody("no-such-type");
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("no type \"no-such-type\""), "{text}");
+    // The one slot taken: refused, with the same line root gets.
+    let mut holder = exec_bomb("gs", "a", &["hold", "20000"]).spawn().unwrap();
+    assert!(wait_for(Duration::from_secs(5), || type_status("gs")
+        ["instances"]
+        == 1));
+    let (code, text) = gate_as_nobody("gs");
+    let root = cli(&["gate", "gs"]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(text, String::from_utf8_lossy(&root.stdout), "as root");
+    assert!(text.contains("ceiling 1/1"), "{text}");
+}

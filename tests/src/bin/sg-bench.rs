@@ -141,6 +141,28 @@ fn gate_latency_ms() -> Vec<f64> {
         .collect()
 }
 
+/// Calls of the library's `gate::check` per round (in process: no process start).
+const GATE_CALLS: usize = 2_000;
+
+/// Time of one in-process gate check, in µs: `(pinned maps, gate socket)`, each the median of
+/// a round's calls.
+fn gate_call_us() -> (Vec<f64>, Vec<f64>) {
+    let time = |f: &dyn Fn() -> bool| -> Vec<f64> {
+        (0..GATE_CALLS)
+            .map(|_| {
+                let t = Instant::now();
+                assert!(f(), "gate said no");
+                t.elapsed().as_secs_f64() * 1e6
+            })
+            .collect()
+    };
+    let admitted = |v| matches!(v, Ok(spawnguard::gate::Verdict::Admitted));
+    (
+        time(&|| admitted(spawnguard::gate::check_pinned("bench"))),
+        time(&|| admitted(spawnguard::gate::ask_socket("bench"))),
+    )
+}
+
 fn median_of(v: &[Sample]) -> Sample {
     Sample {
         fork: median(v.iter().map(|s| s.fork).collect()),
@@ -160,6 +182,7 @@ fn bench_backend(backend: &str, rounds: usize) {
         "max_tasks = 100000\n[type.breaker]\nstartup_window = \"1s\"",
     );
     let mut gate_ms = Vec::new();
+    let (mut call_pinned, mut call_socket) = (Vec::new(), Vec::new());
     let (mut base_out, mut base_in, mut load_out, mut load_in) = (vec![], vec![], vec![], vec![]);
     for round in 0..rounds {
         eprintln!("round {}/{rounds} ({backend})", round + 1);
@@ -186,6 +209,9 @@ fn bench_backend(backend: &str, rounds: usize) {
         load_out.push(run_measure(None));
         load_in.push(run_measure(Some(&inside)));
         gate_ms.push(gate_latency_ms());
+        let (pinned, socket) = gate_call_us();
+        call_pinned.extend(pinned);
+        call_socket.extend(socket);
         drop(daemon);
         for i in 0..1000 {
             let _ = fs::remove_dir(agents.join(format!("idle-{i}")));
@@ -234,6 +260,17 @@ fn bench_backend(backend: &str, rounds: usize) {
         "\n`spawnguard gate bench` (process start included), median of {} runs: {:.2} ms",
         GATE_RUNS * rounds,
         median(gate_ms.into_iter().flatten().collect())
+    );
+    println!(
+        "`spawnguard::gate::check_pinned` in process (root), median of {} calls: {:.1} µs",
+        call_pinned.len(),
+        median(call_pinned)
+    );
+    println!(
+        "`spawnguard::gate::ask_socket` in process (a runtime that is not root), median of {} \
+         calls: {:.1} µs",
+        call_socket.len(),
+        median(call_socket)
     );
     drop(tree);
 }

@@ -16,7 +16,7 @@ use crossterm::{
 };
 use spawnguard_common::BreakerPhase;
 
-use crate::{
+use spawnguard::{
     events::Names,
     loader::DaemonState,
     status::{self, or_dash, Status},

@@ -16,9 +16,10 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use spawnguard_common::BreakerPhase;
 
-use crate::{
+use spawnguard::{
     cgroupfs,
-    control::{self, Request, Unreachable},
+    client::{self, Fallback, Route},
+    control::{self, Request},
     loader,
     status::{self, InstanceStatus, TypeStatus},
 };
@@ -69,7 +70,7 @@ impl Drop for Host {
                     file: "(policy before spawnguard demo)".into(),
                     text: old_text.clone(),
                 };
-                match control::call_daemon(&request) {
+                match client::daemon_only(&request) {
                     Ok(_) => say("put the policy back as it was"),
                     Err(e) => eprintln!(
                         "spawnguard demo: could not put the policy back ({e:#}); apply your \
@@ -102,15 +103,18 @@ impl Drop for DemoCgroup {
 }
 
 fn start(exe: &Path) -> Result<Host> {
-    match control::call(&Request::PolicyShow) {
-        Ok(answer) => {
-            let answer = answer?;
+    // A change to the policy in force: only without a daemon does the demo run its own.
+    match client::route(
+        Fallback::WhenNotRunning,
+        control::call(&Request::PolicyShow),
+    )? {
+        Route::Daemon(answer) => {
             let old_text = answer["text"].as_str().unwrap_or_default().to_owned();
             if old_text.contains(&format!("name = \"{DEMO_TYPE}\"")) {
                 bail!("the policy in force already has a type {DEMO_TYPE:?}");
             }
             let text = format!("{old_text}\n{}", demo_type_toml());
-            control::call_daemon(&Request::PolicyApply {
+            client::daemon_only(&Request::PolicyApply {
                 file: "(spawnguard demo)".into(),
                 text,
             })?;
@@ -119,7 +123,7 @@ fn start(exe: &Path) -> Result<Host> {
             ));
             Ok(Host::Daemon { old_text })
         }
-        Err(Unreachable::NotRunning) => {
+        Route::Pinned(_) => {
             if loader::pin_dir().exists() {
                 bail!(
                     "spawnguard is installed ({}) but its daemon is not running: start it \
@@ -155,7 +159,6 @@ fn start(exe: &Path) -> Result<Host> {
             say("no daemon was running: started one for the demo (it is removed at the end)");
             Ok(host)
         }
-        Err(Unreachable::Other(e)) => Err(e),
     }
 }
 
@@ -316,7 +319,7 @@ fn respawn_loop(exe: &Path, type_dir: &Path) -> Result<()> {
     ));
     // Start from a closed breaker with no failures counted (the thread bomb above ended within
     // the start-up window, which counts as a start-up failure).
-    crate::breaker::close(DEMO_TYPE)?;
+    spawnguard::breaker::close(DEMO_TYPE)?;
     let (mut launched, mut ran, mut refused) = (0u64, 0u64, 0u64);
     let mut live = Live::new();
     let end = Instant::now() + RESPAWN_TIME;
@@ -391,7 +394,7 @@ pub fn run() -> Result<()> {
         .ok_or_else(|| anyhow!("the daemon did not take the demo type"))?;
     let backend = state.backend.name();
     // A breaker left open by an earlier demo would spoil this one.
-    let _ = crate::breaker::close(DEMO_TYPE);
+    let _ = spawnguard::breaker::close(DEMO_TYPE);
     let scene = |f: &dyn Fn() -> Result<()>| if interrupted() { Ok(()) } else { f() };
     let result = scene(&|| fork_bomb(&exe, &type_dir))
         .and_then(|()| scene(&|| thread_bomb(&exe, &type_dir, backend)))

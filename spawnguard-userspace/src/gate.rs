@@ -1,0 +1,278 @@
+//! `gate`: would a new instance of a type be admitted now, and if not, why. For agent runtimes
+//! to ask before they spawn: in process through this library (no process start), or with
+//! `spawnguard gate TYPE`. Root reads the pinned maps; anyone else asks the daemon's read-only
+//! gate socket (`run --gate-group GROUP` opens it to a group). The answer comes from the
+//! kernel's own decision code, run on copies of the counts.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    os::unix::net::UnixStream,
+    path::PathBuf,
+    time::Duration,
+};
+
+use aya::maps::{Array, MapData};
+use spawnguard_common::{
+    maps, BreakerLimits, BreakerState, HostLimits, HostState, TypeLimits, TypeState,
+};
+use spawnguard_ebpf::{
+    breaker_gate, policy_index, preview_new_instance, AtomicU64, Budget, Refusal, SharedUsage,
+};
+
+use crate::{
+    breaker::{find_type, now_ms, wall_clock_in},
+    host,
+    loader::{installed_policy_side, open_installed, other_layouts, pin_dir, PIN_ROOT},
+};
+
+/// The daemon's read-only gate socket: one line in (a type name), one line out.
+pub const SOCKET: &str = "/run/spawnguard/gate.sock";
+
+/// The longest request line the gate socket reads (a type name is at most 32 bytes).
+const MAX_REQUEST: u64 = 256;
+
+/// What a new instance of a type would meet now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Admitted,
+    /// Refused, with one line saying why.
+    Refused(String),
+}
+
+/// Why the gate cannot tell (`spawnguard gate` exits 2).
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error(
+        "no spawnguard enforcer is installed ({0} is missing): start one with `spawnguard run`"
+    )]
+    NotInstalled(PathBuf),
+    #[error(
+        "{PIN_ROOT}/{0} holds an enforcer of another map layout, which this spawnguard cannot \
+         read: use the spawnguard that installed it, or migrate (see `spawnguard run`)"
+    )]
+    OtherLayout(String),
+    #[error("no type {0:?} in the policy in force")]
+    UnknownType(String),
+    #[error(
+        "not root, and the daemon's gate socket {SOCKET} does not answer ({0}): the daemon \
+         opens it to a group with `spawnguard run --gate-group GROUP`"
+    )]
+    NoGateSocket(std::io::Error),
+    #[error("the daemon's gate socket: {0}")]
+    Socket(String),
+    #[error("reading the pinned maps: {0:#}")]
+    Maps(#[from] anyhow::Error),
+}
+
+/// Would a new instance of `type_name` be admitted now? As root, from the pinned maps;
+/// otherwise through the daemon's gate socket.
+pub fn check(type_name: &str) -> Result<Verdict, GateError> {
+    if host::is_root() {
+        check_pinned(type_name)
+    } else {
+        ask_socket(type_name)
+    }
+}
+
+/// `check`, from the pinned maps (root).
+pub fn check_pinned(type_name: &str) -> Result<Verdict, GateError> {
+    let dir = pin_dir();
+    if !dir.exists() {
+        return Err(match other_layouts().into_iter().next() {
+            Some(other) => GateError::OtherLayout(other),
+            None => GateError::NotInstalled(dir),
+        });
+    }
+    let index =
+        find_type(type_name)?.ok_or_else(|| GateError::UnknownType(type_name.to_owned()))?;
+    Ok(match why_not(index)? {
+        None => Verdict::Admitted,
+        Some(why) => Verdict::Refused(why),
+    })
+}
+
+/// `check`, through the daemon's gate socket (what `check` does when not root).
+pub fn ask_socket(type_name: &str) -> Result<Verdict, GateError> {
+    let mut stream = UnixStream::connect(SOCKET).map_err(GateError::NoGateSocket)?;
+    let io = |e: std::io::Error| GateError::Socket(e.to_string());
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(io)?;
+    stream
+        .write_all(format!("{type_name}\n").as_bytes())
+        .map_err(io)?;
+    let mut line = String::new();
+    BufReader::new(stream.take(4096))
+        .read_line(&mut line)
+        .map_err(io)?;
+    parse_answer(line.trim_end())
+}
+
+/// The gate socket's answer line for a request line.
+pub fn answer(request: &str) -> String {
+    match check_pinned(request.trim()) {
+        Ok(Verdict::Admitted) => "ok".to_owned(),
+        Ok(Verdict::Refused(why)) => format!("no: {why}"),
+        Err(GateError::UnknownType(t)) => format!("unknown-type: {t}"),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
+fn parse_answer(line: &str) -> Result<Verdict, GateError> {
+    if line == "ok" {
+        return Ok(Verdict::Admitted);
+    }
+    if let Some(why) = line.strip_prefix("no: ") {
+        return Ok(Verdict::Refused(why.to_owned()));
+    }
+    if let Some(t) = line.strip_prefix("unknown-type: ") {
+        return Err(GateError::UnknownType(t.to_owned()));
+    }
+    Err(GateError::Socket(
+        line.strip_prefix("error: ").unwrap_or(line).to_owned(),
+    ))
+}
+
+/// Creates the gate socket: root-only (0600), or open to `group` (0660, that group), which
+/// may then ask the gate and nothing else.
+pub fn bind(group: Option<&str>) -> anyhow::Result<tokio::net::UnixListener> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    let gid = group.map(group_id).transpose()?;
+    let _ = std::fs::remove_file(SOCKET);
+    // SAFETY: umask only changes this process's file creation mask; restored right after.
+    let old = unsafe { libc::umask(0o077) };
+    let listener = tokio::net::UnixListener::bind(SOCKET);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = listener.with_context(|| format!("binding {SOCKET}"))?;
+    let mode = match gid {
+        Some(gid) => {
+            std::os::unix::fs::chown(SOCKET, Some(0), Some(gid))
+                .with_context(|| format!("chown root:{gid} {SOCKET}"))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(SOCKET, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:o} {SOCKET}"))?;
+    Ok(listener)
+}
+
+/// A group's id, by name or number.
+fn group_id(group: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(group)?;
+    // SAFETY: getgrnam reads a NUL-terminated name; the entry's gid is copied out at once
+    // (before any other call could reuse its static buffer).
+    let entry = unsafe { libc::getgrnam(name.as_ptr()) };
+    if entry.is_null() {
+        anyhow::bail!("--gate-group {group:?}: no such group");
+    }
+    // SAFETY: non-null entry returned by getgrnam, read at once.
+    Ok(unsafe { (*entry).gr_gid })
+}
+
+/// Serves the gate socket until the daemon stops. Read-only: it only ever reads the pinned
+/// maps, so it may be opened to a group of unprivileged runtimes.
+pub async fn serve(listener: tokio::net::UnixListener) -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let mut line = String::new();
+            let read = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::io::BufReader::new((&mut stream).take(MAX_REQUEST)).read_line(&mut line),
+            )
+            .await;
+            if matches!(read, Ok(Ok(n)) if n > 0) {
+                // A few map reads: microseconds, no need to leave the runtime's thread.
+                let reply = answer(&line);
+                let _ = stream.write_all(format!("{reply}\n").as_bytes()).await;
+            }
+        });
+    }
+}
+
+/// Why a new instance of the type `index` would not be admitted now (`None`: it would be).
+/// Reads the pinned maps only; never changes anything (it does not claim the half-open probe).
+fn why_not(index: u32) -> anyhow::Result<Option<String>> {
+    let side = installed_policy_side()?;
+    let now = now_ms();
+    let policy: Array<MapData, BreakerLimits> =
+        Array::try_from(open_installed(maps::BREAKER_LIMITS)?)?;
+    let p = policy.get(&policy_index(side, index), 0)?;
+    if p.enabled != 0 {
+        let states: Array<MapData, BreakerState> =
+            Array::try_from(open_installed(maps::BREAKER_STATE)?)?;
+        let s = states.get(&index, 0)?;
+        let word = AtomicU64::new(s.word);
+        // On a copy: the real probe is claimed by the kernel when the instance starts.
+        if let (spawnguard_ebpf::Gate::Refused { until_ms, probing }, _) =
+            breaker_gate(&word, now, &p)
+        {
+            let wait = (until_ms - now) as f64 / 1000.0;
+            let at = wall_clock_in(Duration::from_millis(until_ms - now));
+            return Ok(Some(if probing {
+                format!("breaker half-open: its probe instance runs until {at} (in {wait:.0} s)")
+            } else {
+                format!("breaker open until {at} (in {wait:.0} s)")
+            }));
+        }
+    }
+    let limits: Array<MapData, TypeLimits> = Array::try_from(open_installed(maps::TYPE_POLICY)?)?;
+    let l = limits.get(&policy_index(side, index), 0)?;
+    let types: Array<MapData, TypeState> = Array::try_from(open_installed(maps::TYPE_STATE)?)?;
+    let t = types.get(&index, 0)?;
+    let hl: Array<MapData, HostLimits> = Array::try_from(open_installed(maps::HOST_LIMITS)?)?;
+    let hs: Array<MapData, HostState> = Array::try_from(open_installed(maps::HOST_STATE)?)?;
+    let (h, used) = (hl.get(&side, 0)?, hs.get(&0, 0)?.tasks);
+    let usage = SharedUsage {
+        type_instances: t.instances,
+        type_tasks: t.tasks,
+        host_tasks: used,
+    };
+    // The kernel's own admission decides, on copies of the totals.
+    Ok(match preview_new_instance(&Budget::of(&l, &h), &usage) {
+        None => None,
+        Some(Refusal::MaxInstances) => Some(format!("ceiling {}/{}", t.instances, l.max_instances)),
+        Some(Refusal::TypeTasks) => Some(format!(
+            "type at max_total_tasks {}/{}",
+            t.tasks, l.max_total_tasks
+        )),
+        Some(Refusal::HostTasks) => Some(format!(
+            "host at {:.0} % of its budget ({used}/{}; denying above {})",
+            used as f64 * 100.0 / h.max_tasks as f64,
+            h.max_tasks,
+            h.deny_tasks
+        )),
+        Some(Refusal::MaxTasks) => Some(format!(
+            "max_tasks {} leaves no room for a first task",
+            l.max_tasks
+        )),
+        Some(other) => Some(format!("{other:?}")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_s_answers_read_back_as_they_were_given() {
+        assert_eq!(parse_answer("ok").unwrap(), Verdict::Admitted);
+        assert_eq!(
+            parse_answer("no: ceiling 3/3").unwrap(),
+            Verdict::Refused("ceiling 3/3".into())
+        );
+        assert!(matches!(
+            parse_answer("unknown-type: x"),
+            Err(GateError::UnknownType(t)) if t == "x"
+        ));
+        assert!(matches!(parse_answer("error: boom"), Err(GateError::Socket(m)) if m == "boom"));
+        assert!(matches!(parse_answer(""), Err(GateError::Socket(_))));
+    }
+}
