@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use crate::{
     events::Names,
     loader::PlacedType,
-    status::{self, Status},
+    status::{self, InstanceStatus, Status, TypeStatus},
 };
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9617";
@@ -81,33 +81,386 @@ pub struct BuildInfo {
     pub kernel: String,
 }
 
+/// Where a family's samples come from, for one row of the scrape (the daemon, a type, an
+/// instance). The variant is the family's Prometheus type. A row gives each sample as the
+/// label values after the row's own (a type row's own label is `type`) and a value.
+enum Samples<T> {
+    Gauge(fn(&T, Sink<'_, u64>)),
+    FloatGauge(fn(&T, Sink<'_, f64>)),
+    Counter(fn(&T, Sink<'_, u64>)),
+}
+
+/// Takes a row's samples: label values (after the row's own) and a value.
+type Sink<'a, V> = &'a mut dyn FnMut(&[&str], V);
+
+/// One metric family: its name, help and label names, and its samples from a row.
+struct Family<T> {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+    samples: Samples<T>,
+}
+
+/// A row of the scrape: its own label values, and what its samples are read from.
+type Row<'a, T> = (Vec<&'a str>, &'a T);
+
 /// The families of one scrape, registered as they are made.
 struct Scrape {
     registry: Registry,
 }
 
 impl Scrape {
-    fn gauge(&self, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec> {
-        let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
-        self.registry.register(Box::new(g.clone()))?;
-        Ok(g)
+    /// Registers `family` with the samples of every row (none: it is left out of the text).
+    fn add<T>(&self, family: &Family<T>, rows: &[Row<T>]) -> Result<()> {
+        let opts = Opts::new(family.name, family.help);
+        match family.samples {
+            Samples::Gauge(samples) => {
+                let g = IntGaugeVec::new(opts, family.labels)?;
+                self.registry.register(Box::new(g.clone()))?;
+                for (own, row) in rows {
+                    samples(row, &mut |rest, v| {
+                        g.with_label_values(&labels(own, rest)).set(int(v));
+                    });
+                }
+            }
+            Samples::FloatGauge(samples) => {
+                let g = GaugeVec::new(opts, family.labels)?;
+                self.registry.register(Box::new(g.clone()))?;
+                for (own, row) in rows {
+                    samples(row, &mut |rest, v| {
+                        g.with_label_values(&labels(own, rest)).set(v)
+                    });
+                }
+            }
+            Samples::Counter(samples) => {
+                let c = IntCounterVec::new(opts, family.labels)?;
+                self.registry.register(Box::new(c.clone()))?;
+                for (own, row) in rows {
+                    samples(row, &mut |rest, n| {
+                        c.with_label_values(&labels(own, rest)).inc_by(n);
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
-    fn float_gauge(&self, name: &str, help: &str, labels: &[&str]) -> Result<GaugeVec> {
-        let g = GaugeVec::new(Opts::new(name, help), labels)?;
-        self.registry.register(Box::new(g.clone()))?;
-        Ok(g)
+    fn add_all<T>(&self, families: &[Family<T>], rows: &[Row<T>]) -> Result<()> {
+        families.iter().try_for_each(|f| self.add(f, rows))
     }
+}
 
-    fn counter(&self, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec> {
-        let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-        self.registry.register(Box::new(c.clone()))?;
-        Ok(c)
-    }
+/// A row's own label values, then a sample's.
+fn labels<'a>(own: &[&'a str], rest: &[&'a str]) -> Vec<&'a str> {
+    own.iter().chain(rest).copied().collect()
 }
 
 fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+const BUILD_INFO: Family<BuildInfo> = Family {
+    name: "spawnguard_build_info",
+    help: "spawnguard version, enforcement backend and kernel release (always 1).",
+    labels: &["version", "backend", "kernel"],
+    samples: Samples::Gauge(|b, out| {
+        out(
+            &[
+                env!("CARGO_PKG_VERSION"),
+                b.backend.as_str(),
+                b.kernel.as_str(),
+            ],
+            1,
+        )
+    }),
+};
+
+/// How much each type runs, and its budgets.
+const TYPE_SIZE_FAMILIES: &[Family<TypeStatus>] = &[
+    Family {
+        name: "spawnguard_tasks",
+        help: "Live tasks (processes and threads) in the type's instances.",
+        labels: &["type"],
+        samples: Samples::Gauge(|t, out| out(&[], t.tasks)),
+    },
+    Family {
+        name: "spawnguard_processes",
+        help: "Live processes in the type's instances.",
+        labels: &["type"],
+        samples: Samples::Gauge(|t, out| out(&[], t.processes)),
+    },
+    Family {
+        name: "spawnguard_threads",
+        help: "Live threads in the type's instances.",
+        labels: &["type"],
+        samples: Samples::Gauge(|t, out| out(&[], t.threads)),
+    },
+    Family {
+        name: "spawnguard_instances",
+        help: "Admitted instances of the type (each holds one max_instances slot).",
+        labels: &["type"],
+        samples: Samples::Gauge(|t, out| out(&[], t.instances)),
+    },
+    Family {
+        name: "spawnguard_instances_max",
+        help: "The type's instance ceiling (max_instances); absent when unlimited.",
+        labels: &["type"],
+        samples: Samples::Gauge(|t, out| {
+            if let Some(c) = t.max_instances {
+                out(&[], c);
+            }
+        }),
+    },
+    Family {
+        name: "spawnguard_instance_budget_tasks",
+        help: "Per-instance budgets of the type: max_tasks and max_threads.",
+        labels: &["type", "budget"],
+        samples: Samples::Gauge(|t, out| {
+            out(&["max_tasks"], t.max_tasks);
+            out(&["max_threads"], t.max_threads);
+        }),
+    },
+    Family {
+        name: "spawnguard_tasks_max",
+        help: "The type's budget for all its instances together (max_total_tasks); absent when \
+               unlimited.",
+        labels: &["type"],
+        samples: Samples::Gauge(|t, out| {
+            if let Some(c) = t.max_total_tasks {
+                out(&[], c);
+            }
+        }),
+    },
+    Family {
+        name: "spawnguard_type_enforcing",
+        help: "1 when the type's budgets are enforced, 0 in audit mode.",
+        labels: &["type"],
+        samples: Samples::Gauge(|t, out| out(&[], u64::from(t.mode == "enforce"))),
+    },
+];
+
+/// What the kernel decided for each type's new tasks, migrations and instances.
+const TYPE_DECISION_FAMILIES: &[Family<TypeStatus>] = &[
+    Family {
+        name: "spawnguard_spawns_allowed_total",
+        help: "New tasks counted into the type's instances, by kind (process or thread).",
+        labels: &["type", "kind"],
+        samples: Samples::Counter(|t, out| {
+            out(&["process"], t.forks_allowed);
+            out(&["thread"], t.threads_allowed);
+        }),
+    },
+    Family {
+        name: "spawnguard_denials_total",
+        help: "New tasks and migrations stopped, by the budget that refused them.",
+        labels: &["type", "reason"],
+        samples: Samples::Counter(|t, out| {
+            for (reason, n) in t.denied.by_reason() {
+                out(&[reason], n);
+            }
+        }),
+    },
+    Family {
+        name: "spawnguard_audit_denials_total",
+        help: "Tasks an audit-mode type would have stopped, by budget.",
+        labels: &["type", "reason"],
+        samples: Samples::Counter(|t, out| {
+            for (reason, n) in t.audit_denied.by_reason() {
+                out(&[reason], n);
+            }
+        }),
+    },
+    Family {
+        name: "spawnguard_migrations_total",
+        help: "Processes moved into the type's instances, by outcome.",
+        labels: &["type", "outcome"],
+        samples: Samples::Counter(|t, out| {
+            out(&["allowed"], t.migrations_in);
+            out(&["denied"], t.migrations_denied);
+        }),
+    },
+    Family {
+        name: "spawnguard_instances_admitted_total",
+        help: "New instances admitted (first task counted).",
+        labels: &["type"],
+        samples: Samples::Counter(|t, out| out(&[], t.instances_admitted)),
+    },
+    Family {
+        name: "spawnguard_warnings_total",
+        help: "Warning thresholds (warn_at) crossed.",
+        labels: &["type"],
+        samples: Samples::Counter(|t, out| out(&[], t.warnings)),
+    },
+];
+
+/// The circuit breaker of each type that has one.
+const BREAKER_FAMILIES: &[Family<TypeStatus>] = &[
+    Family {
+        name: "spawnguard_breaker_state",
+        help: "The type's circuit breaker: 1 for its current state, 0 for the others.",
+        labels: &["type", "state"],
+        samples: Samples::Gauge(|t, out| {
+            if let Some(b) = &t.breaker {
+                for state in BreakerPhase::ALL.iter().map(|s| s.name()) {
+                    out(&[state], u64::from(b.state == state));
+                }
+            }
+        }),
+    },
+    Family {
+        name: "spawnguard_breaker_transitions_total",
+        help: "Breaker transitions, by the state entered.",
+        labels: &["type", "to"],
+        samples: Samples::Counter(|t, out| {
+            if t.breaker.is_some() {
+                for (to, n) in t.breaker_entered.by_state() {
+                    out(&[to.name()], n);
+                }
+            }
+        }),
+    },
+    Family {
+        name: "spawnguard_breaker_backoff_step",
+        help: "Index into the type's open durations used by the next opening.",
+        labels: &["type"],
+        samples: Samples::Gauge(|t, out| {
+            if let Some(b) = &t.breaker {
+                out(&[], b.step);
+            }
+        }),
+    },
+    Family {
+        name: "spawnguard_breaker_retry_seconds",
+        help: "Seconds until an open breaker lets a probe through (0 when not open).",
+        labels: &["type"],
+        samples: Samples::FloatGauge(|t, out| {
+            if let Some(b) = &t.breaker {
+                let open = b.state == BreakerPhase::Open.name();
+                out(
+                    &[],
+                    if open {
+                        b.retry_in_seconds.unwrap_or(0.0)
+                    } else {
+                        0.0
+                    },
+                );
+            }
+        }),
+    },
+];
+
+/// The host and the kernel side as a whole.
+const HOST_FAMILIES: &[Family<Status>] = &[
+    Family {
+        name: "spawnguard_host_tasks",
+        help: "Live tasks in all instances of all types.",
+        labels: &[],
+        samples: Samples::Gauge(|s, out| out(&[], s.host.tasks)),
+    },
+    Family {
+        name: "spawnguard_host_tasks_max",
+        help: "The host budget ([host] max_tasks) and the level above which new tasks are \
+               denied (max_tasks x deny_at).",
+        labels: &["limit"],
+        samples: Samples::Gauge(|s, out| {
+            if let (Some(max), Some(deny)) = (s.host.max_tasks, s.host.deny_tasks) {
+                out(&["max_tasks"], max);
+                out(&["deny_above"], deny);
+            }
+        }),
+    },
+    Family {
+        name: "spawnguard_events_dropped_total",
+        help: "Kernel events lost because the ring buffer was full (the counters above still \
+               count every decision).",
+        labels: &[],
+        samples: Samples::Counter(|s, out| out(&[], s.events_dropped)),
+    },
+    Family {
+        name: "spawnguard_condemned_killed_total",
+        help: "Processes refused after they existed whose threads made no system call (so the \
+               sys_exit hook could not stop them), killed by the daemon through a pidfd.",
+        labels: &[],
+        // Counted by this daemon, not in the maps.
+        samples: Samples::Counter(|_, out| out(&[], crate::condemned::killed())),
+    },
+    Family {
+        name: "spawnguard_instance_entries_settled_total",
+        help: "Empty instance entries given back by the daemon's sweep, not by their last task \
+               (a close that missed the emulated lock, a first task refused, processes moved \
+               out).",
+        labels: &[],
+        samples: Samples::Counter(|s, out| out(&[], s.entries_settled)),
+    },
+    Family {
+        name: "spawnguard_releases_settled_total",
+        help: "Charges of exited tasks the kernel's free hook never gave back, given back later: \
+               by the daemon's sweep (the task gone) or when a new task got the task's address.",
+        labels: &[],
+        samples: Samples::Counter(|s, out| out(&[], s.released_late)),
+    },
+    Family {
+        name: "spawnguard_fail_open_total",
+        help: "New tasks let through uncounted because the kernel side could not account for \
+               them.",
+        labels: &["cause"],
+        samples: Samples::Counter(|s, out| {
+            for (cause, n) in s.failed_open_by.by_cause() {
+                out(&[cause.name()], n);
+            }
+        }),
+    },
+    Family {
+        name: "spawnguard_map_entries",
+        help: "Entries in use in the kernel's hash maps (past capacity, new entries fail open).",
+        labels: &["map"],
+        samples: Samples::Gauge(|s, out| {
+            for u in &s.maps {
+                out(&[u.map.as_str()], u.entries);
+            }
+        }),
+    },
+    Family {
+        name: "spawnguard_map_capacity",
+        help: "Capacity of the kernel's hash maps.",
+        labels: &["map"],
+        samples: Samples::Gauge(|s, out| {
+            for u in &s.maps {
+                out(&[u.map.as_str()], u.capacity);
+            }
+        }),
+    },
+];
+
+/// The instances `--metrics-instances` shows. Their label is `cgroup`, not `instance`:
+/// Prometheus gives every target an `instance` label.
+const INSTANCE_FAMILIES: &[Family<InstanceStatus>] = &[
+    Family {
+        name: "spawnguard_instance_tasks",
+        help: "Live tasks of one of the instances with the most tasks (--metrics-instances).",
+        labels: &["type", "cgroup"],
+        samples: Samples::Gauge(|i, out| out(&[], i.tasks)),
+    },
+    Family {
+        name: "spawnguard_instance_threads",
+        help: "Live threads of the instance.",
+        labels: &["type", "cgroup"],
+        samples: Samples::Gauge(|i, out| out(&[], i.threads)),
+    },
+    Family {
+        name: "spawnguard_instance_age_seconds",
+        help: "Seconds since the instance's cgroup was created.",
+        labels: &["type", "cgroup"],
+        samples: Samples::FloatGauge(|i, out| out(&[], i.age_seconds)),
+    },
+];
+
+/// The `n` instances with the most tasks (empty ones never), ties by cgroup id.
+fn hottest(s: &Status, n: usize) -> Vec<&InstanceStatus> {
+    let mut hottest: Vec<_> = s.instances.iter().filter(|i| i.tasks > 0).collect();
+    hottest.sort_by(|a, b| b.tasks.cmp(&a.tasks).then(a.id.cmp(&b.id)));
+    hottest.truncate(n);
+    hottest
 }
 
 /// The text exposition of one snapshot of the kernel maps.
@@ -120,274 +473,22 @@ pub fn render(
     let m = Scrape {
         registry: Registry::new(),
     };
-    m.gauge(
-        "spawnguard_build_info",
-        "spawnguard version, enforcement backend and kernel release (always 1).",
-        &["version", "backend", "kernel"],
-    )?
-    .with_label_values(&[
-        env!("CARGO_PKG_VERSION"),
-        info.backend.as_str(),
-        info.kernel.as_str(),
-    ])
-    .set(1);
-
-    let tasks = m.gauge(
-        "spawnguard_tasks",
-        "Live tasks (processes and threads) in the type's instances.",
-        &["type"],
-    )?;
-    let processes = m.gauge(
-        "spawnguard_processes",
-        "Live processes in the type's instances.",
-        &["type"],
-    )?;
-    let threads = m.gauge(
-        "spawnguard_threads",
-        "Live threads in the type's instances.",
-        &["type"],
-    )?;
-    let live = m.gauge(
-        "spawnguard_instances",
-        "Admitted instances of the type (each holds one max_instances slot).",
-        &["type"],
-    )?;
-    let ceiling = m.gauge(
-        "spawnguard_instances_max",
-        "The type's instance ceiling (max_instances); absent when unlimited.",
-        &["type"],
-    )?;
-    let budget = m.gauge(
-        "spawnguard_instance_budget_tasks",
-        "Per-instance budgets of the type: max_tasks and max_threads.",
-        &["type", "budget"],
-    )?;
-    let total_budget = m.gauge(
-        "spawnguard_tasks_max",
-        "The type's budget for all its instances together (max_total_tasks); absent when \
-         unlimited.",
-        &["type"],
-    )?;
-    let enforcing = m.gauge(
-        "spawnguard_type_enforcing",
-        "1 when the type's budgets are enforced, 0 in audit mode.",
-        &["type"],
-    )?;
-    let allowed = m.counter(
-        "spawnguard_spawns_allowed_total",
-        "New tasks counted into the type's instances, by kind (process or thread).",
-        &["type", "kind"],
-    )?;
-    let denied = m.counter(
-        "spawnguard_denials_total",
-        "New tasks and migrations stopped, by the budget that refused them.",
-        &["type", "reason"],
-    )?;
-    let audit = m.counter(
-        "spawnguard_audit_denials_total",
-        "Tasks an audit-mode type would have stopped, by budget.",
-        &["type", "reason"],
-    )?;
-    let migrations = m.counter(
-        "spawnguard_migrations_total",
-        "Processes moved into the type's instances, by outcome.",
-        &["type", "outcome"],
-    )?;
-    let admitted = m.counter(
-        "spawnguard_instances_admitted_total",
-        "New instances admitted (first task counted).",
-        &["type"],
-    )?;
-    let warnings = m.counter(
-        "spawnguard_warnings_total",
-        "Warning thresholds (warn_at) crossed.",
-        &["type"],
-    )?;
-    let breaker = m.gauge(
-        "spawnguard_breaker_state",
-        "The type's circuit breaker: 1 for its current state, 0 for the others.",
-        &["type", "state"],
-    )?;
-    let transitions = m.counter(
-        "spawnguard_breaker_transitions_total",
-        "Breaker transitions, by the state entered.",
-        &["type", "to"],
-    )?;
-    let step = m.gauge(
-        "spawnguard_breaker_backoff_step",
-        "Index into the type's open durations used by the next opening.",
-        &["type"],
-    )?;
-    let retry = m.float_gauge(
-        "spawnguard_breaker_retry_seconds",
-        "Seconds until an open breaker lets a probe through (0 when not open).",
-        &["type"],
-    )?;
-
-    for t in &s.types {
-        let ty = t.name.as_str();
-        tasks.with_label_values(&[ty]).set(int(t.tasks));
-        processes.with_label_values(&[ty]).set(int(t.processes));
-        threads.with_label_values(&[ty]).set(int(t.threads));
-        live.with_label_values(&[ty]).set(int(t.instances));
-        if let Some(c) = t.max_instances {
-            ceiling.with_label_values(&[ty]).set(int(c));
-        }
-        if let Some(c) = t.max_total_tasks {
-            total_budget.with_label_values(&[ty]).set(int(c));
-        }
-        budget
-            .with_label_values(&[ty, "max_tasks"])
-            .set(int(t.max_tasks));
-        budget
-            .with_label_values(&[ty, "max_threads"])
-            .set(int(t.max_threads));
-        enforcing
-            .with_label_values(&[ty])
-            .set(i64::from(t.mode == "enforce"));
-        allowed
-            .with_label_values(&[ty, "process"])
-            .inc_by(t.forks_allowed);
-        allowed
-            .with_label_values(&[ty, "thread"])
-            .inc_by(t.threads_allowed);
-        for (reason, n) in t.denied.by_reason() {
-            denied.with_label_values(&[ty, reason]).inc_by(n);
-        }
-        for (reason, n) in t.audit_denied.by_reason() {
-            audit.with_label_values(&[ty, reason]).inc_by(n);
-        }
-        migrations
-            .with_label_values(&[ty, "allowed"])
-            .inc_by(t.migrations_in);
-        migrations
-            .with_label_values(&[ty, "denied"])
-            .inc_by(t.migrations_denied);
-        admitted
-            .with_label_values(&[ty])
-            .inc_by(t.instances_admitted);
-        warnings.with_label_values(&[ty]).inc_by(t.warnings);
-        if let Some(b) = &t.breaker {
-            for state in BreakerPhase::ALL.iter().map(|s| s.name()) {
-                breaker
-                    .with_label_values(&[ty, state])
-                    .set(i64::from(b.state == state));
-            }
-            step.with_label_values(&[ty]).set(int(b.step));
-            retry
-                .with_label_values(&[ty])
-                .set(if b.state == BreakerPhase::Open.name() {
-                    b.retry_in_seconds.unwrap_or(0.0)
-                } else {
-                    0.0
-                });
-            for (to, n) in t.breaker_entered.by_state() {
-                transitions.with_label_values(&[ty, to.name()]).inc_by(n);
-            }
-        }
+    m.add(&BUILD_INFO, &[(vec![], info)])?;
+    m.add_all(HOST_FAMILIES, &[(vec![], s)])?;
+    let types: Vec<Row<TypeStatus>> = s.types.iter().map(|t| (vec![t.name.as_str()], t)).collect();
+    for families in [TYPE_SIZE_FAMILIES, TYPE_DECISION_FAMILIES, BREAKER_FAMILIES] {
+        m.add_all(families, &types)?;
     }
-
-    m.gauge(
-        "spawnguard_host_tasks",
-        "Live tasks in all instances of all types.",
-        &[],
-    )?
-    .with_label_values::<&str>(&[])
-    .set(int(s.host.tasks));
-    if let (Some(max), Some(deny)) = (s.host.max_tasks, s.host.deny_tasks) {
-        let limits = m.gauge(
-            "spawnguard_host_tasks_max",
-            "The host budget ([host] max_tasks) and the level above which new tasks are \
-             denied (max_tasks x deny_at).",
-            &["limit"],
-        )?;
-        limits.with_label_values(&["max_tasks"]).set(int(max));
-        limits.with_label_values(&["deny_above"]).set(int(deny));
-    }
-    m.counter(
-        "spawnguard_events_dropped_total",
-        "Kernel events lost because the ring buffer was full (the counters above still \
-         count every decision).",
-        &[],
-    )?
-    .with_label_values::<&str>(&[])
-    .inc_by(s.events_dropped);
-    m.counter(
-        "spawnguard_condemned_killed_total",
-        "Processes refused after they existed whose threads made no system call (so the \
-         sys_exit hook could not stop them), killed by the daemon through a pidfd.",
-        &[],
-    )?
-    .with_label_values::<&str>(&[])
-    .inc_by(crate::condemned::killed());
-    m.counter(
-        "spawnguard_instance_entries_settled_total",
-        "Empty instance entries given back by the daemon's sweep, not by their last task (a \
-         close that missed the emulated lock, a first task refused, processes moved out).",
-        &[],
-    )?
-    .with_label_values::<&str>(&[])
-    .inc_by(s.entries_settled);
-    m.counter(
-        "spawnguard_releases_settled_total",
-        "Charges of exited tasks the kernel's free hook never gave back, given back later: by \
-         the daemon's sweep (the task gone) or when a new task got the task's address.",
-        &[],
-    )?
-    .with_label_values::<&str>(&[])
-    .inc_by(s.released_late);
-    let fail_open = m.counter(
-        "spawnguard_fail_open_total",
-        "New tasks let through uncounted because the kernel side could not account for them.",
-        &["cause"],
-    )?;
-    for (cause, n) in s.failed_open_by.by_cause() {
-        fail_open.with_label_values(&[cause.name()]).inc_by(n);
-    }
-    let entries = m.gauge(
-        "spawnguard_map_entries",
-        "Entries in use in the kernel's hash maps (past capacity, new entries fail open).",
-        &["map"],
-    )?;
-    let capacity = m.gauge(
-        "spawnguard_map_capacity",
-        "Capacity of the kernel's hash maps.",
-        &["map"],
-    )?;
-    for u in &s.maps {
-        entries.with_label_values(&[&u.map]).set(int(u.entries));
-        capacity.with_label_values(&[&u.map]).set(int(u.capacity));
-    }
-
     if let InstanceSeries::Top(n) = instances {
-        // `cgroup`, not `instance`: Prometheus gives every target an `instance` label.
-        let labels = ["type", "cgroup"];
-        let i_tasks = m.gauge(
-            "spawnguard_instance_tasks",
-            "Live tasks of one of the instances with the most tasks (--metrics-instances).",
-            &labels,
-        )?;
-        let i_threads = m.gauge(
-            "spawnguard_instance_threads",
-            "Live threads of the instance.",
-            &labels,
-        )?;
-        let i_age = m.float_gauge(
-            "spawnguard_instance_age_seconds",
-            "Seconds since the instance's cgroup was created.",
-            &labels,
-        )?;
-        let mut hottest: Vec<_> = s.instances.iter().filter(|i| i.tasks > 0).collect();
-        hottest.sort_by(|a, b| b.tasks.cmp(&a.tasks).then(a.id.cmp(&b.id)));
-        for i in hottest.into_iter().take(n) {
-            let path = names.instance(i.id);
-            let l = [i.type_name.as_str(), path.as_str()];
-            i_tasks.with_label_values(&l).set(int(i.tasks));
-            i_threads.with_label_values(&l).set(int(i.threads));
-            i_age.with_label_values(&l).set(i.age_seconds);
-        }
+        let shown = hottest(s, n);
+        let paths: Vec<String> = shown.iter().map(|i| names.instance(i.id)).collect();
+        let rows: Vec<Row<InstanceStatus>> = shown
+            .iter()
+            .zip(&paths)
+            .map(|(i, path)| (vec![i.type_name.as_str(), path.as_str()], *i))
+            .collect();
+        m.add_all(INSTANCE_FAMILIES, &rows)?;
     }
-
     let mut out = Vec::new();
     TextEncoder::new().encode(&m.registry.gather(), &mut out)?;
     Ok(String::from_utf8(out)?)
@@ -512,6 +613,195 @@ mod tests {
             Ok(Listen::At("127.0.0.1:9617".parse().unwrap()))
         );
         assert!("localhost".parse::<Listen>().is_err());
+    }
+
+    /// One type with an open breaker and one instance: every per-type family, in the text
+    /// Prometheus gets (families by name, samples by label values).
+    const SNAPSHOT: &str = r#"{
+        "daemon_pid": null, "backend": null,
+        "host": {"tasks": 12, "max_tasks": 100, "deny_tasks": 90},
+        "types": [{
+            "name": "ci", "mode": "enforce", "max_tasks": 64, "max_threads": 48,
+            "max_instances": 4, "max_total_tasks": null, "instances": 2, "tasks": 12,
+            "processes": 9, "threads": 3, "forks_allowed": 40, "threads_allowed": 7,
+            "migrations_in": 1, "migrations_denied": 2, "instances_admitted": 5, "warnings": 1,
+            "breaker_entered": {"closed": 0, "open": 1, "half_open": 0},
+            "denied": {"max_tasks": 3, "max_threads": 0, "fork_rate": 0, "max_instances": 1,
+                "max_total_tasks": 0, "host_max_tasks": 0, "max_age": 0, "breaker_open": 2},
+            "audit_denied": {"max_tasks": 0, "max_threads": 0, "fork_rate": 0,
+                "max_instances": 0, "max_total_tasks": 0, "host_max_tasks": 0, "max_age": 0,
+                "breaker_open": 0},
+            "breaker": {"type": "ci", "state": "open", "step": 1, "retry_in_seconds": 2.5,
+                "trips": 1, "last_cause": "failures", "seconds_since_last_change": 1.0}
+        }],
+        "instances": [
+            {"id": 900000000000002, "path": "", "type": "ci", "tasks": 0, "admitted": false,
+             "processes": 0, "threads": 0, "age_seconds": 3.0},
+            {"id": 900000000000001, "path": "", "type": "ci", "tasks": 12, "admitted": true,
+             "processes": 9, "threads": 3, "age_seconds": 30.5}
+        ],
+        "events_dropped": 1, "failed_open": 1,
+        "failed_open_by": {"instances_full": 0, "processes_full": 0, "doomed_full": 0,
+            "read_error": 0, "contended": 1, "kill_failed": 0},
+        "maps": [{"map": "instances", "entries": 2, "capacity": 65536}],
+        "entries_settled": 4, "released_late": 6
+    }"#;
+
+    #[test]
+    fn a_snapshot_renders_the_same_text() {
+        let s: Status = serde_json::from_str(SNAPSHOT).unwrap();
+        let info = BuildInfo {
+            backend: "kill".into(),
+            kernel: "6.18".into(),
+        };
+        let text = render(&s, &info, InstanceSeries::Top(5), &mut Names::new(vec![])).unwrap();
+        let expected = GOLDEN.replace("VERSION", env!("CARGO_PKG_VERSION"));
+        assert_eq!(text, expected, "{text}");
+    }
+
+    const GOLDEN: &str = r##"# HELP spawnguard_audit_denials_total Tasks an audit-mode type would have stopped, by budget.
+# TYPE spawnguard_audit_denials_total counter
+spawnguard_audit_denials_total{reason="breaker_open",type="ci"} 0
+spawnguard_audit_denials_total{reason="fork_rate",type="ci"} 0
+spawnguard_audit_denials_total{reason="host_max_tasks",type="ci"} 0
+spawnguard_audit_denials_total{reason="max_age",type="ci"} 0
+spawnguard_audit_denials_total{reason="max_instances",type="ci"} 0
+spawnguard_audit_denials_total{reason="max_tasks",type="ci"} 0
+spawnguard_audit_denials_total{reason="max_threads",type="ci"} 0
+spawnguard_audit_denials_total{reason="max_total_tasks",type="ci"} 0
+# HELP spawnguard_breaker_backoff_step Index into the type's open durations used by the next opening.
+# TYPE spawnguard_breaker_backoff_step gauge
+spawnguard_breaker_backoff_step{type="ci"} 1
+# HELP spawnguard_breaker_retry_seconds Seconds until an open breaker lets a probe through (0 when not open).
+# TYPE spawnguard_breaker_retry_seconds gauge
+spawnguard_breaker_retry_seconds{type="ci"} 2.5
+# HELP spawnguard_breaker_state The type's circuit breaker: 1 for its current state, 0 for the others.
+# TYPE spawnguard_breaker_state gauge
+spawnguard_breaker_state{state="closed",type="ci"} 0
+spawnguard_breaker_state{state="half-open",type="ci"} 0
+spawnguard_breaker_state{state="open",type="ci"} 1
+# HELP spawnguard_breaker_transitions_total Breaker transitions, by the state entered.
+# TYPE spawnguard_breaker_transitions_total counter
+spawnguard_breaker_transitions_total{to="closed",type="ci"} 0
+spawnguard_breaker_transitions_total{to="half-open",type="ci"} 0
+spawnguard_breaker_transitions_total{to="open",type="ci"} 1
+# HELP spawnguard_build_info spawnguard version, enforcement backend and kernel release (always 1).
+# TYPE spawnguard_build_info gauge
+spawnguard_build_info{backend="kill",kernel="6.18",version="VERSION"} 1
+# HELP spawnguard_condemned_killed_total Processes refused after they existed whose threads made no system call (so the sys_exit hook could not stop them), killed by the daemon through a pidfd.
+# TYPE spawnguard_condemned_killed_total counter
+spawnguard_condemned_killed_total 0
+# HELP spawnguard_denials_total New tasks and migrations stopped, by the budget that refused them.
+# TYPE spawnguard_denials_total counter
+spawnguard_denials_total{reason="breaker_open",type="ci"} 2
+spawnguard_denials_total{reason="fork_rate",type="ci"} 0
+spawnguard_denials_total{reason="host_max_tasks",type="ci"} 0
+spawnguard_denials_total{reason="max_age",type="ci"} 0
+spawnguard_denials_total{reason="max_instances",type="ci"} 1
+spawnguard_denials_total{reason="max_tasks",type="ci"} 3
+spawnguard_denials_total{reason="max_threads",type="ci"} 0
+spawnguard_denials_total{reason="max_total_tasks",type="ci"} 0
+# HELP spawnguard_events_dropped_total Kernel events lost because the ring buffer was full (the counters above still count every decision).
+# TYPE spawnguard_events_dropped_total counter
+spawnguard_events_dropped_total 1
+# HELP spawnguard_fail_open_total New tasks let through uncounted because the kernel side could not account for them.
+# TYPE spawnguard_fail_open_total counter
+spawnguard_fail_open_total{cause="contended"} 1
+spawnguard_fail_open_total{cause="doomed_full"} 0
+spawnguard_fail_open_total{cause="instances_full"} 0
+spawnguard_fail_open_total{cause="kill_failed"} 0
+spawnguard_fail_open_total{cause="processes_full"} 0
+spawnguard_fail_open_total{cause="read_error"} 0
+# HELP spawnguard_host_tasks Live tasks in all instances of all types.
+# TYPE spawnguard_host_tasks gauge
+spawnguard_host_tasks 12
+# HELP spawnguard_host_tasks_max The host budget ([host] max_tasks) and the level above which new tasks are denied (max_tasks x deny_at).
+# TYPE spawnguard_host_tasks_max gauge
+spawnguard_host_tasks_max{limit="deny_above"} 90
+spawnguard_host_tasks_max{limit="max_tasks"} 100
+# HELP spawnguard_instance_age_seconds Seconds since the instance's cgroup was created.
+# TYPE spawnguard_instance_age_seconds gauge
+spawnguard_instance_age_seconds{cgroup="cgroup id 900000000000001",type="ci"} 30.5
+# HELP spawnguard_instance_budget_tasks Per-instance budgets of the type: max_tasks and max_threads.
+# TYPE spawnguard_instance_budget_tasks gauge
+spawnguard_instance_budget_tasks{budget="max_tasks",type="ci"} 64
+spawnguard_instance_budget_tasks{budget="max_threads",type="ci"} 48
+# HELP spawnguard_instance_entries_settled_total Empty instance entries given back by the daemon's sweep, not by their last task (a close that missed the emulated lock, a first task refused, processes moved out).
+# TYPE spawnguard_instance_entries_settled_total counter
+spawnguard_instance_entries_settled_total 4
+# HELP spawnguard_instance_tasks Live tasks of one of the instances with the most tasks (--metrics-instances).
+# TYPE spawnguard_instance_tasks gauge
+spawnguard_instance_tasks{cgroup="cgroup id 900000000000001",type="ci"} 12
+# HELP spawnguard_instance_threads Live threads of the instance.
+# TYPE spawnguard_instance_threads gauge
+spawnguard_instance_threads{cgroup="cgroup id 900000000000001",type="ci"} 3
+# HELP spawnguard_instances Admitted instances of the type (each holds one max_instances slot).
+# TYPE spawnguard_instances gauge
+spawnguard_instances{type="ci"} 2
+# HELP spawnguard_instances_admitted_total New instances admitted (first task counted).
+# TYPE spawnguard_instances_admitted_total counter
+spawnguard_instances_admitted_total{type="ci"} 5
+# HELP spawnguard_instances_max The type's instance ceiling (max_instances); absent when unlimited.
+# TYPE spawnguard_instances_max gauge
+spawnguard_instances_max{type="ci"} 4
+# HELP spawnguard_map_capacity Capacity of the kernel's hash maps.
+# TYPE spawnguard_map_capacity gauge
+spawnguard_map_capacity{map="instances"} 65536
+# HELP spawnguard_map_entries Entries in use in the kernel's hash maps (past capacity, new entries fail open).
+# TYPE spawnguard_map_entries gauge
+spawnguard_map_entries{map="instances"} 2
+# HELP spawnguard_migrations_total Processes moved into the type's instances, by outcome.
+# TYPE spawnguard_migrations_total counter
+spawnguard_migrations_total{outcome="allowed",type="ci"} 1
+spawnguard_migrations_total{outcome="denied",type="ci"} 2
+# HELP spawnguard_processes Live processes in the type's instances.
+# TYPE spawnguard_processes gauge
+spawnguard_processes{type="ci"} 9
+# HELP spawnguard_releases_settled_total Charges of exited tasks the kernel's free hook never gave back, given back later: by the daemon's sweep (the task gone) or when a new task got the task's address.
+# TYPE spawnguard_releases_settled_total counter
+spawnguard_releases_settled_total 6
+# HELP spawnguard_spawns_allowed_total New tasks counted into the type's instances, by kind (process or thread).
+# TYPE spawnguard_spawns_allowed_total counter
+spawnguard_spawns_allowed_total{kind="process",type="ci"} 40
+spawnguard_spawns_allowed_total{kind="thread",type="ci"} 7
+# HELP spawnguard_tasks Live tasks (processes and threads) in the type's instances.
+# TYPE spawnguard_tasks gauge
+spawnguard_tasks{type="ci"} 12
+# HELP spawnguard_threads Live threads in the type's instances.
+# TYPE spawnguard_threads gauge
+spawnguard_threads{type="ci"} 3
+# HELP spawnguard_type_enforcing 1 when the type's budgets are enforced, 0 in audit mode.
+# TYPE spawnguard_type_enforcing gauge
+spawnguard_type_enforcing{type="ci"} 1
+# HELP spawnguard_warnings_total Warning thresholds (warn_at) crossed.
+# TYPE spawnguard_warnings_total counter
+spawnguard_warnings_total{type="ci"} 1
+"##;
+
+    #[test]
+    fn the_hottest_instances_are_the_busiest_non_empty_ones() {
+        let mut s: Status = serde_json::from_str(SNAPSHOT).unwrap();
+        let instance = |id, tasks| InstanceStatus {
+            id,
+            path: String::new(),
+            type_name: "ci".into(),
+            tasks,
+            admitted: tasks > 0,
+            processes: tasks,
+            threads: 0,
+            age_seconds: 1.0,
+            exited_unreaped: 0,
+            refused_unreaped: 0,
+        };
+        s.instances = vec![
+            instance(3, 5),
+            instance(1, 0),
+            instance(2, 5),
+            instance(4, 9),
+        ];
+        let ids = |n| hottest(&s, n).iter().map(|i| i.id).collect::<Vec<_>>();
+        assert_eq!(ids(2), [4, 2], "most tasks first, ties by cgroup id");
+        assert_eq!(ids(10), [4, 2, 3], "never an empty instance");
     }
 
     #[test]

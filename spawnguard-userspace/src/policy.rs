@@ -1,7 +1,7 @@
 //! The policy file (TOML): parsing, validation with file/line/column errors, and the default
 //! policy embedded in the binary.
 
-use std::{collections::HashSet, fmt, ops::Range, path::Path, time::Duration};
+use std::{fmt, ops::Range, path::Path, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{MAX_TYPES, TYPE_NAME_LEN};
@@ -253,218 +253,22 @@ impl Policy {
             .expect("the embedded default policy is valid")
     }
 
-    /// Parses and validates `text`; `file` names it in errors.
+    /// Parses and validates `text`; `file` names it in errors. The first error found is the
+    /// one reported: the host section, then each type in order, each checked against the types
+    /// before it.
     pub fn parse(text: &str, file: &str) -> Result<Self, PolicyError> {
-        let err = |span: Option<Range<usize>>, message: String| {
-            let (line, column) = line_col(text, span.map_or(0, |s| s.start));
-            PolicyError {
-                file: file.to_owned(),
-                line,
-                column,
-                message,
-            }
-        };
-        if text.trim().is_empty() {
-            return Err(err(
-                None,
-                "the policy is empty: it needs at least one [[type]]".into(),
-            ));
-        }
-        let raw: RawPolicy =
-            toml::from_str(text).map_err(|e| err(e.span(), one_line(e.message())))?;
+        let source = Source { text, file };
+        let raw = source.toml()?;
         let mode = raw.mode.map(|m| *m.get_ref()).unwrap_or_default();
         let host = match &raw.host {
             None => HostPolicy::default(),
-            Some(h) => {
-                let h_span = h.span();
-                let h = h.get_ref();
-                let max_tasks =
-                    match &h.max_tasks {
-                        None => None,
-                        Some(v) => Some(positive(v).map_err(|m| {
-                            err(Some(v.span()), format!("host field max_tasks: {m}"))
-                        })?),
-                    };
-                let fraction = |v: &Option<Spanned<f64>>, field: &str, default: f64| match v {
-                    None => Ok(default),
-                    Some(f) if *f.get_ref() > 0.0 && *f.get_ref() <= 1.0 => Ok(*f.get_ref()),
-                    Some(f) => Err(err(
-                        Some(f.span()),
-                        format!(
-                            "host field {field}: must be a fraction above 0 and at most 1, got {}",
-                            f.get_ref()
-                        ),
-                    )),
-                };
-                let warn_at = fraction(&h.warn_at, "warn_at", DEFAULT_WARN_AT)?;
-                let deny_at = fraction(&h.deny_at, "deny_at", DEFAULT_DENY_AT)?;
-                if warn_at >= deny_at {
-                    let span = h.warn_at.as_ref().map_or(h_span, Spanned::span);
-                    return Err(err(
-                        Some(span),
-                        format!(
-                            "host field warn_at: {warn_at} must be below deny_at ({deny_at}): a \
-                             warning after the denials start warns of nothing"
-                        ),
-                    ));
-                }
-                HostPolicy {
-                    max_tasks,
-                    warn_at,
-                    deny_at,
-                }
-            }
+            Some(h) => parse_host(h, &source)?,
         };
-        if raw.types.is_empty() {
-            return Err(err(
-                None,
-                "no [[type]] defined: the policy guards nothing".into(),
-            ));
-        }
-        if raw.types.len() > MAX_TYPES as usize {
-            return Err(err(
-                Some(raw.types[MAX_TYPES as usize].span()),
-                format!("at most {MAX_TYPES} types are supported"),
-            ));
-        }
-        let mut names = HashSet::new();
+        source.check_type_count(&raw.types)?;
         let mut types: Vec<TypePolicy> = Vec::new();
         for t in &raw.types {
-            let t = t.get_ref();
-            let name = t.name.get_ref().clone();
-            let field = |f: &str| format!("type \"{name}\" field {f}");
-            let valid_name = !name.is_empty()
-                && name.len() < TYPE_NAME_LEN
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            if !valid_name {
-                return Err(err(
-                    Some(t.name.span()),
-                    format!(
-                        "{}: must be 1 to {} characters of a-z, A-Z, 0-9, '-' and '_'",
-                        field("name"),
-                        TYPE_NAME_LEN - 1
-                    ),
-                ));
-            }
-            if !names.insert(name.clone()) {
-                return Err(err(
-                    Some(t.name.span()),
-                    format!("{}: duplicate type name", field("name")),
-                ));
-            }
-            let path = normalize_path(t.path.get_ref())
-                .map_err(|m| err(Some(t.path.span()), format!("{}: {m}", field("path"))))?;
-            for other in &types {
-                if overlaps(&path, &other.path) {
-                    return Err(err(
-                        Some(t.path.span()),
-                        format!(
-                            "{}: \"{path}\" overlaps type \"{}\" at \"{}\"; type directories \
-                             must not contain each other",
-                            field("path"),
-                            other.name,
-                            other.path
-                        ),
-                    ));
-                }
-            }
-            let max_tasks = positive(&t.max_tasks).map_err(|m| {
-                err(
-                    Some(t.max_tasks.span()),
-                    format!("{}: {m}", field("max_tasks")),
-                )
-            })?;
-            let max_threads = match &t.max_threads {
-                None => max_tasks,
-                Some(v) => {
-                    let n = non_negative(v).map_err(|m| {
-                        err(Some(v.span()), format!("{}: {m}", field("max_threads")))
-                    })?;
-                    if n > max_tasks {
-                        return Err(err(
-                            Some(v.span()),
-                            format!(
-                                "{}: {n} exceeds max_tasks ({max_tasks}); threads are tasks",
-                                field("max_threads")
-                            ),
-                        ));
-                    }
-                    n
-                }
-            };
-            let fork_rate = match &t.fork_rate {
-                None => None,
-                Some(r) => {
-                    let rate = *r.get_ref();
-                    if rate.burst == 0 {
-                        return Err(err(
-                            Some(r.span()),
-                            format!("{}: burst must be at least 1", field("fork_rate")),
-                        ));
-                    }
-                    if !(rate.per_sec.is_finite()
-                        && rate.per_sec > 0.0
-                        && rate.per_sec <= MAX_PER_SEC)
-                    {
-                        return Err(err(
-                            Some(r.span()),
-                            format!(
-                                "{}: per_sec must be above 0 and at most {MAX_PER_SEC}",
-                                field("fork_rate")
-                            ),
-                        ));
-                    }
-                    Some(rate)
-                }
-            };
-            let optional_positive = |v: &Option<Spanned<i64>>, f: &str| match v {
-                None => Ok(None),
-                Some(v) => positive(v)
-                    .map(Some)
-                    .map_err(|m| err(Some(v.span()), format!("{}: {m}", field(f)))),
-            };
-            let max_instances = optional_positive(&t.max_instances, "max_instances")?;
-            let max_total_tasks = optional_positive(&t.max_total_tasks, "max_total_tasks")?;
-            let max_age = match &t.max_age {
-                None => None,
-                Some(v) => Some(
-                    parse_duration(v.get_ref())
-                        .map_err(|m| err(Some(v.span()), format!("{}: {m}", field("max_age"))))?,
-                ),
-            };
-            let on_max_age = match &t.on_max_age {
-                None => OnMaxAge::default(),
-                Some(v) if max_age.is_none() => {
-                    return Err(err(
-                        Some(v.span()),
-                        format!(
-                            "{}: set max_age too, or drop on_max_age",
-                            field("on_max_age")
-                        ),
-                    ));
-                }
-                Some(v) => *v.get_ref(),
-            };
-            let breaker = match &t.breaker {
-                None => None,
-                Some(b) => Some(parse_breaker(b, &|f: &str| field(f), &err)?),
-            };
-            types.push(TypePolicy {
-                name,
-                path,
-                max_tasks,
-                max_threads,
-                fork_rate,
-                mode: t.mode.unwrap_or(mode),
-                max_instances,
-                max_total_tasks,
-                max_age,
-                on_max_age,
-                exempt: t.exempt,
-                breaker,
-            });
+            let parsed = parse_type(t.get_ref(), mode, &types, &source)?;
+            types.push(parsed);
         }
         Ok(Self { mode, host, types })
     }
@@ -472,6 +276,373 @@ impl Policy {
     pub fn type_named(&self, name: &str) -> Option<&TypePolicy> {
         self.types.iter().find(|t| t.name == name)
     }
+}
+
+/// The policy text and the name it goes by: turns a place in the text into an error.
+struct Source<'a> {
+    text: &'a str,
+    file: &'a str,
+}
+
+impl Source<'_> {
+    /// An error at the start of `span` (the top of the file without one).
+    fn error(&self, span: Option<Range<usize>>, message: String) -> PolicyError {
+        let (line, column) = line_col(self.text, span.map_or(0, |s| s.start));
+        PolicyError {
+            file: self.file.to_owned(),
+            line,
+            column,
+            message,
+        }
+    }
+
+    /// The TOML, read into its raw shape: syntax, unknown fields and wrong value types.
+    fn toml(&self) -> Result<RawPolicy, PolicyError> {
+        if self.text.trim().is_empty() {
+            return Err(self.error(
+                None,
+                "the policy is empty: it needs at least one [[type]]".into(),
+            ));
+        }
+        toml::from_str(self.text).map_err(|e| self.error(e.span(), one_line(e.message())))
+    }
+
+    /// At least one type, and no more than the kernel's tables hold.
+    fn check_type_count(&self, types: &[Spanned<RawType>]) -> Result<(), PolicyError> {
+        if types.is_empty() {
+            return Err(self.error(
+                None,
+                "no [[type]] defined: the policy guards nothing".into(),
+            ));
+        }
+        if types.len() > MAX_TYPES as usize {
+            return Err(self.error(
+                Some(types[MAX_TYPES as usize].span()),
+                format!("at most {MAX_TYPES} types are supported"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A section of the policy (`host`, `type "a"`): its errors name it and the field.
+struct Section<'a> {
+    source: &'a Source<'a>,
+    name: String,
+}
+
+impl Section<'_> {
+    fn error(&self, span: Range<usize>, field: &str, message: impl fmt::Display) -> PolicyError {
+        self.source.error(
+            Some(span),
+            format!("{} field {field}: {message}", self.name),
+        )
+    }
+
+    /// An optional count of at least 1.
+    fn optional_positive(
+        &self,
+        v: &Option<Spanned<i64>>,
+        field: &str,
+    ) -> Result<Option<u64>, PolicyError> {
+        v.as_ref()
+            .map(|v| positive(v).map_err(|m| self.error(v.span(), field, m)))
+            .transpose()
+    }
+
+    /// An optional duration (`30s`, `2m`), or `default` seconds.
+    fn duration_or(
+        &self,
+        v: &Option<Spanned<String>>,
+        field: &str,
+        default: u64,
+    ) -> Result<Duration, PolicyError> {
+        match v {
+            None => Ok(Duration::from_secs(default)),
+            Some(v) => parse_duration(v.get_ref()).map_err(|m| self.error(v.span(), field, m)),
+        }
+    }
+}
+
+/// `[host]`: the host budget and the thresholds of every budget.
+fn parse_host(h: &Spanned<RawHost>, source: &Source) -> Result<HostPolicy, PolicyError> {
+    let section = Section {
+        source,
+        name: "host".into(),
+    };
+    let h_span = h.span();
+    let h = h.get_ref();
+    let max_tasks = section.optional_positive(&h.max_tasks, "max_tasks")?;
+    let fraction = |v: &Option<Spanned<f64>>, field: &str, default: f64| match v {
+        None => Ok(default),
+        Some(f) if *f.get_ref() > 0.0 && *f.get_ref() <= 1.0 => Ok(*f.get_ref()),
+        Some(f) => Err(section.error(
+            f.span(),
+            field,
+            format!(
+                "must be a fraction above 0 and at most 1, got {}",
+                f.get_ref()
+            ),
+        )),
+    };
+    let warn_at = fraction(&h.warn_at, "warn_at", DEFAULT_WARN_AT)?;
+    let deny_at = fraction(&h.deny_at, "deny_at", DEFAULT_DENY_AT)?;
+    if warn_at >= deny_at {
+        let span = h.warn_at.as_ref().map_or(h_span, Spanned::span);
+        return Err(section.error(
+            span,
+            "warn_at",
+            format!(
+                "{warn_at} must be below deny_at ({deny_at}): a warning after the denials start \
+                 warns of nothing"
+            ),
+        ));
+    }
+    Ok(HostPolicy {
+        max_tasks,
+        warn_at,
+        deny_at,
+    })
+}
+
+/// One `[[type]]`, checked against the types before it (`earlier`); `mode` is the policy's.
+fn parse_type(
+    t: &RawType,
+    mode: Mode,
+    earlier: &[TypePolicy],
+    source: &Source,
+) -> Result<TypePolicy, PolicyError> {
+    let name = t.name.get_ref().clone();
+    let section = Section {
+        source,
+        name: format!("type \"{name}\""),
+    };
+    check_type_name(&t.name, &section)?;
+    if earlier.iter().any(|other| other.name == name) {
+        return Err(section.error(t.name.span(), "name", "duplicate type name"));
+    }
+    let path = type_path(&t.path, earlier, &section)?;
+    let (max_tasks, max_threads) = task_budgets(t, &section)?;
+    let fork_rate = t
+        .fork_rate
+        .as_ref()
+        .map(|r| fork_rate(r, &section))
+        .transpose()?;
+    let max_instances = section.optional_positive(&t.max_instances, "max_instances")?;
+    let max_total_tasks = section.optional_positive(&t.max_total_tasks, "max_total_tasks")?;
+    let (max_age, on_max_age) = age_limit(t, &section)?;
+    let breaker = t
+        .breaker
+        .as_ref()
+        .map(|b| parse_breaker(b, &section))
+        .transpose()?;
+    Ok(TypePolicy {
+        name,
+        path,
+        max_tasks,
+        max_threads,
+        fork_rate,
+        mode: t.mode.unwrap_or(mode),
+        max_instances,
+        max_total_tasks,
+        max_age,
+        on_max_age,
+        exempt: t.exempt,
+        breaker,
+    })
+}
+
+/// A type name is a key in the kernel's tables: short, and plain characters.
+fn check_type_name(name: &Spanned<String>, section: &Section) -> Result<(), PolicyError> {
+    let n = name.get_ref();
+    let valid = !n.is_empty()
+        && n.len() < TYPE_NAME_LEN
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if valid {
+        return Ok(());
+    }
+    Err(section.error(
+        name.span(),
+        "name",
+        format!(
+            "must be 1 to {} characters of a-z, A-Z, 0-9, '-' and '_'",
+            TYPE_NAME_LEN - 1
+        ),
+    ))
+}
+
+/// The type's directory, normalized; no type's directory may contain another's.
+fn type_path(
+    path: &Spanned<String>,
+    earlier: &[TypePolicy],
+    section: &Section,
+) -> Result<String, PolicyError> {
+    let normal =
+        normalize_path(path.get_ref()).map_err(|m| section.error(path.span(), "path", m))?;
+    match earlier.iter().find(|other| overlaps(&normal, &other.path)) {
+        None => Ok(normal),
+        Some(other) => Err(section.error(
+            path.span(),
+            "path",
+            format!(
+                "\"{normal}\" overlaps type \"{}\" at \"{}\"; type directories must not contain \
+                 each other",
+                other.name, other.path
+            ),
+        )),
+    }
+}
+
+/// `max_tasks`, and `max_threads` (at most `max_tasks`: threads are tasks; by default equal).
+fn task_budgets(t: &RawType, section: &Section) -> Result<(u64, u64), PolicyError> {
+    let max_tasks =
+        positive(&t.max_tasks).map_err(|m| section.error(t.max_tasks.span(), "max_tasks", m))?;
+    let max_threads = match &t.max_threads {
+        None => max_tasks,
+        Some(v) => {
+            let n = non_negative(v).map_err(|m| section.error(v.span(), "max_threads", m))?;
+            if n > max_tasks {
+                return Err(section.error(
+                    v.span(),
+                    "max_threads",
+                    format!("{n} exceeds max_tasks ({max_tasks}); threads are tasks"),
+                ));
+            }
+            n
+        }
+    };
+    Ok((max_tasks, max_threads))
+}
+
+fn fork_rate(r: &Spanned<ForkRate>, section: &Section) -> Result<ForkRate, PolicyError> {
+    let rate = *r.get_ref();
+    if rate.burst == 0 {
+        return Err(section.error(r.span(), "fork_rate", "burst must be at least 1"));
+    }
+    if !(rate.per_sec.is_finite() && rate.per_sec > 0.0 && rate.per_sec <= MAX_PER_SEC) {
+        return Err(section.error(
+            r.span(),
+            "fork_rate",
+            format!("per_sec must be above 0 and at most {MAX_PER_SEC}"),
+        ));
+    }
+    Ok(rate)
+}
+
+/// `max_age` and what happens past it (`on_max_age` means nothing without `max_age`).
+fn age_limit(t: &RawType, section: &Section) -> Result<(Option<Duration>, OnMaxAge), PolicyError> {
+    let max_age = t
+        .max_age
+        .as_ref()
+        .map(|v| parse_duration(v.get_ref()).map_err(|m| section.error(v.span(), "max_age", m)))
+        .transpose()?;
+    let on_max_age = match &t.on_max_age {
+        None => OnMaxAge::default(),
+        Some(v) if max_age.is_none() => {
+            return Err(section.error(
+                v.span(),
+                "on_max_age",
+                "set max_age too, or drop on_max_age",
+            ));
+        }
+        Some(v) => *v.get_ref(),
+    };
+    Ok((max_age, on_max_age))
+}
+
+/// A type's `[type.breaker]`: its window, threshold, open durations and deny storm.
+fn parse_breaker(b: &Spanned<RawBreaker>, section: &Section) -> Result<BreakerPolicy, PolicyError> {
+    let b = b.get_ref();
+    let startup_window = section.duration_or(&b.startup_window, "breaker.startup_window", 10)?;
+    let within = section.duration_or(&b.within, "breaker.within", 60)?;
+    let failures = match &b.failures {
+        None => 3,
+        Some(f) => match *f.get_ref() {
+            n @ 1..=16 => n as u64,
+            n => {
+                return Err(section.error(
+                    f.span(),
+                    "breaker.failures",
+                    format!("must be 1 to 16, got {n}"),
+                ));
+            }
+        },
+    };
+    let open_for = open_durations(b, section)?;
+    let (storm_denials, storm_within) = match &b.deny_storm {
+        None => (None, None),
+        Some(s) => {
+            let (denials, within) = deny_storm(s, section)?;
+            (Some(denials), Some(within))
+        }
+    };
+    Ok(BreakerPolicy {
+        startup_window,
+        failures,
+        within,
+        open_for,
+        storm_denials,
+        storm_within,
+    })
+}
+
+/// How long the breaker stays open each time: a list (`open_for`), a schedule (`backoff`), or
+/// 30 s, 2 min, 10 min.
+fn open_durations(b: &RawBreaker, section: &Section) -> Result<Vec<Duration>, PolicyError> {
+    match (&b.open_for, &b.backoff) {
+        (Some(_), Some(x)) => Err(section.error(
+            x.span(),
+            "breaker.backoff",
+            "give open_for or backoff, not both",
+        )),
+        (Some(list), None) => {
+            let e = |m: String| section.error(list.span(), "breaker.open_for", m);
+            let l = list.get_ref();
+            if l.is_empty() || l.len() > MAX_BACKOFF_STEPS {
+                return Err(e(format!("needs 1 to {MAX_BACKOFF_STEPS} durations")));
+            }
+            l.iter()
+                .map(|d| parse_duration(d))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(e)
+        }
+        (None, Some(x)) => backoff_schedule(x, section),
+        (None, None) => Ok([30, 120, 600].map(Duration::from_secs).to_vec()),
+    }
+}
+
+/// `backoff = { base, factor, max }`: base x factor^n, at most max, for every kernel step.
+fn backoff_schedule(
+    x: &Spanned<RawBackoff>,
+    section: &Section,
+) -> Result<Vec<Duration>, PolicyError> {
+    let e = |m: String| section.error(x.span(), "breaker.backoff", m);
+    let x = x.get_ref();
+    let base = parse_duration(&x.base).map_err(e)?;
+    let max = parse_duration(&x.max).map_err(e)?;
+    if !(x.factor.is_finite() && x.factor >= 1.0) {
+        return Err(e(format!("factor must be at least 1.0, got {}", x.factor)));
+    }
+    if max < base {
+        return Err(e("max must not be below base".into()));
+    }
+    Ok((0..MAX_BACKOFF_STEPS as i32)
+        .map(|i| base.mul_f64(x.factor.powi(i)).min(max))
+        .collect())
+}
+
+/// `deny_storm = { denials, within }`: that many enforced denials within that time.
+fn deny_storm(
+    s: &Spanned<RawDenyStorm>,
+    section: &Section,
+) -> Result<(u64, Duration), PolicyError> {
+    let e = |m: String| section.error(s.span(), "breaker.deny_storm", m);
+    let st = s.get_ref();
+    if st.denials < 1 {
+        return Err(e(format!("denials must be at least 1, got {}", st.denials)));
+    }
+    Ok((st.denials as u64, parse_duration(&st.within).map_err(e)?))
 }
 
 /// toml's messages may span lines; a policy error is one line.
@@ -496,112 +667,6 @@ fn non_negative(v: &Spanned<i64>) -> Result<u64, String> {
         n if n >= 0 => Ok(n as u64),
         n => Err(format!("must not be negative, got {n}")),
     }
-}
-
-fn parse_breaker(
-    b: &Spanned<RawBreaker>,
-    field: &dyn Fn(&str) -> String,
-    err: &dyn Fn(Option<Range<usize>>, String) -> PolicyError,
-) -> Result<BreakerPolicy, PolicyError> {
-    let b = b.get_ref();
-    let duration = |v: &Option<Spanned<String>>, name: &str, default: u64| match v {
-        None => Ok(Duration::from_secs(default)),
-        Some(v) => parse_duration(v.get_ref()).map_err(|m| {
-            err(
-                Some(v.span()),
-                format!("{}: {m}", field(&format!("breaker.{name}"))),
-            )
-        }),
-    };
-    let startup_window = duration(&b.startup_window, "startup_window", 10)?;
-    let within = duration(&b.within, "within", 60)?;
-    let failures = match &b.failures {
-        None => 3,
-        Some(f) => match *f.get_ref() {
-            n @ 1..=16 => n as u64,
-            n => {
-                return Err(err(
-                    Some(f.span()),
-                    format!("{}: must be 1 to 16, got {n}", field("breaker.failures")),
-                ));
-            }
-        },
-    };
-    let open_for = match (&b.open_for, &b.backoff) {
-        (Some(_), Some(x)) => {
-            return Err(err(
-                Some(x.span()),
-                format!(
-                    "{}: give open_for or backoff, not both",
-                    field("breaker.backoff")
-                ),
-            ));
-        }
-        (Some(list), None) => {
-            let l = list.get_ref();
-            if l.is_empty() || l.len() > MAX_BACKOFF_STEPS {
-                return Err(err(
-                    Some(list.span()),
-                    format!(
-                        "{}: needs 1 to {MAX_BACKOFF_STEPS} durations",
-                        field("breaker.open_for")
-                    ),
-                ));
-            }
-            l.iter()
-                .map(|d| parse_duration(d))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|m| {
-                    err(
-                        Some(list.span()),
-                        format!("{}: {m}", field("breaker.open_for")),
-                    )
-                })?
-        }
-        (None, Some(x)) => {
-            let e = |m: String| err(Some(x.span()), format!("{}: {m}", field("breaker.backoff")));
-            let x = x.get_ref();
-            let base = parse_duration(&x.base).map_err(&e)?;
-            let max = parse_duration(&x.max).map_err(&e)?;
-            if !(x.factor.is_finite() && x.factor >= 1.0) {
-                return Err(e(format!("factor must be at least 1.0, got {}", x.factor)));
-            }
-            if max < base {
-                return Err(e("max must not be below base".into()));
-            }
-            (0..MAX_BACKOFF_STEPS as i32)
-                .map(|i| base.mul_f64(x.factor.powi(i)).min(max))
-                .collect()
-        }
-        (None, None) => [30, 120, 600].map(Duration::from_secs).to_vec(),
-    };
-    let (storm_denials, storm_within) = match &b.deny_storm {
-        None => (None, None),
-        Some(s) => {
-            let e = |m: String| {
-                err(
-                    Some(s.span()),
-                    format!("{}: {m}", field("breaker.deny_storm")),
-                )
-            };
-            let st = s.get_ref();
-            if st.denials < 1 {
-                return Err(e(format!("denials must be at least 1, got {}", st.denials)));
-            }
-            (
-                Some(st.denials as u64),
-                Some(parse_duration(&st.within).map_err(&e)?),
-            )
-        }
-    };
-    Ok(BreakerPolicy {
-        startup_window,
-        failures,
-        within,
-        open_for,
-        storm_denials,
-        storm_within,
-    })
 }
 
 /// `30s`, `2m`, `1h` (and combinations such as `1h30m`); at least one second.
@@ -793,6 +858,107 @@ max_tasks = 10
         assert!(error("[[type]\n").starts_with("p.toml:1:"));
         let e = error(&GOOD.replace("max_tasks = 64", "max_tasks = \"64\""));
         assert!(e.contains("invalid type"), "{e}");
+    }
+
+    #[test]
+    fn a_type_is_checked_against_earlier_types_before_its_own_fields() {
+        // The duplicate name is found before the same type's bad max_tasks.
+        let e = error(
+            &GOOD
+                .replace("\"social\"", "\"devsecops\"")
+                .replace("= 10", "= 0"),
+        );
+        assert_eq!(
+            e,
+            "p.toml:13:8: type \"devsecops\" field name: duplicate type name"
+        );
+        // A type's own fields are checked before the next type is looked at.
+        let e = error(
+            &GOOD
+                .replace("max_tasks = 64", "max_tasks = -1")
+                .replace("\"social\"", "\"devsecops\""),
+        );
+        assert!(
+            e.contains("field max_tasks: must be at least 1, got -1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn host_thresholds_are_ordered_fractions() {
+        let host = |h: &str| parse(&format!("{GOOD}[host]\n{h}\n")).map(|p| p.host);
+        let h = host("max_tasks = 500\nwarn_at = 0.5\ndeny_at = 0.9").unwrap();
+        assert_eq!((h.max_tasks, h.warn_at, h.deny_at), (Some(500), 0.5, 0.9));
+        assert_eq!(host("").unwrap(), HostPolicy::default());
+        let e = host("deny_at = 0.6").unwrap_err().to_string();
+        assert!(
+            e.ends_with(
+                "host field warn_at: 0.7 must be below deny_at (0.6): a warning after the \
+                 denials start warns of nothing"
+            ),
+            "{e}"
+        );
+        let e = host("warn_at = 0").unwrap_err().to_string();
+        assert!(e.contains("host field warn_at: must be a fraction"), "{e}");
+    }
+
+    #[test]
+    fn type_paths_are_relative_and_apart() {
+        let source = Source {
+            text: "",
+            file: "p.toml",
+        };
+        let section = Section {
+            source: &source,
+            name: "type \"b\"".into(),
+        };
+        let earlier = parse(GOOD).unwrap().types;
+        let path = |p: &str| type_path(&Spanned::new(0..0, p.to_owned()), &earlier, &section);
+        assert_eq!(path("x//y/").unwrap(), "x/y");
+        assert!(path("agents")
+            .unwrap_err()
+            .message
+            .contains("overlaps type \"devsecops\""));
+        assert!(
+            path("agents/devsecops2").is_ok(),
+            "a shared prefix is not containment"
+        );
+    }
+
+    #[test]
+    fn breaker_defaults_and_backoff_schedule() {
+        let breaker = |b: &str| {
+            parse(&format!("{GOOD}[type.breaker]\n{b}\n")).map(|p| p.types[1].breaker.clone())
+        };
+        let b = breaker("").unwrap().unwrap();
+        let secs = |d: &[Duration]| d.iter().map(Duration::as_secs).collect::<Vec<_>>();
+        assert_eq!(
+            (b.startup_window.as_secs(), b.failures, b.within.as_secs()),
+            (10, 3, 60)
+        );
+        assert_eq!(secs(&b.open_for), [30, 120, 600]);
+        let b = breaker("backoff = { base = \"10s\", factor = 3.0, max = \"2m\" }")
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.open_for.len(), MAX_BACKOFF_STEPS);
+        assert_eq!(secs(&b.open_for[..4]), [10, 30, 90, 120], "capped at max");
+        let b = breaker("deny_storm = { denials = 5, within = \"1m\" }")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (b.storm_denials, b.storm_within),
+            (Some(5), Some(Duration::from_secs(60)))
+        );
+        let e =
+            breaker("open_for = [\"1s\"]\nbackoff = { base = \"1s\", factor = 2.0, max = \"1m\" }")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.ends_with(
+                "type \"social\" field breaker.backoff: give open_for or backoff, not both"
+            ),
+            "{e}"
+        );
     }
 
     #[test]
