@@ -5,18 +5,14 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{Array, MapData};
 use serde::{Deserialize, Serialize};
-use spawnguard_common::{maps, BreakerLimits, BreakerPhase, BreakerState, TypeLimits};
+use spawnguard_common::{BreakerLimits, BreakerPhase, BreakerState};
 use spawnguard_ebpf::{
     breaker_instance_ended, breaker_state, breaker_step, breaker_until, breaker_word, open_for,
     policy_index, AtomicU64, Cause, Transition, BREAKER_CLOSED, BREAKER_OPEN, BREAKER_PROBING,
 };
 
-use crate::{
-    host::monotonic_ns,
-    loader::{installed_policy_side, name_of, open_installed},
-};
+use crate::{host::monotonic_ns, loader::name_of, pinned};
 
 /// Slot of the type named `name` in the policy in force.
 fn type_index(name: &str) -> Result<u32> {
@@ -28,15 +24,10 @@ fn type_index(name: &str) -> Result<u32> {
 
 /// Slot of the type named `name` in the policy in force, if it has one.
 pub(crate) fn find_type(name: &str) -> Result<Option<u32>> {
-    let limits: Array<MapData, TypeLimits> = Array::try_from(open_installed(maps::TYPE_POLICY)?)?;
-    let side = installed_policy_side()?;
-    for index in 0..spawnguard_common::MAX_TYPES {
-        let l = limits.get(&policy_index(side, index), 0)?;
-        if l.active != 0 && name_of(&l.name) == name {
-            return Ok(Some(index));
-        }
-    }
-    Ok(None)
+    Ok(pinned::types()?
+        .into_iter()
+        .find(|(_, l)| name_of(&l.name) == name)
+        .map(|(index, _)| index))
 }
 
 /// A breaker state (`BREAKER_*`, as the word and events hold it) by name.
@@ -107,18 +98,14 @@ pub(crate) fn now_ms() -> u64 {
 
 /// The breakers of every type with one (or of `only`).
 pub fn status(only: Option<&str>) -> Result<Vec<BreakerView>> {
-    let limits: Array<MapData, TypeLimits> = Array::try_from(open_installed(maps::TYPE_POLICY)?)?;
-    let policies: Array<MapData, BreakerLimits> =
-        Array::try_from(open_installed(maps::BREAKER_LIMITS)?)?;
-    let states: Array<MapData, BreakerState> =
-        Array::try_from(open_installed(maps::BREAKER_STATE)?)?;
+    let policies = pinned::breaker_limits()?;
+    let states = pinned::breaker_state()?;
     let now = now_ms();
-    let side = installed_policy_side()?;
+    let side = pinned::policy_side()?;
     let mut out = Vec::new();
-    for index in 0..spawnguard_common::MAX_TYPES {
-        let l = limits.get(&policy_index(side, index), 0)?;
+    for (index, l) in pinned::types()? {
         let name = name_of(&l.name);
-        if l.active == 0 || only.is_some_and(|o| o != name) {
+        if only.is_some_and(|o| o != name) {
             continue;
         }
         if policies.get(&policy_index(side, index), 0)?.enabled == 0 {
@@ -142,14 +129,11 @@ fn update(
     change: impl FnOnce(&mut BreakerState, &BreakerLimits, u64) -> Option<Transition>,
 ) -> Result<(BreakerView, Option<Transition>)> {
     let index = type_index(name)?;
-    let policies: Array<MapData, BreakerLimits> =
-        Array::try_from(open_installed(maps::BREAKER_LIMITS)?)?;
-    let policy = policies.get(&policy_index(installed_policy_side()?, index), 0)?;
+    let policy = pinned::breaker_limits()?.get(&policy_index(pinned::policy_side()?, index), 0)?;
     if policy.enabled == 0 {
         bail!("type {name:?} has no breaker in the policy in force (add [type.breaker])");
     }
-    let mut states: Array<MapData, BreakerState> =
-        Array::try_from(open_installed(maps::BREAKER_STATE)?)?;
+    let mut states = pinned::breaker_state()?;
     let mut s = states.get(&index, 0)?;
     let now = now_ms();
     let t = change(&mut s, &policy, now);

@@ -4,7 +4,6 @@
 //! must never be bypassed behind its back.
 
 use anyhow::{bail, Result};
-use serde_json::Value;
 
 use crate::control::{self, Request, Unreachable, SOCKET};
 
@@ -39,9 +38,10 @@ pub fn route<T>(fallback: Fallback, call: Result<Result<T>, Unreachable>) -> Res
     }
 }
 
-/// For commands only the daemon can answer (policy apply and show).
-pub fn daemon_only(request: &Request) -> Result<Value> {
-    match control::call(request) {
+/// For commands only the daemon can answer (policy apply and show), with the answer read as
+/// `T` (what the request is answered with: see `control::Reply`).
+pub fn daemon_only<T: serde::de::DeserializeOwned>(request: &Request) -> Result<T> {
+    match control::ask(request) {
         Ok(result) => result,
         Err(Unreachable::NotRunning) => bail!(
             "the spawnguard daemon is not running ({SOCKET} does not answer); start it with \

@@ -11,10 +11,7 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap, MapData};
-use spawnguard_common::{maps, Condemned};
-
-use crate::{events, host, loader};
+use crate::{events, host};
 
 /// How long a condemned process gets to reach a system call before the daemon kills it.
 const GRACE: Duration = Duration::from_millis(200);
@@ -31,10 +28,7 @@ pub async fn watch(report: tokio::sync::mpsc::Sender<events::EventRecord>) -> an
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tick.tick().await;
-        let Ok(map) = loader::open_installed(maps::CONDEMNED) else {
-            continue;
-        };
-        let Ok(condemned) = HashMap::<MapData, u32, Condemned>::try_from(map) else {
+        let Ok(condemned) = crate::pinned::condemned() else {
             continue;
         };
         let now = host::monotonic_ns();

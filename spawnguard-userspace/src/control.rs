@@ -15,7 +15,10 @@ use tokio::{
     sync::{broadcast, mpsc, oneshot},
 };
 
-use crate::events::{EventRecord, Subscription};
+use crate::{
+    breaker::BreakerView,
+    events::{EventRecord, Subscription},
+};
 
 pub const SOCKET: &str = "/run/spawnguard/control.sock";
 
@@ -52,6 +55,31 @@ pub enum Request {
     },
 }
 
+/// The answer to `PolicyShow`: the policy in force, as written and as parsed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PolicyShown {
+    pub text: String,
+    pub policy: Value,
+}
+
+/// The answer to `PolicyApply`: what changed.
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PolicyDiff {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// "type devsecops: max_tasks 64 -> 32", "host: deny_at 0.85 -> 0.9"
+    pub changed: Vec<String>,
+}
+
+/// The answer to a breaker request: the breaker after it, and the line the daemon logged.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BreakerAnswer {
+    pub breaker: BreakerView,
+    pub message: String,
+}
+
+/// One reply line: `result` holds the request's answer (`Status` for `Status`, `PolicyShown`,
+/// `PolicyDiff`, `BreakerAnswer`), or `error` says why there is none.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Reply {
     pub ok: bool,
@@ -252,6 +280,13 @@ fn connect() -> Result<StdUnixStream, Unreachable> {
         }
         Err(e) => Err(Unreachable::Other(anyhow!("connecting to {SOCKET}: {e}"))),
     }
+}
+
+/// `call`, with the answer read as the type the request is answered with.
+pub fn ask<T: serde::de::DeserializeOwned>(request: &Request) -> Result<Result<T>, Unreachable> {
+    Ok(call(request)?.and_then(|v| {
+        serde_json::from_value(v).context("the daemon's answer is not what was asked for")
+    }))
 }
 
 /// Sends one request from the CLI and returns the daemon's result.

@@ -11,8 +11,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::{mpsc, watch},
@@ -20,7 +19,7 @@ use tokio::{
 
 use crate::{
     cgroupfs::{self, Cgroup2},
-    control::{self, Job, Reply, Request},
+    control::{self, BreakerAnswer, Job, PolicyDiff, PolicyShown, Reply, Request},
     events, host,
     loader::{self, BackendChoice, DaemonState, Enforcer, PlacedType, RUN_DIR, STATE_FILE},
     metrics,
@@ -34,15 +33,6 @@ struct InForce {
     /// Its source text, for `policy show`.
     text: String,
     types: Vec<PlacedType>,
-}
-
-/// What `policy apply` changed, for the CLI.
-#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct PolicyDiff {
-    pub added: Vec<String>,
-    pub removed: Vec<String>,
-    /// "type devsecops: max_tasks 64 -> 32", "host: deny_at 0.85 -> 0.9"
-    pub changed: Vec<String>,
 }
 
 /// Field-by-field differences of two validated policies.
@@ -247,22 +237,21 @@ fn serve(
 ) -> Result<Value> {
     match request {
         Request::Status => Ok(serde_json::to_value(status::read()?)?),
-        Request::PolicyShow => Ok(json!({
-            "text": in_force.text,
-            "policy": in_force.policy,
-        })),
+        Request::PolicyShow => Ok(serde_json::to_value(PolicyShown {
+            text: in_force.text.clone(),
+            policy: serde_json::to_value(&in_force.policy)?,
+        })?),
         Request::BreakerOpen { ref type_name, .. }
         | Request::BreakerClose { ref type_name }
         | Request::BreakerReportFailure { ref type_name, .. } => {
             let before = crate::breaker::status(Some(type_name)).ok();
             let answer = breaker_request(&request)?;
-            let after: crate::breaker::BreakerView =
-                serde_json::from_value(answer["breaker"].clone())?;
+            let after = &answer.breaker;
             let from = before
                 .and_then(|v| v.into_iter().next())
                 .map(|v| v.state)
                 .unwrap_or_default();
-            let message = answer["message"].as_str().unwrap_or_default().to_owned();
+            let message = answer.message.clone();
             let mut record = if from == after.state {
                 events::EventRecord::from_daemon(
                     "failure_reported",
@@ -283,7 +272,7 @@ fn serve(
             record.reason = Some("manual".into());
             // The stream is a report: a full queue drops the record, never the command.
             let _ = report.try_send(record);
-            Ok(answer)
+            Ok(serde_json::to_value(answer)?)
         }
         Request::Events { .. } => bail!("events are served by the event task"),
         Request::PolicyApply { file, text } => {
@@ -297,7 +286,7 @@ fn serve(
 
 /// Carries out a breaker command (from the control socket, or from the CLI when no daemon
 /// runs) and says what it did.
-pub fn breaker_request(request: &Request) -> Result<Value> {
+pub fn breaker_request(request: &Request) -> Result<BreakerAnswer> {
     let why = |r: &Option<String>| r.as_deref().map_or_else(String::new, |r| format!(": {r}"));
     let (view, line) = match request {
         Request::BreakerOpen {
@@ -325,7 +314,10 @@ pub fn breaker_request(request: &Request) -> Result<Value> {
         _ => bail!("not a breaker request"),
     };
     tracing::warn!("{line}");
-    Ok(json!({ "breaker": view, "message": line }))
+    Ok(BreakerAnswer {
+        breaker: view,
+        message: line,
+    })
 }
 
 /// Puts a validated policy in force: all of it, or (on any error) none of it.
@@ -391,6 +383,7 @@ async fn watch_max_age(
     report: mpsc::Sender<events::EventRecord>,
 ) -> Result<()> {
     let mut acted: HashSet<u64> = HashSet::new();
+    let mut instance_map = None;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut names = events::Names::new(types.borrow_and_update().clone());
     loop {
@@ -405,9 +398,17 @@ async fn watch_max_age(
             continue;
         }
         // Without paths: only the instances acted on are looked up by id.
-        let Ok(s) = status::snapshot() else { continue };
-        for i in &s.instances {
-            let Some(t) = current.iter().find(|t| t.name == i.type_name) else {
+        if instance_map.is_none() {
+            instance_map = status::open_instance_map().ok();
+        }
+        let Some(ages) = instance_map
+            .as_ref()
+            .and_then(|m| status::instance_ages(m).ok())
+        else {
+            continue;
+        };
+        for i in &ages {
+            let Some(t) = current.iter().find(|t| t.index == i.type_idx) else {
                 continue;
             };
             let Some(max_age) = t.max_age else { continue };
@@ -440,7 +441,7 @@ async fn watch_max_age(
             record.limit = Some(max_age.as_secs());
             let _ = report.try_send(record);
         }
-        let live: HashSet<u64> = s.instances.iter().map(|i| i.id).collect();
+        let live: HashSet<u64> = ages.iter().map(|i| i.id).collect();
         acted.retain(|id| live.contains(id));
     }
 }

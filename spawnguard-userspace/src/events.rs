@@ -9,18 +9,16 @@ use std::{
 };
 
 use anyhow::Result;
-use aya::maps::{Array, MapData, RingBuf};
+use aya::maps::{MapData, RingBuf};
 use serde::{Deserialize, Serialize};
-use spawnguard_common::{
-    limit, maps, Backend, BreakerPhase, Cause, Event, EventKind, FailOpen, Reason,
-};
+use spawnguard_common::{limit, Backend, BreakerPhase, Cause, Event, EventKind, FailOpen, Reason};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::{
     breaker, cgroupfs,
     host::monotonic_ns,
-    loader::{name_of, open_installed, DaemonState, PlacedType},
+    loader::{name_of, DaemonState, PlacedType},
 };
 
 /// Names for the ids in events: type index to name, instance cgroup id to path.
@@ -54,12 +52,8 @@ impl Names {
     /// policy; instance paths only if a daemon's state file says where its types live.
     pub fn from_maps() -> Result<Self> {
         let mut names = Self::new(DaemonState::read().map(|d| d.types).unwrap_or_default());
-        let limits: Array<MapData, spawnguard_common::TypeLimits> =
-            Array::try_from(open_installed(maps::TYPE_POLICY)?)?;
-        let side = crate::loader::installed_policy_side()?;
-        for index in 0..spawnguard_common::MAX_TYPES {
-            let l = limits.get(&spawnguard_ebpf::policy_index(side, index), 0)?;
-            if l.active != 0 && !names.types.iter().any(|t| t.0 == index) {
+        for (index, l) in crate::pinned::types()? {
+            if !names.types.iter().any(|t| t.0 == index) {
                 names.types.push((index, name_of(&l.name), PathBuf::new()));
             }
         }
@@ -583,7 +577,7 @@ pub fn read_pinned(
     type_name: Option<&str>,
     mut each: impl FnMut(EventRecord) -> Result<()>,
 ) -> Result<()> {
-    let mut ring: RingBuf<MapData> = RingBuf::try_from(open_installed(maps::EVENTS)?)?;
+    let mut ring = crate::pinned::events()?;
     let mut names = Names::from_maps()?;
     loop {
         while let Some(item) = ring.next() {

@@ -11,10 +11,6 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{Array, MapData};
-use spawnguard_common::{
-    maps, BreakerLimits, BreakerState, HostLimits, HostState, TypeLimits, TypeState,
-};
 use spawnguard_ebpf::{
     breaker_gate, policy_index, preview_new_instance, AtomicU64, Budget, Refusal, SharedUsage,
 };
@@ -22,7 +18,8 @@ use spawnguard_ebpf::{
 use crate::{
     breaker::{find_type, now_ms, wall_clock_in},
     host,
-    loader::{installed_policy_side, open_installed, other_layouts, pin_dir, PIN_ROOT},
+    loader::{other_layouts, pin_dir, PIN_ROOT},
+    pinned,
 };
 
 /// The daemon's read-only gate socket: one line in (a type name), one line out.
@@ -200,15 +197,11 @@ pub async fn serve(listener: tokio::net::UnixListener) -> anyhow::Result<()> {
 /// Why a new instance of the type `index` would not be admitted now (`None`: it would be).
 /// Reads the pinned maps only; never changes anything (it does not claim the half-open probe).
 fn why_not(index: u32) -> anyhow::Result<Option<String>> {
-    let side = installed_policy_side()?;
+    let side = pinned::policy_side()?;
     let now = now_ms();
-    let policy: Array<MapData, BreakerLimits> =
-        Array::try_from(open_installed(maps::BREAKER_LIMITS)?)?;
-    let p = policy.get(&policy_index(side, index), 0)?;
+    let p = pinned::breaker_limits()?.get(&policy_index(side, index), 0)?;
     if p.enabled != 0 {
-        let states: Array<MapData, BreakerState> =
-            Array::try_from(open_installed(maps::BREAKER_STATE)?)?;
-        let s = states.get(&index, 0)?;
+        let s = pinned::breaker_state()?.get(&index, 0)?;
         let word = AtomicU64::new(s.word);
         // On a copy: the real probe is claimed by the kernel when the instance starts.
         if let (spawnguard_ebpf::Gate::Refused { until_ms, probing }, _) =
@@ -223,13 +216,10 @@ fn why_not(index: u32) -> anyhow::Result<Option<String>> {
             }));
         }
     }
-    let limits: Array<MapData, TypeLimits> = Array::try_from(open_installed(maps::TYPE_POLICY)?)?;
-    let l = limits.get(&policy_index(side, index), 0)?;
-    let types: Array<MapData, TypeState> = Array::try_from(open_installed(maps::TYPE_STATE)?)?;
-    let t = types.get(&index, 0)?;
-    let hl: Array<MapData, HostLimits> = Array::try_from(open_installed(maps::HOST_LIMITS)?)?;
-    let hs: Array<MapData, HostState> = Array::try_from(open_installed(maps::HOST_STATE)?)?;
-    let (h, used) = (hl.get(&side, 0)?, hs.get(&0, 0)?.tasks);
+    let l = pinned::type_policy()?.get(&policy_index(side, index), 0)?;
+    let t = pinned::type_state()?.get(&index, 0)?;
+    let h = pinned::host_limits()?.get(&side, 0)?;
+    let used = pinned::host_state()?.get(&0, 0)?.tasks;
     let usage = SharedUsage {
         type_instances: t.instances,
         type_tasks: t.tasks,

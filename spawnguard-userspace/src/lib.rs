@@ -13,6 +13,7 @@ pub mod policy;
 // The pinned state and the enforcer: install, attach, pin, reconcile, uninstall.
 pub mod loader;
 pub mod mapbatch;
+pub mod pinned;
 
 // Models read from the pinned state.
 pub mod breaker;

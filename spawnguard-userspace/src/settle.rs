@@ -16,16 +16,11 @@ use std::{
     time::Duration,
 };
 
-use aya::{
-    maps::{HashMap, MapData},
-    programs::{ProgramFd, ProgramInfo},
-};
-use spawnguard_common::{
-    maps, InstanceState, ReleasingTask, SETTLE_BUSY, SETTLE_DONE, SETTLE_INSTANCE, SETTLE_RELEASE,
-};
+use aya::programs::{ProgramFd, ProgramInfo};
+use spawnguard_common::{InstanceState, SETTLE_BUSY, SETTLE_DONE, SETTLE_INSTANCE, SETTLE_RELEASE};
 use spawnguard_ebpf::{word_tasks, OPENING, RECLAIMING};
 
-use crate::{condemned, loader, mapbatch};
+use crate::{condemned, loader, mapbatch, pinned};
 
 /// How often the entries are read.
 const SWEEP: Duration = Duration::from_secs(1);
@@ -101,8 +96,7 @@ fn gone_tasks() -> anyhow::Result<HashSet<(u64, u64)>> {
         // The kernel records host pids: /proc here would name other tasks.
         return Ok(HashSet::new());
     }
-    let parked: HashMap<MapData, u64, ReleasingTask> =
-        HashMap::try_from(loader::open_installed(maps::RELEASING)?)?;
+    let parked = pinned::releasing()?;
     Ok(mapbatch::entries(&parked)?
         .into_iter()
         .filter(|(_, r)| r.pid != 0 && is_gone(condemned::start_ticks(r.pid), r.start_ns))
@@ -130,8 +124,7 @@ fn is_gone(proc_start_ticks: std::io::Result<Option<u64>>, start_ns: u64) -> boo
 
 /// The ids of the entries that hold no task and wait for none.
 fn empty_entries() -> anyhow::Result<HashSet<u64>> {
-    let instances: HashMap<MapData, u64, InstanceState> =
-        HashMap::try_from(loader::open_installed(maps::INSTANCES)?)?;
+    let instances = pinned::instances()?;
     Ok(mapbatch::entries(&instances)?
         .into_iter()
         .filter(|(_, s)| is_empty(s))

@@ -2,17 +2,18 @@
 //! daemon answers.
 
 use anyhow::Result;
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{HashMap, MapData};
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
-    limit, maps, BreakerPhase, FailOpen, GlobalCounters, HostLimits, HostState, InstanceState,
-    Reason, TypeCounters, TypeLimits, TypeState, BREAKER_STATES, MAX_TYPES, MODE_ENFORCE, REASONS,
+    limit, maps, BreakerPhase, FailOpen, InstanceState, Reason, BREAKER_STATES, MODE_ENFORCE,
+    REASONS,
 };
 
+use crate::pinned;
 use crate::{
     events::Names,
     host::{self, monotonic_ns},
-    loader::{name_of, open_installed, DaemonState},
+    loader::{name_of, DaemonState},
     policy::Mode,
 };
 
@@ -235,34 +236,52 @@ pub fn read() -> Result<Status> {
     Ok(s)
 }
 
+/// An instance's age and type slot, from the instance map alone.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct InstanceAge {
+    pub id: u64,
+    pub type_idx: u32,
+    pub age_seconds: f64,
+}
+
+/// The instance map of the installed enforcer, opened once by whoever reads it often.
+pub type InstanceMap = HashMap<MapData, u64, InstanceState>;
+
+pub fn open_instance_map() -> Result<InstanceMap> {
+    pinned::instances()
+}
+
+/// Every instance's age (what the max-age watch reads twice a second: one batched read of one
+/// map, not the whole snapshot).
+pub fn instance_ages(instances: &InstanceMap) -> Result<Vec<InstanceAge>> {
+    let now = monotonic_ns();
+    Ok(crate::mapbatch::entries(instances)?
+        .into_iter()
+        .map(|(id, s)| InstanceAge {
+            id,
+            type_idx: s.type_idx,
+            age_seconds: now.saturating_sub(s.created_ns) as f64 / 1e9,
+        })
+        .collect())
+}
+
 /// Everything the pinned maps say; instance paths left empty (resolving 10,000 of them costs
 /// more than reading the maps: `metrics` resolves only those it shows).
 pub fn snapshot() -> Result<Status> {
-    let budgets: Array<MapData, TypeLimits> = Array::try_from(open_installed(maps::TYPE_POLICY)?)?;
-    let type_state: Array<MapData, TypeState> = Array::try_from(open_installed(maps::TYPE_STATE)?)?;
-    let host_limits: Array<MapData, HostLimits> =
-        Array::try_from(open_installed(maps::HOST_LIMITS)?)?;
-    let host_state: Array<MapData, HostState> = Array::try_from(open_installed(maps::HOST_STATE)?)?;
-    let instances: HashMap<MapData, u64, InstanceState> =
-        HashMap::try_from(open_installed(maps::INSTANCES)?)?;
-    let counters: PerCpuArray<MapData, TypeCounters> =
-        PerCpuArray::try_from(open_installed(maps::TYPE_COUNTERS)?)?;
-    let global: PerCpuArray<MapData, GlobalCounters> =
-        PerCpuArray::try_from(open_installed(maps::GLOBAL_COUNTERS)?)?;
-    let processes: HashMap<MapData, u32, spawnguard_common::ProcessRecord> =
-        HashMap::try_from(open_installed(maps::PROCESSES)?)?;
-    let doomed: HashMap<MapData, u32, u32> = HashMap::try_from(open_installed(maps::DOOMED)?)?;
-    let releasing: HashMap<MapData, u64, spawnguard_common::ReleasingTask> =
-        HashMap::try_from(open_installed(maps::RELEASING)?)?;
+    let type_state = pinned::type_state()?;
+    let host_limits = pinned::host_limits()?;
+    let host_state = pinned::host_state()?;
+    let instances = pinned::instances()?;
+    let counters = pinned::type_counters()?;
+    let global = pinned::global_counters()?;
+    let processes = pinned::processes()?;
+    let doomed = pinned::doomed()?;
+    let releasing = pinned::releasing()?;
     let daemon = DaemonState::read();
 
-    let side = crate::loader::installed_policy_side()?;
+    let side = pinned::policy_side()?;
     let mut types = Vec::new();
-    for index in 0..MAX_TYPES {
-        let b = budgets.get(&spawnguard_ebpf::policy_index(side, index), 0)?;
-        if b.active == 0 {
-            continue;
-        }
+    for (index, b) in pinned::types()? {
         let live = type_state.get(&index, 0)?;
         let mut t = TypeStatus {
             name: name_of(&b.name),
@@ -355,7 +374,7 @@ pub fn snapshot() -> Result<Status> {
         created_full += g.created_full;
         releasing_full += g.releasing_full;
     }
-    let created: HashMap<MapData, u64, u64> = HashMap::try_from(open_installed(maps::CREATED)?)?;
+    let created = pinned::created()?;
     let maps = vec![
         MapUsage {
             map: maps::INSTANCES.to_lowercase(),

@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use spawnguard::{
-    breaker::{self, BreakerView},
+    breaker,
     client::{self, Fallback, Route},
-    control::{self, Request},
+    control::{self, BreakerAnswer, Request},
     daemon,
 };
 
@@ -45,11 +45,11 @@ pub fn run(command: BreakerCommand) -> Result<ExitCode> {
             reason: reason.clone(),
         },
     };
-    let answer = match client::route(Fallback::WhenNotRunning, control::call(&request))? {
-        Route::Daemon(answer) => answer,
-        Route::Pinned(_) => daemon::breaker_request(&request)?,
-    };
-    let v: BreakerView = serde_json::from_value(answer["breaker"].clone())?;
-    println!("{}", breaker::describe(&v));
+    let answer: BreakerAnswer =
+        match client::route(Fallback::WhenNotRunning, control::ask(&request))? {
+            Route::Daemon(answer) => answer,
+            Route::Pinned(_) => daemon::breaker_request(&request)?,
+        };
+    println!("{}", breaker::describe(&answer.breaker));
     Ok(ExitCode::SUCCESS)
 }

@@ -19,7 +19,7 @@ use spawnguard_common::BreakerPhase;
 use spawnguard::{
     cgroupfs,
     client::{self, Fallback, Route},
-    control::{self, Request},
+    control::{self, PolicyDiff, PolicyShown, Request},
     loader,
     status::{self, InstanceStatus, TypeStatus},
 };
@@ -70,7 +70,7 @@ impl Drop for Host {
                     file: "(policy before spawnguard demo)".into(),
                     text: old_text.clone(),
                 };
-                match client::daemon_only(&request) {
+                match client::daemon_only::<PolicyDiff>(&request) {
                     Ok(_) => say("put the policy back as it was"),
                     Err(e) => eprintln!(
                         "spawnguard demo: could not put the policy back ({e:#}); apply your \
@@ -104,17 +104,13 @@ impl Drop for DemoCgroup {
 
 fn start(exe: &Path) -> Result<Host> {
     // A change to the policy in force: only without a daemon does the demo run its own.
-    match client::route(
-        Fallback::WhenNotRunning,
-        control::call(&Request::PolicyShow),
-    )? {
-        Route::Daemon(answer) => {
-            let old_text = answer["text"].as_str().unwrap_or_default().to_owned();
+    match client::route(Fallback::WhenNotRunning, control::ask(&Request::PolicyShow))? {
+        Route::Daemon(PolicyShown { text: old_text, .. }) => {
             if old_text.contains(&format!("name = \"{DEMO_TYPE}\"")) {
                 bail!("the policy in force already has a type {DEMO_TYPE:?}");
             }
             let text = format!("{old_text}\n{}", demo_type_toml());
-            client::daemon_only(&Request::PolicyApply {
+            client::daemon_only::<PolicyDiff>(&Request::PolicyApply {
                 file: "(spawnguard demo)".into(),
                 text,
             })?;

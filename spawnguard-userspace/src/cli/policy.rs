@@ -5,8 +5,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use spawnguard::{
     client,
-    control::Request,
-    daemon::PolicyDiff,
+    control::{PolicyDiff, PolicyShown, Request},
     policy::{self, Policy},
 };
 
@@ -35,11 +34,10 @@ pub fn run(command: PolicyCommand) -> Result<ExitCode> {
             let name = file.display().to_string();
             // Validate here first: a bad file never reaches the daemon.
             Policy::parse(&text, &name)?;
-            let answer = client::daemon_only(&Request::PolicyApply { file: name, text })?;
+            let d: PolicyDiff = client::daemon_only(&Request::PolicyApply { file: name, text })?;
             match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&d)?),
                 Output::Table => {
-                    let d: PolicyDiff = serde_json::from_value(answer)?;
                     println!("applied {}", file.display());
                     for t in &d.added {
                         println!("  + type {t}");
@@ -57,10 +55,10 @@ pub fn run(command: PolicyCommand) -> Result<ExitCode> {
             }
         }
         PolicyCommand::Show { output } => {
-            let answer = client::daemon_only(&Request::PolicyShow)?;
+            let shown: PolicyShown = client::daemon_only(&Request::PolicyShow)?;
             match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&answer["policy"])?),
-                Output::Table => print!("{}", answer["text"].as_str().unwrap_or_default()),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&shown.policy)?),
+                Output::Table => print!("{}", shown.text),
             }
         }
     }

@@ -13,8 +13,8 @@ use spawnguard::{
 use super::Output;
 
 pub fn run(type_name: Option<String>, output: Output) -> Result<ExitCode> {
-    let mut s = match client::route(Fallback::WhenUnanswered, control::call(&Request::Status))? {
-        Route::Daemon(answer) => serde_json::from_value(answer)?,
+    let mut s = match client::route(Fallback::WhenUnanswered, control::ask(&Request::Status))? {
+        Route::Daemon(answer) => answer,
         Route::Pinned(why) => {
             if let Some(e) = why {
                 eprintln!("spawnguard: the daemon did not answer ({e:#}); reading the pinned maps");
