@@ -157,8 +157,21 @@ macro_rules! codes {
             $($(#[$vmeta:meta])* $variant:ident = $code:literal => $name:literal,)+
         }
     ) => {
+        codes! {
+            $(#[$meta])*
+            pub enum $enum as u32 {
+                $($(#[$vmeta])* $variant = $code => $name,)+
+            }
+        }
+    };
+    (
+        $(#[$meta:meta])*
+        pub enum $enum:ident as $repr:ident {
+            $($(#[$vmeta:meta])* $variant:ident = $code:literal => $name:literal,)+
+        }
+    ) => {
         $(#[$meta])*
-        #[repr(u32)]
+        #[repr($repr)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
         pub enum $enum {
             $($(#[$vmeta])* $variant = $code,)+
@@ -537,6 +550,28 @@ codes! {
 
 pub const BREAKER_STATES: usize = BreakerPhase::ALL.len();
 
+codes! {
+    /// Why a breaker changed state: `BreakerState::last_cause`, and `Event::reason` of breaker
+    /// events. (spawnguard-ebpf's breaker calls it `Cause`.)
+    // One byte, as the eBPF breaker has always held it in `Transition`: a wider field moves
+    // the programs' code (and their verifier steps) for nothing.
+    pub enum BreakerCause as u8 {
+        /// `failures` start-up failures within `within`.
+        Failures = 1 => "start-up failures",
+        /// The open time ended and a new instance was let through as the probe.
+        ProbeAdmitted = 2 => "open time over: probe admitted",
+        /// The probe outlived its start-up window.
+        ProbeHealthy = 3 => "probe healthy",
+        /// The probe ended within its start-up window.
+        ProbeFailed = 4 => "probe failed",
+        DenyStorm = 5 => "deny storm",
+        /// Opened, closed or fed by `spawnguard breaker` (userspace).
+        Manual = 6 => "manual",
+        /// A probe admitted but then refused by another budget: it never ran.
+        ProbeAbandoned = 7 => "probe never ran",
+    }
+}
+
 /// Per-CPU counters per type; element `type_idx` of `TYPE_COUNTERS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -609,7 +644,7 @@ codes! {
         Warn = 4 => "warn",
         /// An instance was first seen past its max age (usage and limit in seconds).
         MaxAge = 5 => "max_age",
-        /// A breaker changed state: `reason` is the cause (`Cause` of spawnguard-ebpf), `usage`
+        /// A breaker changed state: `reason` is the cause (`BreakerCause`), `usage`
         /// is `from << 8 | to` (`BreakerPhase`), `limit` the new deadline in ms (next retry
         /// when opened).
         Breaker = 6 => "breaker",
@@ -806,6 +841,14 @@ mod tests {
         for k in kinds {
             assert_eq!(EventKind::from_u32(k).unwrap() as u32, k);
         }
+
+        let breaker_causes: [u32; 7] = core::array::from_fn(|i| i as u32 + 1);
+        named_exactly(
+            &breaker_causes,
+            BreakerCause::from_u32,
+            BreakerCause::name,
+            BreakerCause::ALL,
+        );
 
         let causes = [CAUSE_FORK, CAUSE_THREAD, CAUSE_MIGRATION, CAUSE_EXIT];
         named_exactly(&causes, Cause::from_u32, Cause::name, Cause::ALL);

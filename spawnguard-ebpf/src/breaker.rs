@@ -26,23 +26,8 @@ pub const fn breaker_until(word: u64) -> u64 {
     word & UNTIL_MASK
 }
 
-/// Why a breaker changed state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cause {
-    /// `failures` start-up failures within `within`.
-    Failures = 1,
-    /// The open time ended and a new instance was let through as the probe.
-    ProbeAdmitted = 2,
-    /// The probe outlived its start-up window.
-    ProbeHealthy = 3,
-    /// The probe ended within its start-up window.
-    ProbeFailed = 4,
-    DenyStorm = 5,
-    /// Opened, closed or fed by `spawnguard breaker` (userspace).
-    Manual = 6,
-    /// A probe admitted but then refused by another budget: it never ran.
-    ProbeAbandoned = 7,
-}
+/// Why a breaker changed state (its names are userspace's).
+pub use spawnguard_common::BreakerCause as Cause;
 
 /// A state change, for the event stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

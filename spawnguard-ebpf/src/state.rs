@@ -194,10 +194,11 @@ pub fn place(cgrp: Cgroup) -> Result<Option<Placement>, i32> {
 /// The state of an instance, created when a task first enters it (its age counts from its
 /// directory's creation, kept in CREATED). `None` means the map is full.
 ///
-/// Sets `p.type_idx` to the type the instance is counted in: the one its path had when its
-/// entry was made. They differ only for a type moved away while its agents run, with another
-/// type placed at its old path; those instances keep counting where their tasks were charged
-/// until they end, so every charge and its release meet in one slot.
+/// Sets `p.type_idx` to the type the instance is counted in: its path's, unless it holds tasks
+/// charged to another (a type moved away while its agents run, with another type placed at its
+/// old path): those keep counting where they were charged until they end, so every charge and
+/// its release meet in one slot. An entry that holds no task takes its path's type: it carries
+/// no charge, and its old slot may belong to another type by now.
 #[inline(always)]
 pub fn instance(p: &mut Placement) -> Option<*mut InstanceState> {
     let state = match INSTANCES.get_ptr_mut(&p.instance) {
@@ -207,8 +208,15 @@ pub fn instance(p: &mut Placement) -> Option<*mut InstanceState> {
             INSTANCES.get_ptr_mut(&p.instance)?
         }
     };
-    // SAFETY: live map value, plain read.
-    p.type_idx = unsafe { (*state).type_idx };
+    // SAFETY: live map value. Its type is written only while its word is 0 (no task, no
+    // opening or reclaiming mark), and then only with its path's type, which every CPU
+    // writes alike.
+    unsafe {
+        if (*state).type_idx != p.type_idx && core::ptr::read_volatile(&(*state).tasks) == 0 {
+            (*state).type_idx = p.type_idx;
+        }
+        p.type_idx = (*state).type_idx;
+    }
     Some(state)
 }
 

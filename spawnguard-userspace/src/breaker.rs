@@ -38,22 +38,12 @@ pub fn state_name(state: u64) -> &'static str {
         .map_or("unknown", BreakerPhase::name)
 }
 
-/// Why a breaker changed state (spawnguard-ebpf's `Cause`, as `last_cause` and events hold it),
-/// by name.
+/// Why a breaker changed state (as `last_cause` and events hold it), by name.
 pub fn cause_name(cause: u64) -> &'static str {
-    const NAMES: [(Cause, &str); 7] = [
-        (Cause::Failures, "start-up failures"),
-        (Cause::ProbeAdmitted, "open time over: probe admitted"),
-        (Cause::ProbeHealthy, "probe healthy"),
-        (Cause::ProbeFailed, "probe failed"),
-        (Cause::DenyStorm, "deny storm"),
-        (Cause::Manual, "manual"),
-        (Cause::ProbeAbandoned, "probe never ran"),
-    ];
-    NAMES
-        .iter()
-        .find(|(c, _)| *c as u64 == cause)
-        .map_or("-", |(_, name)| name)
+    u32::try_from(cause)
+        .ok()
+        .and_then(Cause::from_u32)
+        .map_or("-", Cause::name)
 }
 
 /// A breaker as `status` and `breaker status` show it.

@@ -11,14 +11,18 @@ use std::{
     time::Duration,
 };
 
+use aya::maps::{Array, MapData};
+use spawnguard_common::{
+    BreakerLimits, BreakerState, HostLimits, HostState, TypeLimits, TypeState, MAX_TYPES,
+};
 use spawnguard_ebpf::{
     breaker_gate, policy_index, preview_new_instance, AtomicU64, Budget, Refusal, SharedUsage,
 };
 
 use crate::{
-    breaker::{find_type, now_ms, wall_clock_in},
+    breaker::{now_ms, wall_clock_in},
     host,
-    loader::{other_layouts, pin_dir, PIN_ROOT},
+    loader::{name_of, other_layouts, pin_dir, PIN_ROOT},
     pinned,
 };
 
@@ -71,21 +75,59 @@ pub fn check(type_name: &str) -> Result<Verdict, GateError> {
     }
 }
 
-/// `check`, from the pinned maps (root).
+/// `check`, from the pinned maps (root). Opens them for this one check: a runtime that asks
+/// often keeps a `PinnedGate` instead.
 pub fn check_pinned(type_name: &str) -> Result<Verdict, GateError> {
-    let dir = pin_dir();
-    if !dir.exists() {
-        return Err(match other_layouts().into_iter().next() {
-            Some(other) => GateError::OtherLayout(other),
-            None => GateError::NotInstalled(dir),
-        });
+    PinnedGate::open()?.check(type_name)
+}
+
+/// The maps a gate check reads, opened once (root). Valid while the enforcer it was opened on
+/// stays installed: after `spawnguard uninstall`, open a new one.
+pub struct PinnedGate {
+    side: Array<MapData, u32>,
+    type_policy: Array<MapData, TypeLimits>,
+    type_state: Array<MapData, TypeState>,
+    host_limits: Array<MapData, HostLimits>,
+    host_state: Array<MapData, HostState>,
+    breaker_limits: Array<MapData, BreakerLimits>,
+    breaker_state: Array<MapData, BreakerState>,
+}
+
+impl PinnedGate {
+    pub fn open() -> Result<Self, GateError> {
+        let dir = pin_dir();
+        if !dir.exists() {
+            return Err(match other_layouts().into_iter().next() {
+                Some(other) => GateError::OtherLayout(other),
+                None => GateError::NotInstalled(dir),
+            });
+        }
+        Ok(Self {
+            side: pinned::policy_side_map()?,
+            type_policy: pinned::type_policy()?,
+            type_state: pinned::type_state()?,
+            host_limits: pinned::host_limits()?,
+            host_state: pinned::host_state()?,
+            breaker_limits: pinned::breaker_limits()?,
+            breaker_state: pinned::breaker_state()?,
+        })
     }
-    let index =
-        find_type(type_name)?.ok_or_else(|| GateError::UnknownType(type_name.to_owned()))?;
-    Ok(match why_not(index)? {
-        None => Verdict::Admitted,
-        Some(why) => Verdict::Refused(why),
-    })
+
+    /// Would a new instance of `type_name` be admitted now?
+    pub fn check(&self, type_name: &str) -> Result<Verdict, GateError> {
+        let side = self.side.get(&0, 0).map_err(anyhow::Error::from)? & 1;
+        let index = (0..MAX_TYPES)
+            .find(|&i| {
+                self.type_policy
+                    .get(&policy_index(side, i), 0)
+                    .is_ok_and(|l| l.active != 0 && name_of(&l.name) == type_name)
+            })
+            .ok_or_else(|| GateError::UnknownType(type_name.to_owned()))?;
+        Ok(match self.why_not(side, index)? {
+            None => Verdict::Admitted,
+            Some(why) => Verdict::Refused(why),
+        })
+    }
 }
 
 /// `check`, through the daemon's gate socket (what `check` does when not root).
@@ -194,57 +236,63 @@ pub async fn serve(listener: tokio::net::UnixListener) -> anyhow::Result<()> {
     }
 }
 
-/// Why a new instance of the type `index` would not be admitted now (`None`: it would be).
-/// Reads the pinned maps only; never changes anything (it does not claim the half-open probe).
-fn why_not(index: u32) -> anyhow::Result<Option<String>> {
-    let side = pinned::policy_side()?;
-    let now = now_ms();
-    let p = pinned::breaker_limits()?.get(&policy_index(side, index), 0)?;
-    if p.enabled != 0 {
-        let s = pinned::breaker_state()?.get(&index, 0)?;
-        let word = AtomicU64::new(s.word);
-        // On a copy: the real probe is claimed by the kernel when the instance starts.
-        if let (spawnguard_ebpf::Gate::Refused { until_ms, probing }, _) =
-            breaker_gate(&word, now, &p)
-        {
-            let wait = (until_ms - now) as f64 / 1000.0;
-            let at = wall_clock_in(Duration::from_millis(until_ms - now));
-            return Ok(Some(if probing {
-                format!("breaker half-open: its probe instance runs until {at} (in {wait:.0} s)")
-            } else {
-                format!("breaker open until {at} (in {wait:.0} s)")
-            }));
+impl PinnedGate {
+    /// Why a new instance of the type `index` would not be admitted now (`None`: it would be).
+    /// Reads the pinned maps only; never changes anything (it does not claim the half-open
+    /// probe).
+    fn why_not(&self, side: u32, index: u32) -> anyhow::Result<Option<String>> {
+        let now = now_ms();
+        let p = self.breaker_limits.get(&policy_index(side, index), 0)?;
+        if p.enabled != 0 {
+            let s = self.breaker_state.get(&index, 0)?;
+            let word = AtomicU64::new(s.word);
+            // On a copy: the real probe is claimed by the kernel when the instance starts.
+            if let (spawnguard_ebpf::Gate::Refused { until_ms, probing }, _) =
+                breaker_gate(&word, now, &p)
+            {
+                let wait = (until_ms - now) as f64 / 1000.0;
+                let at = wall_clock_in(Duration::from_millis(until_ms - now));
+                return Ok(Some(if probing {
+                    format!(
+                        "breaker half-open: its probe instance runs until {at} (in {wait:.0} s)"
+                    )
+                } else {
+                    format!("breaker open until {at} (in {wait:.0} s)")
+                }));
+            }
         }
+        let l = self.type_policy.get(&policy_index(side, index), 0)?;
+        let t = self.type_state.get(&index, 0)?;
+        let h = self.host_limits.get(&side, 0)?;
+        let used = self.host_state.get(&0, 0)?.tasks;
+        let usage = SharedUsage {
+            type_instances: t.instances,
+            type_tasks: t.tasks,
+            host_tasks: used,
+        };
+        // The kernel's own admission decides, on copies of the totals.
+        Ok(match preview_new_instance(&Budget::of(&l, &h), &usage) {
+            None => None,
+            Some(Refusal::MaxInstances) => {
+                Some(format!("ceiling {}/{}", t.instances, l.max_instances))
+            }
+            Some(Refusal::TypeTasks) => Some(format!(
+                "type at max_total_tasks {}/{}",
+                t.tasks, l.max_total_tasks
+            )),
+            Some(Refusal::HostTasks) => Some(format!(
+                "host at {:.0} % of its budget ({used}/{}; denying above {})",
+                used as f64 * 100.0 / h.max_tasks as f64,
+                h.max_tasks,
+                h.deny_tasks
+            )),
+            Some(Refusal::MaxTasks) => Some(format!(
+                "max_tasks {} leaves no room for a first task",
+                l.max_tasks
+            )),
+            Some(other) => Some(format!("{other:?}")),
+        })
     }
-    let l = pinned::type_policy()?.get(&policy_index(side, index), 0)?;
-    let t = pinned::type_state()?.get(&index, 0)?;
-    let h = pinned::host_limits()?.get(&side, 0)?;
-    let used = pinned::host_state()?.get(&0, 0)?.tasks;
-    let usage = SharedUsage {
-        type_instances: t.instances,
-        type_tasks: t.tasks,
-        host_tasks: used,
-    };
-    // The kernel's own admission decides, on copies of the totals.
-    Ok(match preview_new_instance(&Budget::of(&l, &h), &usage) {
-        None => None,
-        Some(Refusal::MaxInstances) => Some(format!("ceiling {}/{}", t.instances, l.max_instances)),
-        Some(Refusal::TypeTasks) => Some(format!(
-            "type at max_total_tasks {}/{}",
-            t.tasks, l.max_total_tasks
-        )),
-        Some(Refusal::HostTasks) => Some(format!(
-            "host at {:.0} % of its budget ({used}/{}; denying above {})",
-            used as f64 * 100.0 / h.max_tasks as f64,
-            h.max_tasks,
-            h.deny_tasks
-        )),
-        Some(Refusal::MaxTasks) => Some(format!(
-            "max_tasks {} leaves no room for a first task",
-            l.max_tasks
-        )),
-        Some(other) => Some(format!("{other:?}")),
-    })
 }
 
 #[cfg(test)]

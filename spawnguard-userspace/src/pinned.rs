@@ -26,6 +26,8 @@ macro_rules! pinned_maps {
 }
 
 pinned_maps! {
+    /// Which side of the double-buffered policy maps is in force (element 0; its low bit).
+    policy_side_map: Array<u32> = POLICY_SIDE;
     /// Both sides of every type's limits (index with `policy_index`).
     type_policy: Array<TypeLimits> = TYPE_POLICY;
     /// Live instances and tasks per type slot.

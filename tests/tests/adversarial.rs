@@ -812,6 +812,13 @@ fn a_type_moved_away_keeps_its_running_agents_where_they_are_charged(backend: &s
         type_status("newcomer")
     );
     assert_eq!(s["count_drift"], 0, "counts drifted: {s}");
+    // Its agent gone, the instance at the old path is the newcomer's like any other.
+    assert_held(
+        "newcomer",
+        "agent",
+        3,
+        "the moved type's old instance, once its agent ended",
+    );
 }
 
 fn refused_zombies_are_bounded_where_a_pids_controller_covers_the_instance(backend: &str) {

@@ -277,6 +277,12 @@ fn a_runtime_that_is_not_root_asks_the_gate_through_the_daemon_s_socket() {
         assert!(text.contains("--gate-group"), "{text}");
     }
     let _daemon = Daemon::start_with(&policy, &["--gate-group", "65534"]).unwrap();
+    // A root runtime keeps the maps open across checks (the library, no process).
+    let kept = spawnguard::gate::PinnedGate::open().unwrap();
+    assert_eq!(
+        kept.check("gs").unwrap(),
+        spawnguard::gate::Verdict::Admitted
+    );
     let (code, text) = gate_as_nobody("gs");
     assert_eq!(code, Some(0), "{text}");
     assert!(text.starts_with("ok: "), "{text}");
@@ -290,9 +296,15 @@ fn a_runtime_that_is_not_root_asks_the_gate_through_the_daemon_s_socket() {
         == 1));
     let (code, text) = gate_as_nobody("gs");
     let root = cli(&["gate", "gs"]);
+    let in_process = kept.check("gs");
     let _ = holder.kill();
     let _ = holder.wait();
     assert_eq!(code, Some(1), "{text}");
     assert_eq!(text, String::from_utf8_lossy(&root.stdout), "as root");
     assert!(text.contains("ceiling 1/1"), "{text}");
+    assert_eq!(
+        in_process.unwrap(),
+        spawnguard::gate::Verdict::Refused(text.trim_end().trim_start_matches("no: ").into()),
+        "the kept handle sees the slot taken"
+    );
 }

@@ -190,53 +190,43 @@ pub(super) fn attach_and_pin(
         let program = ebpf
             .program_mut(hook)
             .ok_or_else(|| anyhow!("program {hook} missing from the eBPF object"))?;
+        // Every kind loads, is noted, and (with a target) attaches and pins its link the same
+        // way; only the calls' arguments differ.
+        macro_rules! load {
+            ($prog:ident, $load:expr) => {{
+                let t = Instant::now();
+                $load.with_context(|| format!("loading the {shown} program"))?;
+                note(hook, t, $prog.info().ok());
+            }};
+        }
+        macro_rules! attach_and_pin_link {
+            ($prog:ident, $attach:expr) => {{
+                let id = $attach.with_context(|| format!("attaching the {shown} program"))?;
+                FdLink::from($prog.take_link(id)?)
+                    .pin(links.join(hook))
+                    .with_context(|| format!("pinning the {shown} link"))?;
+            }};
+        }
         match (h.kind, h.target) {
             (Kind::BtfTracePoint, Some(target)) => {
                 let prog: &mut BtfTracePoint = program.try_into()?;
-                let t = Instant::now();
-                prog.load(target, btf)
-                    .with_context(|| format!("loading the {shown} program"))?;
-                note(hook, t, prog.info().ok());
-                let id = prog
-                    .attach()
-                    .with_context(|| format!("attaching the {shown} program"))?;
-                FdLink::from(prog.take_link(id)?)
-                    .pin(links.join(hook))
-                    .with_context(|| format!("pinning the {shown} link"))?;
+                load!(prog, prog.load(target, btf));
+                attach_and_pin_link!(prog, prog.attach());
             }
             (Kind::Lsm, Some(target)) => {
                 let prog: &mut Lsm = program.try_into()?;
-                let t = Instant::now();
-                prog.load(target, btf)
-                    .with_context(|| format!("loading the {shown} program"))?;
-                note(hook, t, prog.info().ok());
-                let id = prog
-                    .attach()
-                    .with_context(|| format!("attaching the {shown} program"))?;
-                FdLink::from(prog.take_link(id)?)
-                    .pin(links.join(hook))
-                    .with_context(|| format!("pinning the {shown} link"))?;
+                load!(prog, prog.load(target, btf));
+                attach_and_pin_link!(prog, prog.attach());
             }
             (Kind::RawTracePoint, Some(target)) => {
                 let prog: &mut RawTracePoint = program.try_into()?;
-                let t = Instant::now();
-                prog.load()
-                    .with_context(|| format!("loading the {shown} program"))?;
-                note(hook, t, prog.info().ok());
-                let id = prog
-                    .attach(target)
-                    .with_context(|| format!("attaching the {shown} program"))?;
-                FdLink::from(prog.take_link(id)?)
-                    .pin(links.join(hook))
-                    .with_context(|| format!("pinning the {shown} link"))?;
+                load!(prog, prog.load());
+                attach_and_pin_link!(prog, prog.attach(target));
             }
             // Loaded, never attached: the daemon runs it on entries it found empty (`settle.rs`).
             (Kind::RawTracePoint, None) => {
                 let prog: &mut RawTracePoint = program.try_into()?;
-                let t = Instant::now();
-                prog.load()
-                    .with_context(|| format!("loading the {shown} program"))?;
-                note(hook, t, prog.info().ok());
+                load!(prog, prog.load());
                 let programs = dir.join("programs");
                 std::fs::create_dir_all(&programs)
                     .with_context(|| format!("creating {}", programs.display()))?;

@@ -144,9 +144,9 @@ fn gate_latency_ms() -> Vec<f64> {
 /// Calls of the library's `gate::check` per round (in process: no process start).
 const GATE_CALLS: usize = 2_000;
 
-/// Time of one in-process gate check, in µs: `(pinned maps, gate socket)`, each the median of
-/// a round's calls.
-fn gate_call_us() -> (Vec<f64>, Vec<f64>) {
+/// Time of one in-process gate check, in µs: `(pinned maps opened per call, pinned maps kept
+/// open, gate socket)`.
+fn gate_call_us() -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let time = |f: &dyn Fn() -> bool| -> Vec<f64> {
         (0..GATE_CALLS)
             .map(|_| {
@@ -157,8 +157,10 @@ fn gate_call_us() -> (Vec<f64>, Vec<f64>) {
             .collect()
     };
     let admitted = |v| matches!(v, Ok(spawnguard::gate::Verdict::Admitted));
+    let kept = spawnguard::gate::PinnedGate::open().expect("open the pinned maps");
     (
         time(&|| admitted(spawnguard::gate::check_pinned("bench"))),
+        time(&|| admitted(kept.check("bench"))),
         time(&|| admitted(spawnguard::gate::ask_socket("bench"))),
     )
 }
@@ -182,7 +184,7 @@ fn bench_backend(backend: &str, rounds: usize) {
         "max_tasks = 100000\n[type.breaker]\nstartup_window = \"1s\"",
     );
     let mut gate_ms = Vec::new();
-    let (mut call_pinned, mut call_socket) = (Vec::new(), Vec::new());
+    let (mut call_pinned, mut call_kept, mut call_socket) = (Vec::new(), Vec::new(), Vec::new());
     let (mut base_out, mut base_in, mut load_out, mut load_in) = (vec![], vec![], vec![], vec![]);
     for round in 0..rounds {
         eprintln!("round {}/{rounds} ({backend})", round + 1);
@@ -209,8 +211,9 @@ fn bench_backend(backend: &str, rounds: usize) {
         load_out.push(run_measure(None));
         load_in.push(run_measure(Some(&inside)));
         gate_ms.push(gate_latency_ms());
-        let (pinned, socket) = gate_call_us();
+        let (pinned, kept, socket) = gate_call_us();
         call_pinned.extend(pinned);
+        call_kept.extend(kept);
         call_socket.extend(socket);
         drop(daemon);
         for i in 0..1000 {
@@ -265,6 +268,12 @@ fn bench_backend(backend: &str, rounds: usize) {
         "`spawnguard::gate::check_pinned` in process (root), median of {} calls: {:.1} µs",
         call_pinned.len(),
         median(call_pinned)
+    );
+    println!(
+        "`spawnguard::gate::PinnedGate::check` in process, maps kept open (root), median of {} \
+         calls: {:.1} µs",
+        call_kept.len(),
+        median(call_kept)
     );
     println!(
         "`spawnguard::gate::ask_socket` in process (a runtime that is not root), median of {} \
