@@ -213,3 +213,55 @@ mod emulated {
 
 /// Bound on compare-and-swap retries, so the verifier accepts the loops and no CPU spins.
 pub const CAS_ATTEMPTS: usize = 4;
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::{sync::Arc, thread, vec::Vec};
+
+    use super::*;
+
+    #[test]
+    fn each_operation_returns_the_value_before_it() {
+        let a = AtomicU64::new(5);
+        assert_eq!(a.fetch_add(3), 5);
+        assert_eq!(a.fetch_sub(2), 8);
+        assert_eq!(a.fetch_sub_exact(1), 6);
+        assert_eq!(a.load(), 5);
+        assert_eq!(a.compare_exchange(4, 9), Err(5), "a stale value is refused");
+        assert_eq!(a.compare_exchange(5, 9), Ok(5));
+        a.store(2);
+        assert_eq!(a.load(), 2);
+    }
+
+    /// What the counters rely on under contention: no add or subtraction is lost, and of the
+    /// compare-and-swaps racing from one value exactly one wins.
+    #[test]
+    fn racing_adds_are_never_lost_and_one_swap_wins() {
+        const THREADS: u64 = 4;
+        const ROUNDS: u64 = 20_000;
+        let a = Arc::new(AtomicU64::new(0));
+        let wins = Arc::new(AtomicU64::new(0));
+        let handles: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let (a, wins) = (a.clone(), wins.clone());
+                thread::spawn(move || {
+                    for _ in 0..ROUNDS {
+                        a.fetch_add(3);
+                        a.fetch_sub(1);
+                    }
+                    if a.compare_exchange(THREADS * ROUNDS * 2, u64::MAX).is_ok() {
+                        wins.fetch_add(1);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        // The swap matches only once every add is in, so the thread whose subtraction came
+        // last always wins it, and no other thread can.
+        assert_eq!(a.load(), u64::MAX, "an add was lost, or no swap won");
+        assert_eq!(wins.load(), 1);
+    }
+}
