@@ -59,7 +59,7 @@ enum Cmd {
     /// build, then boot Debian's 5.10, 6.1 and 6.12 kernels in qemu guests and check
     /// spawnguard in each: smoke checks, then the end-to-end suite (part of `test`).
     VmTest {
-        /// all, 5.10, 5.10-no-bpf-lsm, 6.1 or 6.12.
+        /// all, 5.10, 5.10-no-bpf-lsm, 6.1, 6.12 or systemd (the package under systemd, 6.12).
         #[arg(long, default_value = "all")]
         kernel: String,
         /// Only the smoke checks, not the end-to-end suite.
@@ -111,7 +111,15 @@ fn main() -> Result<()> {
             } else {
                 build_static_e2e()?
             };
-            let guests = vm::GuestRun { e2e, filter, bench };
+            let debs = vm::wants_packages(&kernel)
+                .then(guest_packages)
+                .transpose()?;
+            let guests = vm::GuestRun {
+                e2e,
+                filter,
+                bench,
+                debs,
+            };
             let (passed, failed) = vm::test(&root, &kernel, &guests)?;
             println!("vm-test: {passed} passed, {failed} failed");
             if failed > 0 {
@@ -313,6 +321,20 @@ fn build_spawnguard() -> Result<()> {
     ]))
 }
 
+/// The packages the systemd guest installs: this build, and the same build as a newer version
+/// to upgrade to.
+fn guest_packages() -> Result<vm::Debs> {
+    // PROTOTYPE until i16-deb lands.
+    let v = env::var("SG_VM_DEBS").context("SG_VM_DEBS=current.deb:newer.deb")?;
+    let (a, b) = v
+        .split_once(':')
+        .context("SG_VM_DEBS=current.deb:newer.deb")?;
+    Ok(vm::Debs {
+        current: a.into(),
+        newer: b.into(),
+    })
+}
+
 fn test(root: &Path, args: &[String]) -> Result<()> {
     build()?;
     let mut total = Tally::default();
@@ -357,6 +379,7 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         let e2e = build_static_e2e()?;
         let guests = vm::GuestRun {
             e2e,
+            debs: Some(guest_packages()?),
             ..Default::default()
         };
         let (passed, failed) = vm::test(root, "all", &guests)?;

@@ -2,7 +2,9 @@
 //! machine has no usable KVM). Debian's own kernel packages are fetched with a private apt
 //! state (the host's apt configuration and /boot are not touched) and cached under
 //! `target/vm/`; the guest boots an initramfs of busybox, the static `spawnguard`, the static
-//! bomb and `vm/init.sh`, which prints one `SG-CHECK` line per check and `SG-DONE`.
+//! bomb and `vm/init.sh`, which prints one `SG-CHECK` line per check and `SG-DONE`. The
+//! `systemd` guest boots a Debian rootfs with systemd as pid 1 instead, to check the package
+//! and its unit (`systemd.rs`).
 
 use std::{
     fs,
@@ -15,6 +17,18 @@ use anyhow::{bail, Context, Result};
 
 use crate::run;
 
+mod systemd;
+pub use systemd::Debs;
+
+/// What a guest boots into.
+#[derive(PartialEq)]
+enum Guest {
+    /// The busybox initramfs and `vm/init.sh`.
+    Busybox,
+    /// Debian bookworm with systemd as pid 1, the package installed, `vm/systemd-checks.sh`.
+    Systemd,
+}
+
 pub struct Kernel {
     pub name: &'static str,
     /// The Debian suite whose `linux-image-amd64` is this kernel.
@@ -25,15 +39,17 @@ pub struct Kernel {
     expect: &'static str,
     /// The kernel command line's LSM list (None: the kernel's default).
     lsm: Option<&'static str>,
+    guest: Guest,
 }
 
-pub const KERNELS: [Kernel; 4] = [
+pub const KERNELS: [Kernel; 5] = [
     // No BPF atomic instructions before 5.12: spawnguard loads its emulated-atomics object here.
     Kernel {
         name: "5.10",
         suite: "bullseye",
         expect: "runs",
         lsm: Some("lockdown,capability,bpf"),
+        guest: Guest::Busybox,
     },
     // Booted with its default LSM list, which lacks bpf: doctor must say how to add it and
     // `auto` must pick another backend.
@@ -42,20 +58,38 @@ pub const KERNELS: [Kernel; 4] = [
         suite: "bullseye",
         expect: "no-bpf-lsm",
         lsm: None,
+        guest: Guest::Busybox,
     },
     Kernel {
         name: "6.1",
         suite: "bookworm",
         expect: "runs",
         lsm: Some("lockdown,capability,bpf"),
+        guest: Guest::Busybox,
     },
     Kernel {
         name: "6.12",
         suite: "trixie",
         expect: "runs",
         lsm: Some("lockdown,capability,bpf"),
+        guest: Guest::Busybox,
+    },
+    // The package and its unit under systemd (bookworm's 252) on a real boot.
+    Kernel {
+        name: "systemd",
+        suite: "trixie",
+        expect: "systemd",
+        lsm: Some("lockdown,capability,bpf"),
+        guest: Guest::Systemd,
     },
 ];
+
+/// Whether the guests `which` names include the systemd guest (it needs the packages built).
+pub fn wants_packages(which: &str) -> bool {
+    KERNELS
+        .iter()
+        .any(|k| k.guest == Guest::Systemd && (which == "all" || which == k.name))
+}
 
 const INIT: &str = include_str!("../vm/init.sh");
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
@@ -197,6 +231,9 @@ fn initramfs(root: &Path, dir: &Path, guest: &GuestRun) -> Result<PathBuf> {
 fn boot(dir: &Path, k: &Kernel, vmlinuz: &Path, image: &Path, run: &GuestRun) -> Result<String> {
     let log = dir.join(format!("guest-{}.log", k.name));
     let mut append = format!("console=ttyS0 panic=-1 quiet sg.expect={}", k.expect);
+    if k.guest == Guest::Systemd {
+        append += &format!(" {}", systemd::APPEND);
+    }
     if let Some(f) = &run.filter {
         append += &format!(" sg.filter={f}");
     }
@@ -309,6 +346,8 @@ pub struct GuestRun {
     pub filter: Option<String>,
     /// Run `sg-bench --only overhead` for lsm and kill-compat instead of the end-to-end suite.
     pub bench: bool,
+    /// The packages the systemd guest installs (needed when it is selected).
+    pub debs: Option<Debs>,
 }
 
 pub fn test(root: &Path, which: &str, run: &GuestRun) -> Result<(u64, u64)> {
@@ -324,7 +363,22 @@ pub fn test(root: &Path, which: &str, run: &GuestRun) -> Result<(u64, u64)> {
     }
     let dir = root.join("target/vm");
     fs::create_dir_all(&dir)?;
-    let image = initramfs(root, &dir, run)?;
+    let busybox = selected
+        .iter()
+        .any(|k| k.guest == Guest::Busybox)
+        .then(|| initramfs(root, &dir, run))
+        .transpose()?;
+    let systemd_image = selected
+        .iter()
+        .any(|k| k.guest == Guest::Systemd)
+        .then(|| {
+            let debs = run
+                .debs
+                .as_ref()
+                .context("the systemd guest needs the packages (cargo xtask package)")?;
+            systemd::image(root, &dir, debs)
+        })
+        .transpose()?;
     let kernels = selected
         .iter()
         .map(|k| fetch_kernel(&dir, k))
@@ -336,7 +390,12 @@ pub fn test(root: &Path, which: &str, run: &GuestRun) -> Result<(u64, u64)> {
             .iter()
             .zip(&kernels)
             .map(|(k, vmlinuz)| {
-                let (dir, image) = (&dir, &image);
+                let dir = &dir;
+                let image = match k.guest {
+                    Guest::Busybox => busybox.as_ref(),
+                    Guest::Systemd => systemd_image.as_ref(),
+                }
+                .expect("an image for each selected guest");
                 scope.spawn(move || {
                     let started = Instant::now();
                     let log = boot(dir, k, vmlinuz, image, run);
