@@ -27,6 +27,9 @@ const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "cpio",
+    // The systemd guest: its Debian rootfs, packed as a zstd initramfs.
+    "mmdebstrap",
+    "zstd",
 ];
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 const RUST_SRC: &str = "/usr/lib/rustlib/src/rust/library/core";
@@ -187,7 +190,9 @@ fn setup() -> Result<()> {
         && Path::new("/usr/bin/prometheus").exists()
         && Path::new("/usr/bin/qemu-system-x86_64").exists()
         && Path::new("/bin/busybox").exists()
-        && Path::new("/usr/bin/cpio").exists();
+        && Path::new("/usr/bin/cpio").exists()
+        && Path::new("/usr/bin/mmdebstrap").exists()
+        && Path::new("/usr/bin/zstd").exists();
     if !have_toolchain {
         if !is_root() {
             bail!(
