@@ -366,9 +366,10 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         .env("SPAWNGUARD_BIN", root.join("target/release/spawnguard"));
         cmd
     };
+    // The Debian package of that binary, for tests/tests/package.rs.
     let e2e = unit.as_ref().ok().map(|_| {
-        build_spawnguard()?;
-        run_tests(&mut e2e_suite())
+        let deb = package::package()?;
+        run_tests(e2e_suite().env("SPAWNGUARD_DEB", deb))
     });
     // The same suite against the programs kernels before 5.12 get (emulated atomics), on this
     // host's real CPUs: in the 5.10 guest both vCPUs share one host thread, races are tamer.
