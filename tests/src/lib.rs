@@ -365,7 +365,35 @@ impl Daemon {
         Self::launch(policy, &[])
     }
 
+    /// A fresh daemon (`--no-pin`, backend `auto`, after `uninstall`) started with extra
+    /// environment variables, returned at once: the caller waits for what it tests.
+    pub fn spawn_with_env(policy: &str, env: &[(&str, &std::ffi::OsStr)]) -> Result<Self> {
+        uninstall();
+        Self::spawn(policy, &["--backend", "auto", "--no-pin"], env)
+    }
+
     fn launch(policy: &str, args: &[&str]) -> Result<Self> {
+        let mut daemon = Self::spawn(policy, args, &[])?;
+        let pid = daemon.pid();
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let state = fs::read_to_string("/run/spawnguard/state.json").unwrap_or_default();
+            if serde_json::from_str::<Value>(&state)
+                .is_ok_and(|v| v["pid"].as_u64() == Some(pid as u64))
+            {
+                return Ok(daemon);
+            }
+            if let Some(status) = daemon.try_wait()? {
+                bail!("the daemon exited ({status}): {}", daemon.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!("the daemon did not become ready: {}", daemon.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn spawn(policy: &str, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<Self> {
         static LAUNCHES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("spawnguard-test-{}-{n}", std::process::id()));
@@ -382,30 +410,19 @@ impl Daemon {
             .stdout(fs::File::create(&log)?)
             .stderr(fs::File::create(dir.join("daemon.err"))?)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .spawn()
             .with_context(|| format!("starting {}", spawnguard_bin().display()))?;
-        let mut daemon = Self {
+        Ok(Self {
             child: Some(child),
             log: dir.join("daemon.err"),
             policy_file,
-        };
-        let pid = daemon.pid();
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
-            let state = fs::read_to_string("/run/spawnguard/state.json").unwrap_or_default();
-            if serde_json::from_str::<Value>(&state)
-                .is_ok_and(|v| v["pid"].as_u64() == Some(pid as u64))
-            {
-                return Ok(daemon);
-            }
-            if let Some(status) = daemon.child.as_mut().unwrap().try_wait()? {
-                bail!("the daemon exited ({status}): {}", daemon.log_text());
-            }
-            if Instant::now() > deadline {
-                bail!("the daemon did not become ready: {}", daemon.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        })
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.as_mut().unwrap().try_wait()?)
     }
 
     pub fn pid(&self) -> u32 {

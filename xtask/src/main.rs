@@ -13,6 +13,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod package;
 mod vm;
 
 const APT_PACKAGES: &[&str] = &[
@@ -27,6 +28,8 @@ const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "cpio",
+    // The Debian package's check (tests/tests/package.rs).
+    "lintian",
     // The systemd guest: its Debian rootfs, packed as a zstd initramfs.
     "mmdebstrap",
     "zstd",
@@ -48,6 +51,8 @@ enum Cmd {
     Setup,
     /// setup, then build the eBPF object and the `spawnguard` binary (release).
     Build,
+    /// Build the Debian package: target/debian/spawnguard_<version>-1_amd64.deb.
+    Package,
     /// build, then run the daemon in the foreground (arguments go to `spawnguard run`).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -90,6 +95,7 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Setup => setup(),
         Cmd::Build => build(),
+        Cmd::Package => package::package().map(|_| ()),
         Cmd::Run { args } => {
             build()?;
             let bin = root.join("target/release/spawnguard");
@@ -167,11 +173,19 @@ fn cargo_bin_dir() -> PathBuf {
         .join("bin")
 }
 
-fn bpf_linker_installed() -> bool {
+fn cargo_tool_installed(name: &str) -> bool {
     let in_path = env::var_os("PATH")
-        .map(|p| env::split_paths(&p).any(|d| d.join("bpf-linker").is_file()))
+        .map(|p| env::split_paths(&p).any(|d| d.join(name).is_file()))
         .unwrap_or(false);
-    in_path || cargo_bin_dir().join("bpf-linker").is_file()
+    in_path || cargo_bin_dir().join(name).is_file()
+}
+
+/// Where cargo puts what it builds (`CARGO_TARGET_DIR`, else `target/`).
+fn target_dir() -> Result<PathBuf> {
+    Ok(match env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => env::current_dir()?.join("target"),
+    })
 }
 
 fn is_root() -> bool {
@@ -191,6 +205,7 @@ fn setup() -> Result<()> {
         && Path::new("/usr/bin/qemu-system-x86_64").exists()
         && Path::new("/bin/busybox").exists()
         && Path::new("/usr/bin/cpio").exists()
+        && Path::new("/usr/bin/lintian").exists()
         && Path::new("/usr/bin/mmdebstrap").exists()
         && Path::new("/usr/bin/zstd").exists();
     if !have_toolchain {
@@ -209,7 +224,7 @@ fn setup() -> Result<()> {
             .args(APT_PACKAGES)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
-    if !bpf_linker_installed() {
+    if !cargo_tool_installed("bpf-linker") {
         eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (LLVM 22)");
         run(cargo()
             .args([
@@ -222,6 +237,16 @@ fn setup() -> Result<()> {
                 "llvm-22",
             ])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    if !cargo_tool_installed("cargo-deb") {
+        eprintln!("xtask: installing cargo-deb {}", package::CARGO_DEB_VERSION);
+        run(cargo().args([
+            "install",
+            "cargo-deb",
+            "--locked",
+            "--version",
+            package::CARGO_DEB_VERSION,
+        ]))?;
     }
     Ok(())
 }
@@ -329,15 +354,29 @@ fn build_spawnguard() -> Result<()> {
 /// The packages the systemd guest installs: this build, and the same build as a newer version
 /// to upgrade to.
 fn guest_packages() -> Result<vm::Debs> {
-    // PROTOTYPE until i16-deb lands.
-    let v = env::var("SG_VM_DEBS").context("SG_VM_DEBS=current.deb:newer.deb")?;
-    let (a, b) = v
-        .split_once(':')
-        .context("SG_VM_DEBS=current.deb:newer.deb")?;
-    Ok(vm::Debs {
-        current: a.into(),
-        newer: b.into(),
-    })
+    let current = package::package()?;
+    // The same build as revision 2 (cargo deb again, on the assets `package` generated): an
+    // upgrade runs everything an upgrade runs (prerm, unpack, postinst's restart).
+    let dir = target_dir()?.join("debian/newer");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    run(cargo()
+        .args([
+            "deb",
+            "--package",
+            "spawnguard-userspace",
+            "--no-build",
+            "--deb-revision",
+            "2",
+            "--output",
+        ])
+        .arg(&dir))?;
+    let newer = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .with_context(|| format!("cargo deb wrote no package in {}", dir.display()))?;
+    Ok(vm::Debs { current, newer })
 }
 
 fn test(root: &Path, args: &[String]) -> Result<()> {
@@ -368,9 +407,10 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         .env("SPAWNGUARD_BIN", root.join("target/release/spawnguard"));
         cmd
     };
+    // The Debian package of that binary, for tests/tests/package.rs.
     let e2e = unit.as_ref().ok().map(|_| {
-        build_spawnguard()?;
-        run_tests(&mut e2e_suite())
+        let deb = package::package()?;
+        run_tests(e2e_suite().env("SPAWNGUARD_DEB", deb))
     });
     // The same suite against the programs kernels before 5.12 get (emulated atomics), on this
     // host's real CPUs: in the 5.10 guest both vCPUs share one host thread, races are tamer.
