@@ -354,12 +354,14 @@ fn build_spawnguard() -> Result<()> {
 /// The packages the systemd guest installs: this build, and the same build as a newer version
 /// to upgrade to.
 fn guest_packages() -> Result<vm::Debs> {
-    let current = package::package()?;
-    // The same build as revision 2 (cargo deb again, on the assets `package` generated): an
-    // upgrade runs everything an upgrade runs (prerm, unpack, postinst's restart).
-    let dir = target_dir()?.join("debian/newer");
+    let built = package::package()?;
+    let dir = target_dir()?.join("vm/debs");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
+    let current = dir.join(built.file_name().context("a package file name")?);
+    std::fs::copy(&built, &current)?;
+    // The same build as revision 2 (cargo deb again, on the assets `package` generated): an
+    // upgrade runs everything an upgrade runs (prerm, unpack, postinst's restart).
     run(cargo()
         .args([
             "deb",
@@ -371,10 +373,13 @@ fn guest_packages() -> Result<vm::Debs> {
             "--output",
         ])
         .arg(&dir))?;
+    // cargo deb removes the package's earlier builds from target/debian/ wherever it writes:
+    // put `cargo xtask package`'s back.
+    std::fs::copy(&current, &built)?;
     let newer = std::fs::read_dir(&dir)?
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .find(|p| p != &current && p.extension().is_some_and(|e| e == "deb"))
         .with_context(|| format!("cargo deb wrote no package in {}", dir.display()))?;
     Ok(vm::Debs { current, newer })
 }

@@ -94,6 +94,7 @@ pub fn image(root: &Path, vm_dir: &Path, debs: &Debs) -> Result<PathBuf> {
     let dir = vm_dir.join("systemd");
     fs::create_dir_all(&dir)?;
     let base = rootfs(&dir)?;
+    let started = Instant::now();
     let tree = dir.join("run");
     if tree.exists() {
         fs::remove_dir_all(&tree)?;
@@ -133,5 +134,9 @@ pub fn image(root: &Path, vm_dir: &Path, debs: &Debs) -> Result<PathBuf> {
         image.display()
     )))?;
     fs::remove_dir_all(&tree)?;
+    eprintln!(
+        "xtask: systemd guest image packed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(image)
 }
