@@ -88,39 +88,45 @@ counts_exact() {
     done
     return $ok
 }
-# pin_ids: the kernel objects behind the pins (prog/map/link ID lines), to look for later.
-pin_ids() {
-    local f
-    find "$pins" -type f 2>/dev/null | while read -r f; do
-        bpftool link show pinned "$f" 2>/dev/null |
-            sed -n -e 's/^\([0-9]*\): .*prog \([0-9]*\).*/link \1\nprog \2/p'
-        bpftool prog show pinned "$f" 2>/dev/null | sed -n 's/^\([0-9]*\): .*/prog \1/p'
-        bpftool map show pinned "$f" 2>/dev/null | sed -n 's/^\([0-9]*\): .*/map \1/p'
+# loaded [PINNED_UNDER]: "prog|map|link ID" lines for each object the kernel has loaded (only
+# those pinned under PINNED_UNDER, with the programs of pinned links), in three bpftool calls.
+loaded() {
+    local kind
+    for kind in prog map link; do
+        bpftool -f "$kind" show 2>/dev/null | awk -v kind="$kind" -v under="${1:-}" '
+            /^[0-9]+: / {
+                id = $1; sub(":", "", id); prog = ""
+                for (i = 2; i < NF; i++) if ($i == "prog") prog = $(i + 1)
+                if (under == "") print kind, id
+            }
+            under != "" && $1 == "pinned" && index($2, under) == 1 {
+                print kind, id
+                if (prog != "") print "prog", prog
+            }'
     done | sort -u
 }
-left_over() { # ID lines: those the kernel still has
-    local kind id
-    while read -r kind id; do
-        [ -n "$id" ] && bpftool "$kind" show id "$id" > /dev/null 2>&1 && echo "$kind $id"
-    done
-}
-maps_gone() { [ -z "$(echo "$ids" | grep '^map ' | left_over)" ]; }
+left_over() { comm -12 <(echo "$ids") <(loaded); } # of the pins' objects, those still loaded
+maps_gone() { [ -z "$(left_over | grep '^map ')" ]; }
 # purged NAME: `dpkg --purge` leaves nothing pinned, no program of the pins running, no unit.
 purged() {
     local left rc t0
-    ids=$(pin_ids)
+    ids=$(loaded "$pins/")
+    # The same question before the purge sees every one of them (the check can fail).
+    local seen
+    seen=$(left_over | grep -c .)
     t0=$(now_ms)
     timeout 600 dpkg --purge spawnguard < /dev/null > /tmp/purge.txt 2>&1
     rc=$?
     # Programs must be gone when dpkg returns (postrm waits for the kernel); maps go with
     # their last program, a moment later.
-    left=$(echo "$ids" | grep -v '^map ' | left_over)
+    left=$(left_over | grep -v '^map ')
     wait_for 30 maps_gone
     local maps=$?
     [ $rc = 0 ] && [ ! -e "$pins" ] && [ -z "$left" ] && [ $maps = 0 ] && [ -n "$ids" ] &&
+        [ "$seen" = "$(echo "$ids" | grep -c .)" ] &&
         [ ! -e /etc/spawnguard ] && [ ! -e /run/spawnguard ] &&
         [ -z "$(systemctl list-unit-files --no-legend "$unit")" ] && ! pgrep -x spawnguard > /dev/null
-    check "$1" $? "dpkg --purge exit $rc in $(($(now_ms) - t0)) ms; $pins $([ -e $pins ] && echo present || echo gone); of the pins' $(echo "$ids" | grep -c .) kernel objects still loaded: ${left:-none} (maps freed: $([ $maps = 0 ] && echo yes || echo no)); $(tail -3 /tmp/purge.txt | tr '\n' ' ')"
+    check "$1" $? "dpkg --purge exit $rc in $(($(now_ms) - t0)) ms; $pins $([ -e $pins ] && echo present || echo gone); of the pins' $(echo "$ids" | grep -c .) kernel objects ($seen seen loaded before) still loaded: ${left:-none} (maps freed: $([ $maps = 0 ] && echo yes || echo no)); $(tail -3 /tmp/purge.txt | tr '\n' ' ')"
 }
 
 echo "SG-BEGIN $(uname -r) $(systemctl --version | head -1) $(dpkg-query -W -f '${Package} ${Version}' spawnguard)"
