@@ -48,8 +48,13 @@ enum Cmd {
     Setup,
     /// setup, then build the eBPF object and the `spawnguard` binary (release).
     Build,
-    /// Build the Debian package: target/debian/spawnguard_<version>-1_amd64.deb.
-    Package,
+    /// Build the Debian package: target/debian/spawnguard_<version>-<revision>_amd64.deb.
+    Package {
+        /// The Debian revision (another one makes a newer package of the same sources, for
+        /// upgrade tests).
+        #[arg(long, default_value = "1")]
+        revision: String,
+    },
     /// build, then run the daemon in the foreground (arguments go to `spawnguard run`).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -92,7 +97,7 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Setup => setup(),
         Cmd::Build => build(),
-        Cmd::Package => package::package().map(|_| ()),
+        Cmd::Package { revision } => package::package(&revision).map(|_| ()),
         Cmd::Run { args } => {
             build()?;
             let bin = root.join("target/release/spawnguard");
@@ -368,7 +373,7 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     };
     // The Debian package of that binary, for tests/tests/package.rs.
     let e2e = unit.as_ref().ok().map(|_| {
-        let deb = package::package()?;
+        let deb = package::package("1")?;
         run_tests(e2e_suite().env("SPAWNGUARD_DEB", deb))
     });
     // The same suite against the programs kernels before 5.12 get (emulated atomics), on this
