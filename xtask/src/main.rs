@@ -13,6 +13,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod package;
 mod vm;
 
 const APT_PACKAGES: &[&str] = &[
@@ -27,6 +28,8 @@ const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "cpio",
+    // The Debian package's check (tests/tests/package.rs).
+    "lintian",
 ];
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 const RUST_SRC: &str = "/usr/lib/rustlib/src/rust/library/core";
@@ -45,6 +48,13 @@ enum Cmd {
     Setup,
     /// setup, then build the eBPF object and the `spawnguard` binary (release).
     Build,
+    /// Build the Debian package: target/debian/spawnguard_<version>-<revision>_amd64.deb.
+    Package {
+        /// The Debian revision (another one makes a newer package of the same sources, for
+        /// upgrade tests).
+        #[arg(long, default_value = "1")]
+        revision: String,
+    },
     /// build, then run the daemon in the foreground (arguments go to `spawnguard run`).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -87,6 +97,7 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Setup => setup(),
         Cmd::Build => build(),
+        Cmd::Package { revision } => package::package(&revision).map(|_| ()),
         Cmd::Run { args } => {
             build()?;
             let bin = root.join("target/release/spawnguard");
@@ -161,11 +172,19 @@ fn cargo_bin_dir() -> PathBuf {
         .join("bin")
 }
 
-fn bpf_linker_installed() -> bool {
+fn cargo_tool_installed(name: &str) -> bool {
     let in_path = env::var_os("PATH")
-        .map(|p| env::split_paths(&p).any(|d| d.join("bpf-linker").is_file()))
+        .map(|p| env::split_paths(&p).any(|d| d.join(name).is_file()))
         .unwrap_or(false);
-    in_path || cargo_bin_dir().join("bpf-linker").is_file()
+    in_path || cargo_bin_dir().join(name).is_file()
+}
+
+/// Where cargo puts what it builds (`CARGO_TARGET_DIR`, else `target/`).
+fn target_dir() -> Result<PathBuf> {
+    Ok(match env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => env::current_dir()?.join("target"),
+    })
 }
 
 fn is_root() -> bool {
@@ -184,7 +203,8 @@ fn setup() -> Result<()> {
         && Path::new("/usr/bin/prometheus").exists()
         && Path::new("/usr/bin/qemu-system-x86_64").exists()
         && Path::new("/bin/busybox").exists()
-        && Path::new("/usr/bin/cpio").exists();
+        && Path::new("/usr/bin/cpio").exists()
+        && Path::new("/usr/bin/lintian").exists();
     if !have_toolchain {
         if !is_root() {
             bail!(
@@ -201,7 +221,7 @@ fn setup() -> Result<()> {
             .args(APT_PACKAGES)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
-    if !bpf_linker_installed() {
+    if !cargo_tool_installed("bpf-linker") {
         eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (LLVM 22)");
         run(cargo()
             .args([
@@ -214,6 +234,16 @@ fn setup() -> Result<()> {
                 "llvm-22",
             ])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    if !cargo_tool_installed("cargo-deb") {
+        eprintln!("xtask: installing cargo-deb {}", package::CARGO_DEB_VERSION);
+        run(cargo().args([
+            "install",
+            "cargo-deb",
+            "--locked",
+            "--version",
+            package::CARGO_DEB_VERSION,
+        ]))?;
     }
     Ok(())
 }
@@ -346,9 +376,10 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         .env("SPAWNGUARD_BIN", root.join("target/release/spawnguard"));
         cmd
     };
+    // The Debian package of that binary, for tests/tests/package.rs.
     let e2e = unit.as_ref().ok().map(|_| {
-        build_spawnguard()?;
-        run_tests(&mut e2e_suite())
+        let deb = package::package("1")?;
+        run_tests(e2e_suite().env("SPAWNGUARD_DEB", deb))
     });
     // The same suite against the programs kernels before 5.12 get (emulated atomics), on this
     // host's real CPUs: in the 5.10 guest both vCPUs share one host thread, races are tamer.

@@ -7,6 +7,7 @@ mod doctor;
 mod events;
 mod exec;
 mod gate;
+mod generate;
 mod policy;
 mod run;
 mod status;
@@ -25,10 +26,21 @@ use spawnguard::{
 
 pub use gate::gate;
 
+/// `--version` names the map layout too: the package's maintainer scripts compare it with the
+/// pinned enforcer's (`/sys/fs/bpf/spawnguard/v<layout>`) to decide whether an upgrade migrates.
+static LONG_VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{} (map layout v{})",
+        env!("CARGO_PKG_VERSION"),
+        spawnguard_common::LAYOUT_VERSION
+    )
+});
+
 #[derive(Parser)]
 #[command(
     name = "spawnguard",
     version,
+    long_version = LONG_VERSION.as_str(),
     about = "Kernel-enforced spawn budgets for AI-agent cgroups"
 )]
 pub struct Cli {
@@ -177,6 +189,9 @@ pub enum Command {
         #[arg(value_name = "TYPE")]
         type_name: String,
     },
+    /// Write shell completions and man pages under DIR (for packagers).
+    #[command(hide = true)]
+    Generate { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -256,7 +271,10 @@ impl Command {
     /// Whether the command logs (`gate` sits in a runtime's spawn path: no logging set-up, an
     /// env-filter parse, for it; a demo worker is a bomb).
     pub fn logs(&self) -> bool {
-        !matches!(self, Command::Gate { .. } | Command::DemoWorker { .. })
+        !matches!(
+            self,
+            Command::Gate { .. } | Command::DemoWorker { .. } | Command::Generate { .. }
+        )
     }
 }
 
@@ -307,5 +325,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Policy { command } => policy::run(command),
         Command::Breaker { command } => breaker::run(command),
         Command::Gate { type_name } => Ok(gate(&type_name)),
+        Command::Generate { dir } => generate::run(&dir),
     }
 }
