@@ -3,7 +3,7 @@ const { spawn, spawnSync } = require("node:child_process");
 // Start argv as a new instance of type, unless spawnguard would refuse it.
 function spawnAgent(type, instance, argv) {
   const gate = spawnSync("spawnguard", ["gate", type], { encoding: "utf8" });
-  if (gate.status === 1) { // refused, one line why: "no: type coder at ceiling 10/10"
+  if (gate.status === 1) { // refused, one line why: "no: ceiling 10/10"
     console.error(`not starting ${instance}: ${gate.stdout.trim()}`);
     return null;
   }

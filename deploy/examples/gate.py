@@ -5,7 +5,7 @@ import sys
 def spawn_agent(agent_type, instance, argv):
     """Start argv as a new instance of agent_type, unless spawnguard would refuse it."""
     gate = subprocess.run(["spawnguard", "gate", agent_type], capture_output=True, text=True)
-    if gate.returncode == 1:  # refused, one line why: "no: type coder at ceiling 10/10"
+    if gate.returncode == 1:  # refused, one line why: "no: ceiling 10/10"
         print(f"not starting {instance}: {gate.stdout.strip()}", file=sys.stderr)
         return None
     # 0: it would be admitted now; 2: spawnguard cannot tell (stderr says why): the kernel

@@ -122,12 +122,19 @@ fn snippet_asks_gate_first(interpreter: &str, file: &str, type_name: &str) {
     );
     let _ = std::fs::remove_file(&marker);
 
+    // The first instance's slot is free once its last task is reaped.
+    assert!(wait_for(Duration::from_secs(10), || type_status(type_name)
+        ["instances"]
+        == 0));
     let mut holder = exec_bomb(type_name, "holder", &["hold", "30000"])
         .spawn()
         .unwrap();
-    assert!(wait_for(Duration::from_secs(10), || type_status(type_name)
-        ["instances"]
-        == 1));
+    let holder_dir = cgroup2_mount().join(&rel).join("holder");
+    assert!(wait_for(Duration::from_secs(10), || instance_counts(
+        &holder_dir
+    )
+    .0 == 1
+        && type_status(type_name)["instances"] == 1));
     let out = snippet(
         interpreter,
         file,
