@@ -329,7 +329,10 @@ impl Drop for ImageDaemon {
         let _ = self
             .podman
             .output(&["rm", "-f", "-t", "10", "--ignore", &self.name]);
-        uninstall();
+        // Not `uninstall()`, which panics on failure: a panic while unwinding would abort.
+        let _ = std::process::Command::new(spawnguard_bin())
+            .arg("uninstall")
+            .output();
     }
 }
 
