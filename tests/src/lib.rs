@@ -13,6 +13,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+pub mod podman;
+
 /// Every backend; which of them run depends on the kernel (`backend_runs_here`).
 pub const BACKENDS: [&str; 3] = ["lsm", "kill", "kill-compat"];
 

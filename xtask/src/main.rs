@@ -30,6 +30,12 @@ const APT_PACKAGES: &[&str] = &[
     "cpio",
     // The Debian package's check (tests/tests/package.rs).
     "lintian",
+    // Agents in real containers (tests/tests/containers.rs): podman with runc (crun refuses
+    // hybrid cgroup hosts); the guide's Python and Node snippets (tests/tests/guide.rs).
+    "podman",
+    "runc",
+    "python3",
+    "nodejs",
 ];
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 const RUST_SRC: &str = "/usr/lib/rustlib/src/rust/library/core";
@@ -44,7 +50,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what is missing: Debian's rustc and rust-src, LLVM 22, bpf-linker, Prometheus.
+    /// Install what is missing: Debian's rustc and rust-src, LLVM 22, bpf-linker, Prometheus,
+    /// qemu, podman and runc, python3 and node.
     Setup,
     /// setup, then build the eBPF object and the `spawnguard` binary (release).
     Build,
@@ -204,7 +211,11 @@ fn setup() -> Result<()> {
         && Path::new("/usr/bin/qemu-system-x86_64").exists()
         && Path::new("/bin/busybox").exists()
         && Path::new("/usr/bin/cpio").exists()
-        && Path::new("/usr/bin/lintian").exists();
+        && Path::new("/usr/bin/lintian").exists()
+        && Path::new("/usr/bin/podman").exists()
+        && Path::new("/usr/sbin/runc").exists()
+        && Path::new("/usr/bin/python3").exists()
+        && Path::new("/usr/bin/node").exists();
     if !have_toolchain {
         if !is_root() {
             bail!(
@@ -261,9 +272,18 @@ fn build() -> Result<()> {
     build_static_bomb()
 }
 
-/// The bomb, static too: the vm-test guests have no shared libraries.
+/// The bomb, static too: the vm-test guests have no shared libraries. A copy stays as
+/// `sg-bomb-static` for the container tests' `FROM scratch` image: `cargo test` relinks
+/// `sg-bomb` dynamically before the end-to-end suite runs.
 fn build_static_bomb() -> Result<()> {
-    build_static("sg-bomb")
+    build_static("sg-bomb")?;
+    let release = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("release");
+    std::fs::copy(release.join("sg-bomb"), release.join("sg-bomb-static"))
+        .context("keeping a copy of the static bomb")?;
+    Ok(())
 }
 
 /// A binary of the tests package, relinked statically for the vm-test guests.
@@ -383,9 +403,15 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     });
     // The same suite against the programs kernels before 5.12 get (emulated atomics), on this
     // host's real CPUs: in the 5.10 guest both vCPUs share one host thread, races are tamer.
-    let e2e_emulated = e2e
-        .as_ref()
-        .map(|_| run_tests(e2e_suite().env("SPAWNGUARD_EMULATED_ATOMICS", "1")));
+    // The container tests are about where runtimes put their processes, which the atomics do
+    // not change: they run in the first pass only (about 20 s).
+    let e2e_emulated = e2e.as_ref().map(|_| {
+        run_tests(
+            e2e_suite()
+                .env("SPAWNGUARD_EMULATED_ATOMICS", "1")
+                .env("SG_SKIP_CONTAINER_TESTS", "1"),
+        )
+    });
     // The same checks on the kernels users run, in qemu guests (not with a test-name filter).
     let vm = (unit.is_ok() && args.is_empty()).then(|| -> Result<Tally> {
         // The e2e build relinked the bomb dynamically; the guests need it static.
