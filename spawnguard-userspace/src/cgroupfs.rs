@@ -34,6 +34,18 @@ pub enum CgroupError {
         path: &'static str,
         source: std::io::Error,
     },
+    #[error(
+        "{path} has no {name}, and spawnguard mounts none outside the host's mount namespace \
+         (it would vanish with the namespace): {why}; mount the host's {name} at {path} (on the \
+         host: `mount -t {fs} {fs} {path}`; into a container: `-v {path}:{path}:rshared`; a \
+         systemd unit: `RequiresMountsFor={path}`)"
+    )]
+    NotHostNamespace {
+        fs: &'static str,
+        name: &'static str,
+        path: &'static str,
+        why: String,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
@@ -639,7 +651,16 @@ fn fs_magic(path: &str) -> Option<i64> {
     }
 }
 
+/// Mounts `fs` at `path`, only in the host's mount namespace: in a private one (a systemd
+/// service's with `PrivateTmp=` and its kind, a container's) the mount, and any pins in it,
+/// would vanish with the namespace.
 fn mount(fs: &'static str, path: &'static str) -> Result<(), CgroupError> {
+    crate::host::in_host_mount_namespace().map_err(|why| CgroupError::NotHostNamespace {
+        fs,
+        name: if fs == "bpf" { "bpffs" } else { fs },
+        path,
+        why,
+    })?;
     let err = |source| CgroupError::Mount { fs, path, source };
     std::fs::create_dir_all(path).map_err(err)?;
     let (src, target) = (CString::new(fs).unwrap(), CString::new(path).unwrap());
@@ -680,7 +701,8 @@ pub fn pseudo_filesystems() -> [(&'static str, bool); 2] {
     ]
 }
 
-/// Mounts bpffs (for pinning) and tracefs where missing; returns what it mounted.
+/// Mounts bpffs (for pinning) and tracefs where missing, in the host's mount namespace only;
+/// returns what it mounted.
 pub fn ensure_pseudo_filesystems() -> Result<Vec<&'static str>, CgroupError> {
     let mut mounted = Vec::new();
     if fs_magic(BPF_FS) != Some(BPF_FS_MAGIC) {

@@ -29,6 +29,9 @@ const MAX_REQUEST: u64 = 1 << 20;
 #[serde(tag = "request", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// Answered (with nothing) by the daemon's main loop: the watchdog's proof that the socket
+    /// and the loop that answers requests both turn.
+    Ping,
     PolicyShow,
     /// Validate and apply a policy; `file` names it in errors.
     PolicyApply {
@@ -221,6 +224,23 @@ async fn stream_events(
             Err(broadcast::error::RecvError::Closed) => return Ok(()),
         }
     }
+}
+
+/// Asks the daemon's own control socket for a `Ping` (the watchdog's probe).
+pub async fn ping() -> Result<()> {
+    let mut stream = UnixStream::connect(SOCKET)
+        .await
+        .with_context(|| format!("connecting to {SOCKET}"))?;
+    write_line(&mut stream, &Request::Ping).await?;
+    stream.shutdown().await?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await?;
+    let reply: Reply =
+        serde_json::from_str(&answer).with_context(|| format!("malformed reply {answer:?}"))?;
+    if !reply.ok {
+        bail!("{}", reply.error.unwrap_or_default());
+    }
+    Ok(())
 }
 
 /// Streams events from the daemon to `each` (one record at a time) until the stream ends.

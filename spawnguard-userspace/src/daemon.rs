@@ -23,6 +23,7 @@ use crate::{
     events, host,
     loader::{self, BackendChoice, DaemonState, Enforcer, PlacedType, RUN_DIR, STATE_FILE},
     metrics,
+    notify::{self, Heartbeat},
     policy::{OnMaxAge, Policy},
     status,
 };
@@ -136,8 +137,14 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
     };
     let (subscribe_tx, subscribe_rx) = mpsc::channel(16);
     let (report_tx, report_rx) = mpsc::channel(256);
-    let mut events_task =
-        tokio::spawn(events::run(ring, names_rx.clone(), subscribe_rx, report_rx));
+    let (ring_alive, max_age_alive) = (Heartbeat::default(), Heartbeat::default());
+    let mut events_task = tokio::spawn(events::run(
+        ring,
+        names_rx.clone(),
+        subscribe_rx,
+        report_rx,
+        ring_alive.clone(),
+    ));
     let control_task = tokio::spawn(control::serve(listener, jobs_tx, subscribe_tx));
     let gate_task = tokio::spawn(crate::gate::serve(gate_listener));
     let metrics_task = metrics_listener.map(|(addr, listener)| {
@@ -160,9 +167,30 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
             .name("backstop".into())
             .spawn(move || crate::backstop::run(types, mount))?
     };
-    let max_age_task = tokio::spawn(watch_max_age(names_rx, report_tx.clone()));
+    let max_age_task = tokio::spawn(watch_max_age(
+        names_rx,
+        report_tx.clone(),
+        max_age_alive.clone(),
+    ));
     let condemned_task = tokio::spawn(crate::condemned::watch(report_tx.clone()));
     let settle_task = tokio::spawn(crate::settle::watch());
+    // Only now, with the enforcer attached, the policy in force and the control socket bound
+    // (requests wait in its backlog until the loop below runs): `systemctl start` returns here.
+    notify::ready(&enforcing(&in_force, &enforcer));
+    let watchdog_task = notify::watchdog_period().map(|period| {
+        tracing::info!(
+            "systemd watchdog: pinging every {} while the event ring, the max-age watch and \
+             the control socket answer",
+            humantime::format_duration(period)
+        );
+        tokio::spawn(notify::watchdog(
+            period,
+            vec![
+                ("the event ring reader", ring_alive),
+                ("the max-age watch", max_age_alive),
+            ],
+        ))
+    });
     let mut jobs = jobs_rx;
     loop {
         tokio::select! {
@@ -176,6 +204,7 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
             r = &mut events_task => { r??; break; }
         }
         if control_task.is_finished()
+            || watchdog_task.as_ref().is_some_and(|t| t.is_finished())
             || gate_task.is_finished()
             || max_age_task.is_finished()
             || condemned_task.is_finished()
@@ -186,6 +215,11 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
             bail!("a daemon task ended unexpectedly");
         }
     }
+    notify::stopping(if opts.no_pin {
+        "stopping; removing the enforcer (--no-pin)"
+    } else {
+        "stopping; the enforcer stays in the kernel with the last policy"
+    });
     let _ = std::fs::remove_file(STATE_FILE);
     let _ = std::fs::remove_file(control::SOCKET);
     let _ = std::fs::remove_file(crate::gate::SOCKET);
@@ -200,6 +234,16 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The daemon's `STATUS=` line for systemd.
+fn enforcing(in_force: &InForce, enforcer: &Enforcer) -> String {
+    let n = in_force.types.len();
+    format!(
+        "enforcing {n} type{} with backend {}",
+        if n == 1 { "" } else { "s" },
+        enforcer.backend.name()
+    )
 }
 
 fn log_types(types: &[PlacedType]) {
@@ -237,6 +281,7 @@ fn serve(
 ) -> Result<Value> {
     match request {
         Request::Status => Ok(serde_json::to_value(status::read()?)?),
+        Request::Ping => Ok(Value::Null),
         Request::PolicyShow => Ok(serde_json::to_value(PolicyShown {
             text: in_force.text.clone(),
             policy: serde_json::to_value(&in_force.policy)?,
@@ -276,10 +321,20 @@ fn serve(
         }
         Request::Events { .. } => bail!("events are served by the event task"),
         Request::PolicyApply { file, text } => {
-            let policy = Policy::parse(&text, &file)?;
-            let d = apply(enforcer, cg, in_force, names, policy, text)?;
-            tracing::info!("policy applied from {file}: {d:?}");
-            Ok(serde_json::to_value(d)?)
+            let result = Policy::parse(&text, &file)
+                .map_err(anyhow::Error::from)
+                .and_then(|policy| apply(enforcer, cg, in_force, names, policy, text));
+            let now = enforcing(in_force, enforcer);
+            match &result {
+                Ok(d) => {
+                    tracing::info!("policy applied from {file}: {d:?}");
+                    notify::status(&format!("{now}; policy applied from {file}"));
+                }
+                Err(e) => notify::status(&format!(
+                    "{now}; policy apply from {file} failed, the previous policy stays: {e:#}"
+                )),
+            }
+            Ok(serde_json::to_value(result?)?)
         }
     }
 }
@@ -371,23 +426,37 @@ fn reload(
             let policy = Policy::parse(&text, &file.display().to_string())?;
             apply(enforcer, cg, in_force, names, policy, text)
         });
+    let now = enforcing(in_force, enforcer);
     match result {
-        Ok(d) => tracing::info!("SIGHUP: policy reloaded from {}: {d:?}", file.display()),
-        Err(e) => tracing::error!("SIGHUP: {e:#}; the previous policy is still in force"),
+        Ok(d) => {
+            tracing::info!("SIGHUP: policy reloaded from {}: {d:?}", file.display());
+            notify::status(&format!("{now}; policy reloaded from {}", file.display()));
+        }
+        Err(e) => {
+            tracing::error!("SIGHUP: {e:#}; the previous policy is still in force");
+            notify::status(&format!(
+                "{now}; reloading {} failed, the previous policy stays: {e:#}",
+                file.display()
+            ));
+        }
     }
 }
 
 /// Applies `on_max_age` to instances older than their type's `max_age`, once per instance.
+/// Beats `alive` on every turn (every 500 ms).
 async fn watch_max_age(
     mut types: watch::Receiver<Vec<PlacedType>>,
     report: mpsc::Sender<events::EventRecord>,
+    alive: Heartbeat,
 ) -> Result<()> {
     let mut acted: HashSet<u64> = HashSet::new();
     let mut instance_map = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // Its cadence is also its heartbeat's (`notify::BEAT`, 500 ms).
+    let mut tick = tokio::time::interval(notify::BEAT);
     let mut names = events::Names::new(types.borrow_and_update().clone());
     loop {
         tick.tick().await;
+        alive.beat();
         if types.has_changed().unwrap_or(false) {
             names = events::Names::new(types.borrow_and_update().clone());
         }

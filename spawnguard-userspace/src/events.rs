@@ -513,23 +513,27 @@ pub type Subscription = (Vec<Arc<EventRecord>>, broadcast::Receiver<Arc<EventRec
 
 /// Owns the ring buffer until it goes away: logs every event (rate-limited), keeps the recent
 /// ones and streams them to followers, with the events the daemon makes itself
-/// (`from_daemon`). `types` follows the policy in force.
+/// (`from_daemon`). `types` follows the policy in force. Beats `alive` on every turn, and turns
+/// at least every `notify::BEAT` (the watchdog's proof that the ring is read).
 pub async fn run(
     ring: RingBuf<MapData>,
     mut types: tokio::sync::watch::Receiver<Vec<PlacedType>>,
     mut subscribe: mpsc::Receiver<oneshot::Sender<Subscription>>,
     mut from_daemon: mpsc::Receiver<EventRecord>,
+    alive: crate::notify::Heartbeat,
 ) -> Result<()> {
     let mut names = Names::new(types.borrow_and_update().clone());
     let mut limiter = LogLimiter::new(LOG_BURST, LOG_WINDOW);
     let mut history: VecDeque<Arc<EventRecord>> = VecDeque::with_capacity(HISTORY);
     let (live, _) = broadcast::channel::<Arc<EventRecord>>(4096);
     let mut tick = tokio::time::interval(LOG_WINDOW);
+    let mut beat = tokio::time::interval(crate::notify::BEAT);
     // SAFETY: the ring buffer owns its map fd, which stays open and the same for as long as the
     // AsyncFd owns the ring buffer.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("watching the event ring buffer: {e}"))?;
     loop {
+        alive.beat();
         tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
@@ -566,6 +570,7 @@ pub async fn run(
                     tracing::warn!("{line}");
                 }
             }
+            _ = beat.tick() => {}
         }
     }
 }

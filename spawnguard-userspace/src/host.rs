@@ -50,9 +50,68 @@ pub fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// The number Linux gives the first (boot) PID namespace's inode (`PROC_PID_INIT_INO`).
+const PID_NS_INIT_INO: u64 = 0xEFFF_FFFC;
+/// The number Linux 6.18 and later give the first mount namespace (`MNT_NS_INIT_INO`). Older
+/// kernels number every mount namespace from 0xF000_0000 up, so none of theirs has it.
+const MNT_NS_INIT_INO: u64 = 0xEFFF_FFF8;
+
+/// Whether this process sees the host's pids: its pid namespace is the initial one.
+pub fn in_host_pid_namespace() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").is_ok_and(|m| m.ino() == PID_NS_INIT_INO)
+}
+
+/// Whether this process is in the host's mount namespace, where a file system it mounts is the
+/// host's; `Err` says why that cannot be known or why not.
+///
+/// The host's is the mount namespace of the host's init (pid 1 of the first PID namespace).
+/// In a PID namespace of its own (a container's), pid 1 is the container's init, so being in
+/// its mount namespace proves nothing: that is "not the host's" too. Reading pid 1's namespace
+/// needs ptrace access to it (CAP_SYS_PTRACE when pid 1 has capabilities this process lacks):
+/// when it is refused, the answer is "cannot tell", unless the kernel numbers the first mount
+/// namespace itself (6.18 and later).
+pub fn in_host_mount_namespace() -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let ns = |path: &str| {
+        std::fs::metadata(path)
+            .map(|m| (m.dev(), m.ino()))
+            .map_err(|e| format!("cannot read {path} ({e})"))
+    };
+    let mine = ns("/proc/self/ns/mnt")?;
+    if mine.1 == MNT_NS_INIT_INO {
+        return Ok(());
+    }
+    if !in_host_pid_namespace() {
+        return Err(
+            "this process runs in a PID namespace of its own (a container's), \
+                    whose mount namespace is not the host's"
+                .into(),
+        );
+    }
+    match ns("/proc/1/ns/mnt") {
+        Ok(init) if init == mine => Ok(()),
+        Ok(_) => Err("this process runs in a mount namespace other than pid 1's".into()),
+        Err(e) => Err(format!(
+            "{e}, so this may not be the host's mount namespace"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_unit_test_runs_in_the_host_mount_namespace_or_says_why_not() {
+        // Whatever the answer, it is one of the three, and an error says which.
+        if let Err(why) = in_host_mount_namespace() {
+            assert!(
+                why.contains("namespace"),
+                "a reason naming the namespace: {why}"
+            );
+        }
+    }
 
     #[test]
     fn kernel_versions_parse_from_releases() {

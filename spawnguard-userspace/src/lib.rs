@@ -30,6 +30,7 @@ pub mod client;
 pub mod control;
 pub mod gate;
 pub mod metrics;
+pub mod notify;
 
 // The daemon, and the host check.
 pub mod daemon;
