@@ -56,6 +56,12 @@ const PID_NS_INIT_INO: u64 = 0xEFFF_FFFC;
 /// kernels number every mount namespace from 0xF000_0000 up, so none of theirs has it.
 const MNT_NS_INIT_INO: u64 = 0xEFFF_FFF8;
 
+/// Whether this process sees the host's pids: its pid namespace is the initial one.
+pub fn in_host_pid_namespace() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").is_ok_and(|m| m.ino() == PID_NS_INIT_INO)
+}
+
 /// Whether this process is in the host's mount namespace, where a file system it mounts is the
 /// host's; `Err` says why that cannot be known or why not.
 ///
@@ -76,7 +82,7 @@ pub fn in_host_mount_namespace() -> Result<(), String> {
     if mine.1 == MNT_NS_INIT_INO {
         return Ok(());
     }
-    if ns("/proc/self/ns/pid")?.1 != PID_NS_INIT_INO {
+    if !in_host_pid_namespace() {
         return Err(
             "this process runs in a PID namespace of its own (a container's), \
                     whose mount namespace is not the host's"

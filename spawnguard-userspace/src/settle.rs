@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::{ProgramFd, ProgramInfo};
+use aya::programs::{ProgramFd, RawTracePoint};
 use spawnguard_common::{InstanceState, SETTLE_BUSY, SETTLE_DONE, SETTLE_INSTANCE, SETTLE_RELEASE};
 use spawnguard_ebpf::{word_tasks, OPENING, RECLAIMING};
 
@@ -92,7 +92,7 @@ pub async fn watch() -> anyhow::Result<()> {
 /// a later task took. A zombie (exited, not reaped) is still there: its charge stays, as its PID
 /// does.
 fn gone_tasks() -> anyhow::Result<HashSet<(u64, u64)>> {
-    if !in_host_pid_namespace() {
+    if !crate::host::in_host_pid_namespace() {
         // The kernel records host pids: /proc here would name other tasks.
         return Ok(HashSet::new());
     }
@@ -102,14 +102,6 @@ fn gone_tasks() -> anyhow::Result<HashSet<(u64, u64)>> {
         .filter(|(_, r)| r.pid != 0 && is_gone(condemned::start_ticks(r.pid), r.start_ns))
         .map(|(task, r)| (task, r.start_ns))
         .collect())
-}
-
-/// Whether this process sees the host's pids: its pid namespace is the initial one (the kernel
-/// numbers that one `PROC_PID_INIT_INO`).
-fn in_host_pid_namespace() -> bool {
-    const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self/ns/pid").is_ok_and(|m| m.ino() == PROC_PID_INIT_INO)
 }
 
 /// Whether a task that started at `start_ns` is gone, given what /proc says of its pid.
@@ -168,8 +160,11 @@ impl SettleProgram {
         let path = loader::pin_dir()
             .join("programs")
             .join(loader::SETTLE_PROGRAM);
-        let fd = ProgramInfo::from_pin(&path)
-            .and_then(|info| info.fd())
+        // From the pin itself (bpf_obj_get): a program id would need CAP_SYS_ADMIN to open.
+        let fd = RawTracePoint::from_pin(&path)
+            .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?
+            .fd()
+            .and_then(|fd| fd.try_clone().map_err(Into::into))
             .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
         Ok(Self { fd })
     }

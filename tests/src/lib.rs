@@ -13,6 +13,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+pub mod podman;
+
 /// Every backend; which of them run depends on the kernel (`backend_runs_here`).
 pub const BACKENDS: [&str; 3] = ["lsm", "kill", "kill-compat"];
 
@@ -372,8 +374,27 @@ impl Daemon {
         Self::spawn(policy, &["--backend", "auto", "--no-pin"], env)
     }
 
+    /// A fresh daemon (`--no-pin`, backend `auto`, after `uninstall`) holding only the
+    /// capabilities numbered in `caps` (its bounding set, with no new privileges: as systemd
+    /// runs it with `CapabilityBoundingSet=` and `NoNewPrivileges=yes`).
+    pub fn start_bounded(policy: &str, args: &[&str], caps: &[u32]) -> Result<Self> {
+        uninstall();
+        let mut all = vec!["--backend", "auto", "--no-pin"];
+        all.extend_from_slice(args);
+        Self::launch_with(policy, &all, &[], Some(caps))
+    }
+
     fn launch(policy: &str, args: &[&str]) -> Result<Self> {
-        let mut daemon = Self::spawn(policy, args, &[])?;
+        Self::launch_with(policy, args, &[], None)
+    }
+
+    fn launch_with(
+        policy: &str,
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+        caps: Option<&[u32]>,
+    ) -> Result<Self> {
+        let mut daemon = Self::spawn_bounded(policy, args, env, caps)?;
         let pid = daemon.pid();
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
@@ -394,6 +415,15 @@ impl Daemon {
     }
 
     fn spawn(policy: &str, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<Self> {
+        Self::spawn_bounded(policy, args, env, None)
+    }
+
+    fn spawn_bounded(
+        policy: &str,
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+        caps: Option<&[u32]>,
+    ) -> Result<Self> {
         static LAUNCHES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("spawnguard-test-{}-{n}", std::process::id()));
@@ -401,7 +431,32 @@ impl Daemon {
         let policy_file = dir.join("policy.toml");
         fs::write(&policy_file, policy)?;
         let log = dir.join("daemon.log");
-        let child = Command::new(spawnguard_bin())
+        let mut cmd = Command::new(spawnguard_bin());
+        if let Some(keep) = caps {
+            use std::os::unix::process::CommandExt;
+            let keep = keep.to_vec();
+            // SAFETY: between fork and exec the child only calls prctl (no allocation, no
+            // locks): it drops every capability not kept from its bounding set (EINVAL past the
+            // kernel's last one), then forbids new privileges. Root's exec then gets only these.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for cap in 0..64u32 {
+                        if !keep.contains(&cap)
+                            && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0)
+                                != 0
+                            && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+                        {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .arg("run")
             .args(args)
             .arg("--policy")

@@ -246,3 +246,123 @@ fn outside_the_host_mount_namespace_bpffs_is_not_mounted_but_named() {
     }
     eprintln!("refused in {:?}: {}", started.elapsed(), err.trim());
 }
+
+/// Capability names in their kernel order (`CAP_CHOWN` is 0).
+const CAPABILITIES: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// The capabilities the systemd unit keeps (`CapabilityBoundingSet=`), as numbers.
+fn unit_capabilities() -> Vec<u32> {
+    let unit = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/spawnguard.service"),
+    )
+    .unwrap();
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("CapabilityBoundingSet= in the unit");
+    line.split_whitespace()
+        .map(|name| {
+            CAPABILITIES
+                .iter()
+                .position(|c| *c == name)
+                .unwrap_or_else(|| panic!("unknown capability {name}")) as u32
+        })
+        .collect()
+}
+
+#[test]
+fn the_unit_s_capabilities_are_enough_to_install_enforce_apply_and_serve_the_gate() {
+    if !privileged() {
+        return;
+    }
+    let caps = unit_capabilities();
+    assert!(!caps.contains(&21), "the unit keeps CAP_SYS_ADMIN");
+    // The type directory is created in a cgroup root does not own (a delegated subtree).
+    let (rel, tree) = test_type("caps");
+    fs::create_dir_all(&tree.root).unwrap();
+    std::os::unix::fs::chown(&tree.root, Some(65534), Some(65534)).unwrap();
+    let ty = format!("{rel}/t");
+    let started = Instant::now();
+    let mut daemon = Daemon::start_bounded(
+        &policy("ct", &ty, "max_tasks = 10"),
+        &["--gate-group", "65534"],
+        &caps,
+    )
+    .unwrap();
+    let status = fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+    let bounding = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    assert_eq!(
+        bounding,
+        caps.iter().fold(0u64, |m, c| m | 1 << c),
+        "the daemon runs with the unit's bounding set"
+    );
+
+    // Enforces: a bomb is held.
+    let inst = tree.root.join("t/i1");
+    let bomb = exec_bomb("ct", "i1", &["fork", "1500", "20000", "1000"])
+        .spawn()
+        .unwrap();
+    let most = max_held(&inst, Duration::from_millis(1200), 10, false);
+    assert!((8..=10).contains(&most), "held {most} tasks, budget 10");
+    bomb.wait_with_output().unwrap();
+
+    // Applies a policy (ExecReload=).
+    let raised = write_policy("caps-raise", &policy("ct", &ty, "max_tasks = 12"));
+    let out = cli(&["policy", "apply", raised.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(type_status("ct")["max_tasks"], 12);
+
+    // Serves the gate to its group (the socket was given to it).
+    let gate = as_nobody(&["gate", "ct"]);
+    assert_eq!(gate.status.code(), Some(0), "{gate:?}");
+
+    let stopped = daemon.stop().unwrap();
+    assert!(stopped.success(), "{stopped}: {}", daemon.log_text());
+    eprintln!("in {:?}", started.elapsed());
+}

@@ -1,4 +1,5 @@
-//! `cargo xtask package`: the Debian package, `target/debian/spawnguard_<version>-1_amd64.deb`,
+//! `cargo xtask package`: the Debian package, `target/debian/spawnguard_<version>-1_amd64.deb`
+//! (`--revision N`: `-N`),
 //! built by `cargo deb --no-build` from the static binary `build_spawnguard` links (what is
 //! tested is what ships). Its metadata is `[package.metadata.deb]` in spawnguard-userspace's
 //! Cargo.toml; the maintainer scripts, copyright and lintian overrides are in deploy/debian/.
@@ -13,7 +14,7 @@ use crate::{cargo, run, target_dir};
 pub const CARGO_DEB_VERSION: &str = "3.8.0";
 
 /// Builds the package and returns its path.
-pub fn package() -> Result<PathBuf> {
+pub fn package(revision: &str) -> Result<PathBuf> {
     crate::setup()?;
     crate::build_spawnguard()?;
     let target = target_dir()?;
@@ -33,17 +34,19 @@ pub fn package() -> Result<PathBuf> {
         gzip.arg(page?.path());
     }
     run(&mut gzip)?;
-    write_changelog(&assets, &version, &maintainer)?;
+    write_changelog(&assets, &version, revision, &maintainer)?;
     run(cargo()
         .args([
             "deb",
             "--package",
             "spawnguard-userspace",
             "--no-build",
+            "--deb-revision",
+            revision,
             "--output",
         ])
         .arg(target.join("debian")))?;
-    let deb = target.join(format!("debian/spawnguard_{version}-1_amd64.deb"));
+    let deb = target.join(format!("debian/spawnguard_{version}-{revision}_amd64.deb"));
     if !deb.is_file() {
         bail!("cargo deb did not write {}", deb.display());
     }
@@ -75,7 +78,12 @@ fn metadata() -> Result<(String, String)> {
 
 /// `changelog.Debian.gz`: one entry for this version, dated like the last commit (the same
 /// sources give the same package).
-fn write_changelog(dir: &std::path::Path, version: &str, maintainer: &str) -> Result<()> {
+fn write_changelog(
+    dir: &std::path::Path,
+    version: &str,
+    revision: &str,
+    maintainer: &str,
+) -> Result<()> {
     let git = |args: &[&str]| {
         Command::new("git")
             .args(args)
@@ -94,7 +102,7 @@ fn write_changelog(dir: &std::path::Path, version: &str, maintainer: &str) -> Re
         .map(|c| format!(" (git {c})"))
         .unwrap_or_default();
     let text = format!(
-        "spawnguard ({version}-1) unstable; urgency=medium\n\n  \
+        "spawnguard ({version}-{revision}) unstable; urgency=medium\n\n  \
          * spawnguard {version}{commit}, packaged with cargo-deb.\n\n \
          -- {maintainer}  {date}\n"
     );
