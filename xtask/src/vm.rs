@@ -273,7 +273,11 @@ fn boot(dir: &Path, k: &Kernel, vmlinuz: &Path, image: &Path, run: &GuestRun) ->
         .stderr(Stdio::null())
         .spawn()
         .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
-    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let deadline = Instant::now()
+        + match k.guest {
+            Guest::Busybox => BOOT_TIMEOUT,
+            Guest::Systemd => systemd::BOOT_TIMEOUT,
+        };
     loop {
         if child.try_wait()?.is_some() {
             break;

@@ -51,20 +51,30 @@ field() { sed -n "s/.*$1=\([0-9]*\).*/\1/p" "$2"; } # NAME, FILE: a count from a
 
 # bomb TYPE SCOPE DEADLINE_MS CAP HOLD_MS: a bounded fork bomb started like an agent, by
 # `systemd-run --slice=agents-TYPE.slice --scope`: its scope is an instance of the type.
+# TasksMax bounds it should spawnguard fail (the guest stays usable); the budgets are far below.
 bomb() {
     timeout 600 systemd-run --quiet --collect --slice="agents-$1.slice" --scope --unit="$2" \
-        /usr/local/bin/sg-bomb fork "$3" "$4" "$5"
+        -p TasksMax=100 /usr/local/bin/sg-bomb fork "$3" "$4" "$5"
+}
+denied() { # TYPE: the type's denials by max_tasks, as spawnguard counted them
+    spawnguard status --type "$1" 2>/dev/null |
+        sed -n 's/^ *denied by max_tasks: \([0-9]*\)$/\1/p' | grep . || echo 0
 }
 # held NAME TYPE MAX_TASKS [DETAIL]: a 3 s bomb in a fresh instance of TYPE is held at MAX_TASKS:
-# as many processes as the budget ran at once, never more, and the forks beyond it failed.
+# as many processes as the budget ran at once, never more, and every fork beyond it was refused
+# by spawnguard (its denials rose by the bomb's failed forks: not by the pids.max backstop, nor
+# systemd's TasksMax, which the kernel asks only after the LSM hook).
 held() {
-    local out=/tmp/bomb-$1.txt rc ran eagain
+    local out=/tmp/bomb-$1.txt rc ran eagain before after
+    before=$(denied "$2")
     bomb "$2" "sg-$1" 3000 3000 2000 > "$out" 2>&1
     rc=$?
+    after=$(denied "$2")
     ran=$(field ran "$out")
     eagain=$(field eagain "$out")
-    [ $rc = 0 ] && [ "$ran" = "$3" ] && [ "${eagain:-0}" -gt 0 ]
-    check "$1" $? "${4:+$4: }bomb in agents-$2.slice/sg-$1.scope exit $rc, $ran processes at once, max_tasks $3 ($(cat "$out"))"
+    [ $rc = 0 ] && [ "$ran" = "$3" ] && [ "${eagain:-0}" -gt 0 ] &&
+        [ $((after - before)) = "$eagain" ]
+    check "$1" $? "${4:+$4: }bomb in agents-$2.slice/sg-$1.scope exit $rc, $ran processes at once, max_tasks $3, spawnguard denied $((after - before)) ($(cat "$out"))"
 }
 real_tasks() { # TYPE SCOPE: the tasks (threads included) in the instance's cgroup
     wc -l < "$cg/agents.slice/agents-$1.slice/$2/cgroup.threads" 2>/dev/null || echo gone
@@ -262,6 +272,7 @@ kill -CONT "$old" 2> /dev/null
 
 # --- `dpkg -i` of a newer build: the daemon restarts into the new binary while a bomb keeps
 # forking at its budget; it never gets past it, and the counts stay exact.
+before=$(denied coder)
 bomb coder sg-upgrade 90000 1000000 2000 > /tmp/bomb-upgrade.txt 2>&1 &
 bomb_pid=$!
 at_budget() { [ "$(real_tasks coder sg-upgrade.scope)" = 7 ]; }
@@ -283,10 +294,12 @@ counts_after=$counts_now
 wait "$bomb_pid"
 bomb_rc=$?
 ran=$(field ran /tmp/bomb-upgrade.txt)
+eagain=$(field eagain /tmp/bomb-upgrade.txt)
+bomb_denied=$(($(denied coder) - before))
 version=$(dpkg-query -W -f '${Version}' spawnguard)
 [ $reached = 0 ] && [ $rc = 0 ] && [ $up = 0 ] && [ $during = 0 ] && [ $exact = 0 ] &&
-    [ $bomb_rc = 0 ] && [ "$ran" = 7 ] && [ "$version" = "$(dpkg-deb -f "$debs/newer.deb" Version)" ]
-check upgrade-keeps-enforcing $? "dpkg -i exit $rc to $version, pid $old -> $(prop MainPID) in $upgrade_ms ms (bomb still forking after it: $([ $during = 0 ] && echo yes || echo no)); bomb exit $bomb_rc, at most $ran processes at once, max_tasks 7 ($(cat /tmp/bomb-upgrade.txt)); counts:$counts_after"
+    [ $bomb_rc = 0 ] && [ "$ran" = 7 ] && [ "$bomb_denied" = "$eagain" ] && [ "$version" = "$(dpkg-deb -f "$debs/newer.deb" Version)" ]
+check upgrade-keeps-enforcing $? "dpkg -i exit $rc to $version, pid $old -> $(prop MainPID) in $upgrade_ms ms (bomb still forking after it: $([ $during = 0 ] && echo yes || echo no)); bomb exit $bomb_rc, at most $ran processes at once, max_tasks 7, spawnguard denied $bomb_denied ($(cat /tmp/bomb-upgrade.txt)); counts:$counts_after"
 [ $rc = 0 ] || cat /tmp/upgrade.txt
 
 # --- Purge: nothing pinned, no program left.

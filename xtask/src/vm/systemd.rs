@@ -12,7 +12,7 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::Command,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -33,6 +33,10 @@ pub struct Debs {
     pub current: PathBuf,
     pub newer: PathBuf,
 }
+
+/// About 4 minutes alone on a 2-CPU host, 6 with a third of a CPU (the other guests beside it):
+/// a guest that has not powered off by then is stuck.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
 /// The kernel command line's systemd part: the image's init is systemd, and its default target
 /// runs the checks.
