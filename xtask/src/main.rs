@@ -127,7 +127,7 @@ fn main() -> Result<()> {
             if bench {
                 build_static("sg-bench")?;
             }
-            let e2e = if smoke || bench {
+            let e2e = if smoke || bench || !vm::wants_e2e(&kernel) {
                 Vec::new()
             } else {
                 build_static_e2e()?

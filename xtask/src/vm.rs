@@ -86,9 +86,18 @@ pub const KERNELS: [Kernel; 5] = [
 
 /// Whether the guests `which` names include the systemd guest (it needs the packages built).
 pub fn wants_packages(which: &str) -> bool {
+    selects(which, Guest::Systemd)
+}
+
+/// Whether the guests `which` names include a busybox guest (the end-to-end suite runs there).
+pub fn wants_e2e(which: &str) -> bool {
+    selects(which, Guest::Busybox)
+}
+
+fn selects(which: &str, guest: Guest) -> bool {
     KERNELS
         .iter()
-        .any(|k| k.guest == Guest::Systemd && (which == "all" || which == k.name))
+        .any(|k| k.guest == guest && (which == "all" || which == k.name))
 }
 
 /// The end-to-end files that hold the core promise (budgets held under attack, zero overshoot):
