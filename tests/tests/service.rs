@@ -317,6 +317,11 @@ fn the_unit_s_capabilities_are_enough_to_install_enforce_apply_and_serve_the_gat
     }
     let caps = unit_capabilities();
     assert!(!caps.contains(&21), "the unit keeps CAP_SYS_ADMIN");
+    // The daemon below runs with this limit too, as systemd sets it (`Daemon::start_bounded`).
+    assert!(
+        include_str!("../../deploy/systemd/spawnguard.service").contains("\nLimitMEMLOCK=infinity\n"),
+        "the unit must keep LimitMEMLOCK=infinity: without CAP_SYS_RESOURCE the daemon cannot raise it"
+    );
     // The type directory is created in a cgroup root does not own (a delegated subtree).
     let (rel, tree) = test_type("caps");
     fs::create_dir_all(&tree.root).unwrap();
