@@ -294,10 +294,8 @@ const CAPABILITIES: [&str; 41] = [
 
 /// The capabilities the systemd unit keeps (`CapabilityBoundingSet=`), as numbers.
 fn unit_capabilities() -> Vec<u32> {
-    let unit = fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/spawnguard.service"),
-    )
-    .unwrap();
+    // Built in: the guests run this test with no source tree.
+    let unit = include_str!("../../deploy/systemd/spawnguard.service");
     let line = unit
         .lines()
         .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
@@ -319,6 +317,11 @@ fn the_unit_s_capabilities_are_enough_to_install_enforce_apply_and_serve_the_gat
     }
     let caps = unit_capabilities();
     assert!(!caps.contains(&21), "the unit keeps CAP_SYS_ADMIN");
+    // The daemon below runs with this limit too, as systemd sets it (`Daemon::start_bounded`).
+    assert!(
+        include_str!("../../deploy/systemd/spawnguard.service").contains("\nLimitMEMLOCK=infinity\n"),
+        "the unit must keep LimitMEMLOCK=infinity: without CAP_SYS_RESOURCE the daemon cannot raise it"
+    );
     // The type directory is created in a cgroup root does not own (a delegated subtree).
     let (rel, tree) = test_type("caps");
     fs::create_dir_all(&tree.root).unwrap();
