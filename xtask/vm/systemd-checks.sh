@@ -41,7 +41,6 @@ secs() { # a systemd time span ("1min 30s") in whole seconds
     systemd-analyze timespan "$1" | sed -n 's/^ *μs: *\([0-9]*\)$/\1/p' | awk '{ print int($1 / 1000000) }'
 }
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
-running() { [ "$(prop ActiveState)" = active ] && [ "$(prop MainPID)" != 0 ]; }
 restarted() { # the unit runs again, under another main process than $1
     local pid
     pid=$(prop MainPID)
