@@ -138,6 +138,7 @@ fn the_package_is_lintian_clean_and_holds_what_it_promises() {
         "./usr/share/man/man1/spawnguard-policy-apply.1.gz",
         "./usr/share/doc/spawnguard/copyright",
         "./usr/share/doc/spawnguard/changelog.Debian.gz",
+        "./usr/share/doc/spawnguard/examples/require-spawnguard.conf",
         "./usr/share/lintian/overrides/spawnguard",
     ] {
         assert!(

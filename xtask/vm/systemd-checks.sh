@@ -301,7 +301,42 @@ version=$(dpkg-query -W -f '${Version}' spawnguard)
 check upgrade-keeps-enforcing $? "dpkg -i exit $rc to $version, pid $old -> $(prop MainPID) in $upgrade_ms ms (bomb still forking after it: $([ $during = 0 ] && echo yes || echo no)); bomb exit $bomb_rc, at most $ran processes at once, max_tasks 7, spawnguard denied $bomb_denied ($(cat /tmp/bomb-upgrade.txt)); counts:$counts_after"
 [ $rc = 0 ] || cat /tmp/upgrade.txt
 
-# --- Purge: nothing pinned, no program left.
+# --- Fail closed, opt in: with the package's drop-in, a runtime does not start while no
+# enforcer is in the kernel (spawnguard cannot start: its policy file is broken), and starts
+# once spawnguard does.
+dropin=/etc/systemd/system/docker.service.d/require-spawnguard.conf
+install -D -m 0644 /usr/share/doc/spawnguard/examples/require-spawnguard.conf "$dropin"
+sc daemon-reload
+sc stop docker.service "$unit"
+spawnguard uninstall > /dev/null 2>&1
+cp /etc/spawnguard/policy.toml /tmp/policy.good
+echo 'type = [' > /etc/spawnguard/policy.toml
+sc start docker.service > /dev/null 2>&1
+bad_rc=$?
+bad_docker=$(systemctl is-active docker.service)
+cp /tmp/policy.good /etc/spawnguard/policy.toml
+sc reset-failed "$unit" docker.service > /dev/null 2>&1
+sc start docker.service
+good_rc=$?
+[ $bad_rc != 0 ] && [ "$bad_docker" != active ] && [ $good_rc = 0 ] &&
+    [ "$(systemctl is-active docker.service)" = active ] && [ "$(systemctl is-active "$unit")" = active ] &&
+    [ -d "$pins" ]
+check fail-closed-drop-in $? "require-spawnguard.conf on docker.service: with spawnguard unable to start, start exit $bad_rc ($bad_docker: $(journalctl -b -u docker.service -o cat --no-pager | grep -m1 -i 'no spawnguard enforcer' | cut -c1-100)); once it can, start exit $good_rc, spawnguard $(systemctl is-active "$unit")"
+rm -r /etc/systemd/system/docker.service.d
+sc daemon-reload
+
+# --- Plain remove stops the daemon; the pinned enforcer stays and holds a new bomb alone (its
+# counts read by a copy of the binary: the package's is gone).
+cp /usr/bin/spawnguard /usr/local/bin/spawnguard
+hash -r # this shell remembered /usr/bin/spawnguard
+timeout 600 dpkg -r spawnguard < /dev/null > /tmp/remove.txt 2>&1
+rc=$?
+[ $rc = 0 ] && [ -d "$pins" ] && [ ! -e /usr/bin/spawnguard ] && ! pgrep -x spawnguard > /dev/null
+check remove-keeps-enforcer $? "dpkg -r exit $rc; $pins $([ -d "$pins" ] && echo present || echo gone); daemon $(pgrep -x spawnguard > /dev/null && echo running || echo stopped)"
+held remove-holds-alone coder 7 "no daemon, after dpkg -r"
+
+# --- Purge (from the removed state): nothing pinned, no program left.
 for a in $agents; do sc stop "${a#*:}" > /dev/null 2>&1; done
 purged purge
+rm -f /usr/local/bin/spawnguard
 echo "SG-DONE"

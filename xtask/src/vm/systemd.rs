@@ -42,9 +42,22 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// runs the checks.
 pub const APPEND: &str = "rdinit=/sbin/init";
 
+/// Documentation, manuals and translations are not needed to boot and halve the image; the
+/// package's own documentation stays (the checks install its example drop-in).
+const DPKG_OPTS: [&str; 5] = [
+    "--dpkgopt=path-exclude=/usr/share/doc/*",
+    "--dpkgopt=path-include=/usr/share/doc/spawnguard/*",
+    "--dpkgopt=path-exclude=/usr/share/man/*",
+    "--dpkgopt=path-exclude=/usr/share/locale/*",
+    "--dpkgopt=path-exclude=/usr/share/info/*",
+];
+
 /// What the cached rootfs was built from: a change of any part rebuilds it.
 fn recipe() -> String {
-    format!("mmdebstrap --variant=minbase --include={PACKAGES} {SUITE}\n{SETUP}")
+    format!(
+        "mmdebstrap --variant=minbase --include={PACKAGES} {} {SUITE}\n{SETUP}",
+        DPKG_OPTS.join(" ")
+    )
 }
 
 /// `target/vm/systemd/rootfs`, built with mmdebstrap when missing or of another recipe.
@@ -63,16 +76,10 @@ fn rootfs(dir: &Path) -> Result<PathBuf> {
             fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
         }
     }
-    // Documentation, manuals and translations are not needed to boot and halve the image.
     let mut mm = Command::new("mmdebstrap");
     mm.args(["--variant=minbase", "--quiet"])
         .arg(format!("--include={PACKAGES}"))
-        .args([
-            "--dpkgopt=path-exclude=/usr/share/doc/*",
-            "--dpkgopt=path-exclude=/usr/share/man/*",
-            "--dpkgopt=path-exclude=/usr/share/locale/*",
-            "--dpkgopt=path-exclude=/usr/share/info/*",
-        ])
+        .args(DPKG_OPTS)
         .arg(SUITE)
         .arg(&fresh)
         .arg(format!(
