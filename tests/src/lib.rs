@@ -436,20 +436,21 @@ impl Daemon {
             use std::os::unix::process::CommandExt;
             let keep = keep.to_vec();
             // SAFETY: between fork and exec the child only calls setrlimit and prctl (no
-            // allocation, no locks): as systemd does for the unit, it sets `LimitMEMLOCK=infinity`
-            // (kernels before 5.11 charge maps to it, and without CAP_SYS_RESOURCE the daemon
-            // cannot raise it), drops every capability not kept from its bounding set (EINVAL
-            // past the kernel's last one), then forbids new privileges. Root's exec then gets
-            // only these.
+            // allocation, no locks): as systemd does for the unit, it sets
+            // `LimitMEMLOCK=infinity` where it can (kernels before 5.11 charge maps to it, and
+            // without CAP_SYS_RESOURCE the daemon cannot raise it), drops every capability not
+            // kept from its bounding set (EINVAL past the kernel's last one), then forbids new
+            // privileges. Root's exec then gets only these.
             unsafe {
                 cmd.pre_exec(move || {
                     let unlimited = libc::rlimit {
                         rlim_cur: libc::RLIM_INFINITY,
                         rlim_max: libc::RLIM_INFINITY,
                     };
-                    if libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
+                    // Raising the hard limit needs CAP_SYS_RESOURCE, which some hosts' own
+                    // bounding set lacks (this one's): keep the limit there. Kernels from 5.11
+                    // charge maps to the memory cgroup instead.
+                    let _ = libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited);
                     for cap in 0..64u32 {
                         if !keep.contains(&cap)
                             && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0)
