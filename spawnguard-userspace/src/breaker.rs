@@ -60,6 +60,10 @@ pub struct BreakerView {
     pub trips: u64,
     pub last_cause: String,
     pub seconds_since_last_change: Option<f64>,
+    /// Unix time at which the breaker opened, while it is open (also once its open time is
+    /// over and it waits for a probe).
+    #[serde(default)]
+    pub open_since_unix_seconds: Option<f64>,
 }
 
 fn view(type_name: &str, s: &BreakerState, now_ms: u64) -> BreakerView {
@@ -79,6 +83,16 @@ fn view(type_name: &str, s: &BreakerState, now_ms: u64) -> BreakerView {
         last_cause: cause_name(s.last_cause).to_owned(),
         seconds_since_last_change: (s.last_change_ms != 0)
             .then(|| now_ms.saturating_sub(s.last_change_ms) as f64 / 1000.0),
+        // The kernel keeps monotonic times: the wall clock now, less the time since.
+        open_since_unix_seconds: (breaker_state(w) == BREAKER_OPEN && s.last_change_ms != 0).then(
+            || {
+                let ago = Duration::from_millis(now_ms.saturating_sub(s.last_change_ms));
+                std::time::SystemTime::now()
+                    .checked_sub(ago)
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0.0, |d| d.as_secs_f64())
+            },
+        ),
     }
 }
 

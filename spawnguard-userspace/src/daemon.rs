@@ -20,12 +20,14 @@ use tokio::{
 use crate::{
     cgroupfs::{self, Cgroup2},
     control::{self, BreakerAnswer, Job, PolicyDiff, PolicyShown, Reply, Request},
-    events, host,
+    events,
+    health::{self, Health},
+    host,
     loader::{self, BackendChoice, DaemonState, Enforcer, PlacedType, RUN_DIR, STATE_FILE},
     metrics,
     notify::{self, Heartbeat},
     policy::{OnMaxAge, Policy},
-    status,
+    reload, status,
 };
 
 /// The policy in force, as the policy task keeps it.
@@ -86,6 +88,8 @@ pub struct Options {
     pub capacity: loader::MapCapacity,
     /// The group the read-only gate socket is open to (root only when none).
     pub gate_group: Option<String>,
+    /// Apply the policy file when it changes (its directory is watched).
+    pub watch_policy: bool,
 }
 
 pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
@@ -127,6 +131,29 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
     };
     write_state(&enforcer, &cg, &types)?;
 
+    reload::started(&text);
+    // Apply the policy file when it changes; without a file (the embedded default) there is
+    // nothing to watch. A watch that cannot start (inotify limits) leaves SIGHUP and
+    // `policy apply`: no reason to stop enforcing.
+    let (changed_tx, mut changed) = mpsc::channel::<()>(1);
+    let _watcher = match (&opts.policy_file, opts.watch_policy) {
+        (Some(file), true) => match reload::watch(file, changed_tx.clone()) {
+            Ok(w) => {
+                tracing::info!(
+                    "watching {} for changes (--no-watch-policy turns this off)",
+                    file.display()
+                );
+                Some(w)
+            }
+            Err(e) => {
+                tracing::warn!("not watching the policy file: {e:#}; SIGHUP reloads it");
+                None
+            }
+        },
+        _ => None,
+    };
+    // The hash of the file as last read by a reload, so an unchanged file is not re-applied.
+    let mut file_hash = Some(reload::hash(&text));
     let (names_tx, names_rx) = watch::channel(types.clone());
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(16);
     let ring = enforcer.events()?;
@@ -137,7 +164,19 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
     };
     let (subscribe_tx, subscribe_rx) = mpsc::channel(16);
     let (report_tx, report_rx) = mpsc::channel(256);
-    let (ring_alive, max_age_alive) = (Heartbeat::default(), Heartbeat::default());
+    let (ring_alive, max_age_alive, policy_alive) = (
+        Heartbeat::default(),
+        Heartbeat::default(),
+        Heartbeat::default(),
+    );
+    let health = std::sync::Arc::new(Health::new(
+        vec![
+            ("the event ring reader", ring_alive.clone()),
+            ("the max-age watch", max_age_alive.clone()),
+            ("the policy task", policy_alive.clone()),
+        ],
+        health::pinned_links(),
+    ));
     let mut events_task = tokio::spawn(events::run(
         ring,
         names_rx.clone(),
@@ -158,6 +197,7 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
             info,
             opts.metrics_instances,
             names_rx.clone(),
+            health.clone(),
         ))
     });
     // A thread of its own: a sweep of many instance directories is blocking file system work.
@@ -177,6 +217,7 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
     // Only now, with the enforcer attached, the policy in force and the control socket bound
     // (requests wait in its backlog until the loop below runs): `systemctl start` returns here.
     notify::ready(&enforcing(&in_force, &enforcer));
+    health.set_ready();
     let watchdog_task = notify::watchdog_period().map(|period| {
         tracing::info!(
             "systemd watchdog: pinging every {} while the event ring, the max-age watch and \
@@ -192,13 +233,24 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
         ))
     });
     let mut jobs = jobs_rx;
+    // The policy task turns at least this often: its heartbeat for `/healthz`.
+    let mut beat = tokio::time::interval(notify::BEAT);
     loop {
         tokio::select! {
             Some((request, reply)) = jobs.recv() => {
                 let answer = serve(&enforcer, &cg, &mut in_force, &names_tx, &report_tx, request);
                 let _ = reply.send(Reply::from(answer));
             }
-            _ = hup.recv() => reload(&enforcer, &cg, &mut in_force, &names_tx, opts.policy_file.as_deref()),
+            _ = hup.recv() => {
+                let ctx = ReloadCtx { enforcer: &enforcer, cg: &cg, names: &names_tx, report: &report_tx };
+                file_hash = reload(&ctx, &mut in_force, opts.policy_file.as_deref(), None);
+            }
+            Some(()) = changed.recv() => {
+                let ctx = ReloadCtx { enforcer: &enforcer, cg: &cg, names: &names_tx, report: &report_tx };
+                let seen = file_hash.clone().unwrap_or_default();
+                file_hash = reload(&ctx, &mut in_force, opts.policy_file.as_deref(), Some(seen));
+            }
+            _ = beat.tick() => policy_alive.beat(),
             _ = term.recv() => { tracing::info!("SIGTERM"); break; }
             _ = int.recv() => { tracing::info!("SIGINT"); break; }
             r = &mut events_task => { r??; break; }
@@ -321,6 +373,7 @@ fn serve(
         }
         Request::Events { .. } => bail!("events are served by the event task"),
         Request::PolicyApply { file, text } => {
+            let hash = reload::hash(&text);
             let result = Policy::parse(&text, &file)
                 .map_err(anyhow::Error::from)
                 .and_then(|policy| apply(enforcer, cg, in_force, names, policy, text));
@@ -329,10 +382,14 @@ fn serve(
                 Ok(d) => {
                     tracing::info!("policy applied from {file}: {d:?}");
                     notify::status(&format!("{now}; policy applied from {file}"));
+                    reloaded(report, "policy_apply", Ok(&hash), format!("{file}: {d:?}"));
                 }
-                Err(e) => notify::status(&format!(
-                    "{now}; policy apply from {file} failed, the previous policy stays: {e:#}"
-                )),
+                Err(e) => {
+                    notify::status(&format!(
+                        "{now}; policy apply from {file} failed, the previous policy stays: {e:#}"
+                    ));
+                    reloaded(report, "policy_apply", Err(()), format!("{e:#}"));
+                }
             }
             Ok(serde_json::to_value(result?)?)
         }
@@ -408,38 +465,110 @@ fn apply(
     Ok(d)
 }
 
-/// SIGHUP: re-read the policy file with the same validation and atomicity as `policy apply`.
+/// What a reload works with, besides the policy in force.
+struct ReloadCtx<'a> {
+    enforcer: &'a Enforcer,
+    cg: &'a Cgroup2,
+    names: &'a watch::Sender<Vec<PlacedType>>,
+    report: &'a mpsc::Sender<events::EventRecord>,
+}
+
+/// Re-reads the policy file and applies it with the same validation and atomicity as
+/// `policy apply`: on SIGHUP (`seen` is `None`: always), or when the watch saw its directory
+/// change (only when the file's hash differs from `seen`, the one last read). Returns the
+/// hash of the file as read now (`seen` when it could not be read).
 fn reload(
-    enforcer: &Enforcer,
-    cg: &Cgroup2,
+    ctx: &ReloadCtx,
     in_force: &mut InForce,
-    names: &watch::Sender<Vec<PlacedType>>,
     file: Option<&Path>,
-) {
+    seen: Option<String>,
+) -> Option<String> {
+    let source = if seen.is_some() { "watch" } else { "sighup" };
     let Some(file) = file else {
         tracing::warn!("SIGHUP: running the embedded default policy, no file to re-read");
-        return;
+        return seen;
     };
-    let result = std::fs::read_to_string(file)
-        .with_context(|| format!("reading {}", file.display()))
-        .and_then(|text| {
-            let policy = Policy::parse(&text, &file.display().to_string())?;
-            apply(enforcer, cg, in_force, names, policy, text)
-        });
-    let now = enforcing(in_force, enforcer);
-    match result {
-        Ok(d) => {
-            tracing::info!("SIGHUP: policy reloaded from {}: {d:?}", file.display());
-            notify::status(&format!("{now}; policy reloaded from {}", file.display()));
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        // A ConfigMap swap in progress, or the file moved away: wait for the next change.
+        Err(e) if seen.is_some() => {
+            tracing::warn!(
+                "policy watch: reading {}: {e}; waiting for the next change",
+                file.display()
+            );
+            return seen;
         }
         Err(e) => {
+            let e = anyhow::Error::from(e).context(format!("reading {}", file.display()));
             tracing::error!("SIGHUP: {e:#}; the previous policy is still in force");
+            reloaded(ctx.report, source, Err(()), format!("{e:#}"));
+            return seen;
+        }
+    };
+    let hash = reload::hash(&text);
+    if seen.as_deref() == Some(hash.as_str()) {
+        return Some(hash);
+    }
+    let result = Policy::parse(&text, &file.display().to_string())
+        .map_err(anyhow::Error::from)
+        .and_then(|policy| apply(ctx.enforcer, ctx.cg, in_force, ctx.names, policy, text));
+    let now = enforcing(in_force, ctx.enforcer);
+    let what = if seen.is_some() {
+        "policy file changed"
+    } else {
+        "SIGHUP"
+    };
+    match result {
+        Ok(d) => {
+            tracing::info!("{what}: policy reloaded from {}: {d:?}", file.display());
+            notify::status(&format!("{now}; policy reloaded from {}", file.display()));
+            reloaded(
+                ctx.report,
+                source,
+                Ok(&hash),
+                format!("policy reloaded from {}: {d:?}", file.display()),
+            );
+        }
+        Err(e) => {
+            tracing::error!("{what}: {e:#}; the previous policy is still in force");
             notify::status(&format!(
                 "{now}; reloading {} failed, the previous policy stays: {e:#}",
                 file.display()
             ));
+            reloaded(
+                ctx.report,
+                source,
+                Err(()),
+                format!("{e:#}; the previous policy is still in force"),
+            );
         }
     }
+    Some(hash)
+}
+
+/// Counts a reload for `/metrics` and reports it on the event stream (kind `policy_reload`,
+/// cause the source: `watch`, `sighup` or `policy_apply`; reason `success` or `failure`).
+fn reloaded(
+    report: &mpsc::Sender<events::EventRecord>,
+    source: &str,
+    outcome: Result<&str, ()>,
+    message: String,
+) {
+    match outcome {
+        Ok(hash) => reload::succeeded(hash),
+        Err(()) => reload::failed(),
+    }
+    let mut record = events::EventRecord::from_daemon("policy_reload", source, None, message);
+    record.reason = Some(
+        if outcome.is_ok() {
+            "success"
+        } else {
+            "failure"
+        }
+        .into(),
+    );
+    // The stream is a report: a full queue drops the record, never the reload.
+    let _ = report.try_send(record);
 }
 
 /// Applies `on_max_age` to instances older than their type's `max_age`, once per instance.

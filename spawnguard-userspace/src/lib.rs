@@ -23,14 +23,17 @@ pub mod status;
 // What the daemon runs beside the kernel.
 pub mod backstop;
 pub mod condemned;
+pub mod reload;
 pub mod settle;
 
 // Outputs, the control socket, and the client side of it.
 pub mod client;
 pub mod control;
 pub mod gate;
-pub mod metrics;
 pub mod notify;
+// The probes read the loops' heartbeats; /metrics serves them.
+pub mod health;
+pub mod metrics;
 
 // The daemon, and the host check.
 pub mod daemon;

@@ -6,7 +6,7 @@
 //! 10,000 agents would otherwise make 10,000 x 3 series that change with every respawn, which
 //! is what makes a Prometheus server slow and expensive.
 
-use std::{convert::Infallible, net::SocketAddr, str::FromStr};
+use std::{convert::Infallible, net::SocketAddr, str::FromStr, sync::Arc};
 
 use anyhow::{Context, Result};
 use http_body_util::Full;
@@ -18,7 +18,9 @@ use tokio::net::TcpListener;
 
 use crate::{
     events::Names,
+    health::Health,
     loader::PlacedType,
+    reload,
     status::{self, InstanceStatus, Status, TypeStatus},
 };
 
@@ -175,6 +177,54 @@ const BUILD_INFO: Family<BuildInfo> = Family {
     }),
 };
 
+/// What the daemon itself knows: readiness and policy reloads.
+#[derive(Clone, Debug, Default)]
+pub struct DaemonView {
+    pub ready: bool,
+    pub reload: reload::Stats,
+}
+
+const DAEMON_FAMILIES: &[Family<DaemonView>] = &[
+    Family {
+        name: "spawnguard_enforcer_ready",
+        help: "1 when the enforcer is attached and the policy in force (as /readyz), else 0.",
+        labels: &[],
+        samples: Samples::Gauge(|d, out| out(&[], u64::from(d.ready))),
+    },
+    Family {
+        name: "spawnguard_policy_info",
+        help: "The policy in force: the first 16 hex digits of its text's SHA-256 (always 1).",
+        labels: &["hash"],
+        samples: Samples::Gauge(|d, out| {
+            if !d.reload.hash.is_empty() {
+                out(&[d.reload.hash.as_str()], 1);
+            }
+        }),
+    },
+    Family {
+        name: "spawnguard_policy_last_reload_successful",
+        help: "1 when the last policy reload (file watch, SIGHUP or `policy apply`) put its \
+               policy in force, 0 when it failed and the previous policy stayed.",
+        labels: &[],
+        samples: Samples::Gauge(|d, out| out(&[], u64::from(d.reload.last_successful))),
+    },
+    Family {
+        name: "spawnguard_policy_last_reload_success_timestamp_seconds",
+        help: "Unix time of the last successful policy load (the daemon's start, or a reload).",
+        labels: &[],
+        samples: Samples::FloatGauge(|d, out| out(&[], d.reload.last_success_unix)),
+    },
+    Family {
+        name: "spawnguard_policy_reloads_total",
+        help: "Policy reloads (file watch, SIGHUP, `policy apply`), by result.",
+        labels: &["result"],
+        samples: Samples::Counter(|d, out| {
+            out(&["success"], d.reload.successes);
+            out(&["failure"], d.reload.failures);
+        }),
+    },
+];
+
 /// How much each type runs, and its budgets.
 const TYPE_SIZE_FAMILIES: &[Family<TypeStatus>] = &[
     Family {
@@ -228,6 +278,21 @@ const TYPE_SIZE_FAMILIES: &[Family<TypeStatus>] = &[
         samples: Samples::Gauge(|t, out| {
             if let Some(c) = t.max_total_tasks {
                 out(&[], c);
+            }
+        }),
+    },
+    Family {
+        name: "spawnguard_warn_threshold",
+        help: "Usage at which the type's warning fires (warn_at of the budget), by budget: \
+               max_tasks (per instance), max_total_tasks, max_instances (absent when unlimited).",
+        labels: &["type", "budget"],
+        samples: Samples::Gauge(|t, out| {
+            out(&["max_tasks"], t.warn_tasks);
+            if let Some(w) = t.warn_total_tasks {
+                out(&["max_total_tasks"], w);
+            }
+            if let Some(w) = t.warn_instances {
+                out(&["max_instances"], w);
             }
         }),
     },
@@ -347,6 +412,16 @@ const BREAKER_FAMILIES: &[Family<TypeStatus>] = &[
             }
         }),
     },
+    Family {
+        name: "spawnguard_breaker_open_since_timestamp_seconds",
+        help: "Unix time at which the type's breaker opened (0 when it is not open).",
+        labels: &["type"],
+        samples: Samples::FloatGauge(|t, out| {
+            if let Some(b) = &t.breaker {
+                out(&[], b.open_since_unix_seconds.unwrap_or(0.0));
+            }
+        }),
+    },
 ];
 
 /// The host and the kernel side as a whole.
@@ -359,13 +434,17 @@ const HOST_FAMILIES: &[Family<Status>] = &[
     },
     Family {
         name: "spawnguard_host_tasks_max",
-        help: "The host budget ([host] max_tasks) and the level above which new tasks are \
-               denied (max_tasks x deny_at).",
+        help: "The host budget ([host] max_tasks), the level above which new tasks are \
+               denied (max_tasks x deny_at), and the level at which a warning fires \
+               (max_tasks x warn_at).",
         labels: &["limit"],
         samples: Samples::Gauge(|s, out| {
             if let (Some(max), Some(deny)) = (s.host.max_tasks, s.host.deny_tasks) {
                 out(&["max_tasks"], max);
                 out(&["deny_above"], deny);
+            }
+            if let Some(warn) = s.host.warn_tasks {
+                out(&["warn_at"], warn);
             }
         }),
     },
@@ -467,6 +546,7 @@ fn hottest(s: &Status, n: usize) -> Vec<&InstanceStatus> {
 pub fn render(
     s: &Status,
     info: &BuildInfo,
+    daemon: &DaemonView,
     instances: InstanceSeries,
     names: &mut Names,
 ) -> Result<String> {
@@ -474,6 +554,7 @@ pub fn render(
         registry: Registry::new(),
     };
     m.add(&BUILD_INFO, &[(vec![], info)])?;
+    m.add_all(DAEMON_FAMILIES, &[(vec![], daemon)])?;
     m.add_all(HOST_FAMILIES, &[(vec![], s)])?;
     let types: Vec<Row<TypeStatus>> = s.types.iter().map(|t| (vec![t.name.as_str()], t)).collect();
     for families in [TYPE_SIZE_FAMILIES, TYPE_DECISION_FAMILIES, BREAKER_FAMILIES] {
@@ -495,9 +576,14 @@ pub fn render(
 }
 
 /// One scrape: a snapshot of the maps, rendered.
-fn scrape(info: &BuildInfo, instances: InstanceSeries, types: Vec<PlacedType>) -> Result<String> {
+fn scrape(
+    info: &BuildInfo,
+    daemon: &DaemonView,
+    instances: InstanceSeries,
+    types: Vec<PlacedType>,
+) -> Result<String> {
     let s = status::snapshot()?;
-    render(&s, info, instances, &mut Names::new(types))
+    render(&s, info, daemon, instances, &mut Names::new(types))
 }
 
 /// Binds the listener now, so a taken port fails `run` at start and not later in a task.
@@ -507,23 +593,26 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     })
 }
 
-/// Serves `/metrics` until the daemon stops. `types` follows the policy in force (for the
-/// instance paths of per-instance series).
+/// Serves `/metrics`, `/healthz` and `/readyz` until the daemon stops. `types` follows the
+/// policy in force (for the instance paths of per-instance series).
 pub async fn serve(
     listener: TcpListener,
     info: BuildInfo,
     instances: InstanceSeries,
     types: tokio::sync::watch::Receiver<Vec<PlacedType>>,
+    health: Arc<Health>,
 ) -> Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let info = info.clone();
         let types = types.clone();
+        let health = health.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let info = info.clone();
                 let types = types.borrow().clone();
-                async move { Ok::<_, Infallible>(answer(req, info, instances, types).await) }
+                let health = health.clone();
+                async move { Ok::<_, Infallible>(answer(req, info, instances, types, &health).await) }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -540,6 +629,7 @@ async fn answer(
     info: BuildInfo,
     instances: InstanceSeries,
     types: Vec<PlacedType>,
+    health: &Health,
 ) -> Response<Full<Bytes>> {
     let reply = |code: StatusCode, content_type: &str, body: String| {
         Response::builder()
@@ -548,11 +638,25 @@ async fn answer(
             .body(Full::new(Bytes::from(body)))
             .unwrap_or_default()
     };
+    let probe = |verdict: Result<(), String>| match verdict {
+        Ok(()) => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        Err(why) => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("{why}\n"),
+        ),
+    };
     match (req.method(), req.uri().path()) {
+        (&hyper::Method::GET, "/healthz") => probe(health.alive()),
+        (&hyper::Method::GET, "/readyz") => probe(health.ready()),
         (&hyper::Method::GET, "/metrics") => {
+            let daemon = DaemonView {
+                ready: health.ready().is_ok(),
+                reload: reload::stats(),
+            };
             // Reading the maps is a few syscalls per map: off the async thread.
             let rendered =
-                tokio::task::spawn_blocking(move || scrape(&info, instances, types)).await;
+                tokio::task::spawn_blocking(move || scrape(&info, &daemon, instances, types)).await;
             match rendered {
                 Ok(Ok(text)) => reply(
                     StatusCode::OK,
@@ -574,7 +678,7 @@ async fn answer(
         (&hyper::Method::GET, "/") => reply(
             StatusCode::OK,
             "text/plain",
-            "spawnguard: metrics are at /metrics\n".into(),
+            "spawnguard: metrics are at /metrics; probes at /healthz and /readyz\n".into(),
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
@@ -619,10 +723,11 @@ mod tests {
     /// Prometheus gets (families by name, samples by label values).
     const SNAPSHOT: &str = r#"{
         "daemon_pid": null, "backend": null,
-        "host": {"tasks": 12, "max_tasks": 100, "deny_tasks": 90},
+        "host": {"tasks": 12, "max_tasks": 100, "deny_tasks": 90, "warn_tasks": 70},
         "types": [{
             "name": "ci", "mode": "enforce", "max_tasks": 64, "max_threads": 48,
-            "max_instances": 4, "max_total_tasks": null, "instances": 2, "tasks": 12,
+            "max_instances": 4, "max_total_tasks": null, "warn_tasks": 45,
+            "warn_total_tasks": null, "warn_instances": 3, "instances": 2, "tasks": 12,
             "processes": 9, "threads": 3, "forks_allowed": 40, "threads_allowed": 7,
             "migrations_in": 1, "migrations_denied": 2, "instances_admitted": 5, "warnings": 1,
             "breaker_entered": {"closed": 0, "open": 1, "half_open": 0},
@@ -632,7 +737,8 @@ mod tests {
                 "max_instances": 0, "max_total_tasks": 0, "host_max_tasks": 0, "max_age": 0,
                 "breaker_open": 0},
             "breaker": {"type": "ci", "state": "open", "step": 1, "retry_in_seconds": 2.5,
-                "trips": 1, "last_cause": "failures", "seconds_since_last_change": 1.0}
+                "trips": 1, "last_cause": "failures", "seconds_since_last_change": 1.0,
+                "open_since_unix_seconds": 1764806399.0}
         }],
         "instances": [
             {"id": 900000000000002, "path": "", "type": "ci", "tasks": 0, "admitted": false,
@@ -654,7 +760,24 @@ mod tests {
             backend: "kill".into(),
             kernel: "6.18".into(),
         };
-        let text = render(&s, &info, InstanceSeries::Top(5), &mut Names::new(vec![])).unwrap();
+        let daemon = DaemonView {
+            ready: true,
+            reload: reload::Stats {
+                successes: 2,
+                failures: 1,
+                last_successful: false,
+                last_success_unix: 1764806400.5,
+                hash: "e3b0c44298fc1c14".into(),
+            },
+        };
+        let text = render(
+            &s,
+            &info,
+            &daemon,
+            InstanceSeries::Top(5),
+            &mut Names::new(vec![]),
+        )
+        .unwrap();
         let expected = GOLDEN.replace("VERSION", env!("CARGO_PKG_VERSION"));
         assert_eq!(text, expected, "{text}");
     }
@@ -672,6 +795,9 @@ spawnguard_audit_denials_total{reason="max_total_tasks",type="ci"} 0
 # HELP spawnguard_breaker_backoff_step Index into the type's open durations used by the next opening.
 # TYPE spawnguard_breaker_backoff_step gauge
 spawnguard_breaker_backoff_step{type="ci"} 1
+# HELP spawnguard_breaker_open_since_timestamp_seconds Unix time at which the type's breaker opened (0 when it is not open).
+# TYPE spawnguard_breaker_open_since_timestamp_seconds gauge
+spawnguard_breaker_open_since_timestamp_seconds{type="ci"} 1764806399
 # HELP spawnguard_breaker_retry_seconds Seconds until an open breaker lets a probe through (0 when not open).
 # TYPE spawnguard_breaker_retry_seconds gauge
 spawnguard_breaker_retry_seconds{type="ci"} 2.5
@@ -701,6 +827,9 @@ spawnguard_denials_total{reason="max_instances",type="ci"} 1
 spawnguard_denials_total{reason="max_tasks",type="ci"} 3
 spawnguard_denials_total{reason="max_threads",type="ci"} 0
 spawnguard_denials_total{reason="max_total_tasks",type="ci"} 0
+# HELP spawnguard_enforcer_ready 1 when the enforcer is attached and the policy in force (as /readyz), else 0.
+# TYPE spawnguard_enforcer_ready gauge
+spawnguard_enforcer_ready 1
 # HELP spawnguard_events_dropped_total Kernel events lost because the ring buffer was full (the counters above still count every decision).
 # TYPE spawnguard_events_dropped_total counter
 spawnguard_events_dropped_total 1
@@ -715,10 +844,11 @@ spawnguard_fail_open_total{cause="read_error"} 0
 # HELP spawnguard_host_tasks Live tasks in all instances of all types.
 # TYPE spawnguard_host_tasks gauge
 spawnguard_host_tasks 12
-# HELP spawnguard_host_tasks_max The host budget ([host] max_tasks) and the level above which new tasks are denied (max_tasks x deny_at).
+# HELP spawnguard_host_tasks_max The host budget ([host] max_tasks), the level above which new tasks are denied (max_tasks x deny_at), and the level at which a warning fires (max_tasks x warn_at).
 # TYPE spawnguard_host_tasks_max gauge
 spawnguard_host_tasks_max{limit="deny_above"} 90
 spawnguard_host_tasks_max{limit="max_tasks"} 100
+spawnguard_host_tasks_max{limit="warn_at"} 70
 # HELP spawnguard_instance_age_seconds Seconds since the instance's cgroup was created.
 # TYPE spawnguard_instance_age_seconds gauge
 spawnguard_instance_age_seconds{cgroup="cgroup id 900000000000001",type="ci"} 30.5
@@ -754,6 +884,19 @@ spawnguard_map_entries{map="instances"} 2
 # TYPE spawnguard_migrations_total counter
 spawnguard_migrations_total{outcome="allowed",type="ci"} 1
 spawnguard_migrations_total{outcome="denied",type="ci"} 2
+# HELP spawnguard_policy_info The policy in force: the first 16 hex digits of its text's SHA-256 (always 1).
+# TYPE spawnguard_policy_info gauge
+spawnguard_policy_info{hash="e3b0c44298fc1c14"} 1
+# HELP spawnguard_policy_last_reload_success_timestamp_seconds Unix time of the last successful policy load (the daemon's start, or a reload).
+# TYPE spawnguard_policy_last_reload_success_timestamp_seconds gauge
+spawnguard_policy_last_reload_success_timestamp_seconds 1764806400.5
+# HELP spawnguard_policy_last_reload_successful 1 when the last policy reload (file watch, SIGHUP or `policy apply`) put its policy in force, 0 when it failed and the previous policy stayed.
+# TYPE spawnguard_policy_last_reload_successful gauge
+spawnguard_policy_last_reload_successful 0
+# HELP spawnguard_policy_reloads_total Policy reloads (file watch, SIGHUP, `policy apply`), by result.
+# TYPE spawnguard_policy_reloads_total counter
+spawnguard_policy_reloads_total{result="failure"} 1
+spawnguard_policy_reloads_total{result="success"} 2
 # HELP spawnguard_processes Live processes in the type's instances.
 # TYPE spawnguard_processes gauge
 spawnguard_processes{type="ci"} 9
@@ -773,6 +916,10 @@ spawnguard_threads{type="ci"} 3
 # HELP spawnguard_type_enforcing 1 when the type's budgets are enforced, 0 in audit mode.
 # TYPE spawnguard_type_enforcing gauge
 spawnguard_type_enforcing{type="ci"} 1
+# HELP spawnguard_warn_threshold Usage at which the type's warning fires (warn_at of the budget), by budget: max_tasks (per instance), max_total_tasks, max_instances (absent when unlimited).
+# TYPE spawnguard_warn_threshold gauge
+spawnguard_warn_threshold{budget="max_instances",type="ci"} 3
+spawnguard_warn_threshold{budget="max_tasks",type="ci"} 45
 # HELP spawnguard_warnings_total Warning thresholds (warn_at) crossed.
 # TYPE spawnguard_warnings_total counter
 spawnguard_warnings_total{type="ci"} 1
@@ -813,6 +960,7 @@ spawnguard_warnings_total{type="ci"} 1
                 tasks: 0,
                 max_tasks: Some(100),
                 deny_tasks: Some(90),
+                warn_tasks: Some(70),
             },
             types: vec![],
             instances: vec![],
@@ -831,7 +979,14 @@ spawnguard_warnings_total{type="ci"} 1
             backend: "kill".into(),
             kernel: "6.18".into(),
         };
-        let text = render(&s, &info, InstanceSeries::Top(5), &mut Names::new(vec![])).unwrap();
+        let text = render(
+            &s,
+            &info,
+            &DaemonView::default(),
+            InstanceSeries::Top(5),
+            &mut Names::new(vec![]),
+        )
+        .unwrap();
         assert!(
             text.contains("spawnguard_events_dropped_total 3\n"),
             "{text}"

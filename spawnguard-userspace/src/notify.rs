@@ -23,17 +23,32 @@ use sd_notify::NotifyState;
 /// be longer: systemd's `WatchdogSec=` at least 2 s.
 pub const BEAT: Duration = Duration::from_millis(500);
 
-/// A loop's proof of life: a counter its owner bumps on every turn.
+/// A loop's proof of life: the monotonic time (ms) of its last turn, which its owner moves
+/// forward on every turn (by at least 1, so two turns in one millisecond still count as two).
+/// The watchdog only asks whether it moved; `/healthz` also asks how long ago.
 #[derive(Clone, Default)]
 pub struct Heartbeat(Arc<AtomicU64>);
 
 impl Heartbeat {
     pub fn beat(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        let now = crate::host::monotonic_ns() / 1_000_000;
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                Some(now.max(last.wrapping_add(1)))
+            });
     }
 
-    fn count(&self) -> u64 {
+    pub(crate) fn count(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
+    }
+
+    /// How long ago the loop last turned (never: `None`).
+    pub fn since_last_beat(&self) -> Option<Duration> {
+        let last = self.count();
+        (last != 0).then(|| {
+            Duration::from_millis((crate::host::monotonic_ns() / 1_000_000).saturating_sub(last))
+        })
     }
 }
 
@@ -164,6 +179,11 @@ mod tests {
         assert_eq!(l.stale(&[h.count()]), [0]);
         owner.beat();
         assert!(l.stale(&[h.count()]).is_empty());
+        // Two turns in the same millisecond still move it.
+        owner.beat();
+        assert!(l.stale(&[h.count()]).is_empty());
+        assert!(h.since_last_beat().unwrap() < Duration::from_secs(1));
+        assert_eq!(Heartbeat::default().since_last_beat(), None);
     }
 
     #[test]

@@ -137,6 +137,14 @@ pub struct TypeStatus {
     pub max_threads: u64,
     pub max_instances: Option<u64>,
     pub max_total_tasks: Option<u64>,
+    /// Usage at which a warning fires (`warn_at` of each budget): per instance, for all the
+    /// type's instances together, and of its instance ceiling (none where there is no budget).
+    #[serde(default)]
+    pub warn_tasks: u64,
+    #[serde(default)]
+    pub warn_total_tasks: Option<u64>,
+    #[serde(default)]
+    pub warn_instances: Option<u64>,
     /// Admitted instances (holding a `max_instances` slot).
     pub instances: u64,
     /// Live tasks of all instances of the type.
@@ -163,6 +171,9 @@ pub struct HostStatus {
     pub max_tasks: Option<u64>,
     /// Tasks above which new tasks are denied (`max_tasks * deny_at`).
     pub deny_tasks: Option<u64>,
+    /// Tasks at which a warning fires (`max_tasks * warn_at`).
+    #[serde(default)]
+    pub warn_tasks: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -295,6 +306,9 @@ pub fn snapshot() -> Result<Status> {
             max_threads: b.max_threads,
             max_instances: limit(b.max_instances),
             max_total_tasks: limit(b.max_total_tasks),
+            warn_tasks: b.warn_tasks,
+            warn_total_tasks: limit(b.warn_total_tasks),
+            warn_instances: limit(b.warn_instances),
             instances: live.instances,
             tasks: live.tasks,
             processes: 0,
@@ -407,6 +421,7 @@ pub fn snapshot() -> Result<Status> {
         tasks: host_state.get(&0, 0)?.tasks,
         max_tasks: limit(hl.max_tasks),
         deny_tasks: limit(hl.deny_tasks),
+        warn_tasks: limit(hl.warn_tasks),
     };
     let breakers = crate::breaker::status(None).unwrap_or_default();
     for (_, t) in &mut types {

@@ -71,6 +71,12 @@ pub enum Command {
         /// pinned and keeps enforcing the last policy; a restarted daemon adopts it.
         #[arg(long)]
         no_pin: bool,
+        /// Do not apply the policy file when it changes. By default its directory is watched
+        /// (an edit, or a Kubernetes ConfigMap's `..data` swap) and a changed file is applied
+        /// after 0.5 s of quiet, as `policy apply` would; an invalid one leaves the policy in
+        /// force. SIGHUP still reloads it.
+        #[arg(long)]
+        no_watch_policy: bool,
         /// Where to serve Prometheus metrics (`/metrics`), or `off`.
         #[arg(long, value_name = "ADDR|off", default_value = metrics::DEFAULT_LISTEN)]
         metrics_listen: metrics::Listen,
@@ -285,6 +291,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             policy,
             backend,
             no_pin,
+            no_watch_policy,
             metrics_listen,
             metrics_instances,
             instance_capacity,
@@ -299,6 +306,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 instances: instance_capacity,
             },
             gate_group,
+            watch_policy: !no_watch_policy,
         }),
         Command::Uninstall { output } => uninstall::run(output),
         Command::Exec {
