@@ -625,6 +625,24 @@ impl PodTemplate {
     }
 }
 
+impl PodTemplate {
+    /// A ConfigMap update as the kubelet makes it: the files in a new data directory, then the
+    /// `..data` symlink swapped for one to it in one rename.
+    fn update_configmap(&self, key: &str, text: &str) {
+        let old = std::fs::read_link(self.policy_dir.join("..data")).unwrap();
+        let new = "..2026_01_01_00_00_01.000000002";
+        std::fs::create_dir(self.policy_dir.join(new)).unwrap();
+        std::fs::write(self.policy_dir.join(new).join(key), text).unwrap();
+        symlink(new, self.policy_dir.join("..data_tmp")).unwrap();
+        std::fs::rename(
+            self.policy_dir.join("..data_tmp"),
+            self.policy_dir.join("..data"),
+        )
+        .unwrap();
+        std::fs::remove_dir_all(self.policy_dir.join(old)).unwrap();
+    }
+}
+
 impl Drop for PodTemplate {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.policy_dir);
@@ -812,6 +830,17 @@ fn kubernetes_daemonset_pod_runs_holds_a_bomb_and_hands_its_pinned_enforcer_over
         type_dir.display()
     );
 
+    let pid = p.ok(&["inspect", "--format", "{{.State.Pid}}", &first]);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    eprintln!(
+        "pod a's daemon: {}",
+        status
+            .lines()
+            .filter(|l| l.starts_with("VmHWM") || l.starts_with("VmRSS"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
     // A fork bomb in an instance of the ConfigMap's policy is held to its budget: never more
     // than max_tasks, nor more than the fork rate lets through.
     let bound = |secs: f64| -> usize {
@@ -838,6 +867,31 @@ fn kubernetes_daemonset_pod_runs_holds_a_bomb_and_hands_its_pinned_enforcer_over
     };
     let before = denied(&type_status(&ty.name));
     assert!(before > 0, "{}", type_status(&ty.name));
+
+    // An edit of the ConfigMap reaches the daemon through the directory mount and is applied
+    // live (a subPath mount would never see it).
+    let scrape = || http_get(&template.ready.0, "/metrics").unwrap();
+    let reloads = |text: &str| {
+        metric(
+            text,
+            "spawnguard_policy_reloads_total",
+            r#"result="success""#,
+        )
+    };
+    let info = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("spawnguard_policy_info{"))
+            .map(str::to_owned)
+    };
+    let before_edit = scrape();
+    assert_eq!(reloads(&before_edit), Some(0.0), "{before_edit}");
+    template.update_configmap("policy.toml", &format!("{policy_text}\n# edited\n"));
+    assert!(
+        wait_for(Duration::from_secs(10), || reloads(&scrape()) == Some(1.0)),
+        "the ConfigMap update was not applied: {}",
+        pods.log(&first)
+    );
+    assert_ne!(info(&scrape()), info(&before_edit));
 
     // Stop as the kubelet does (SIGTERM, SIGKILL after the grace period): the daemon stops
     // cleanly well inside it, and the enforcer stays pinned and enforcing with no daemon.
