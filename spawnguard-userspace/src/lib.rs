@@ -6,6 +6,7 @@
 // Host facts and the kernel's own descriptions.
 pub mod btf;
 pub mod cgroupfs;
+pub mod cgroupns;
 pub mod host;
 pub mod kfunc;
 pub mod policy;

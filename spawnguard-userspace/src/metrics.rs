@@ -70,7 +70,16 @@ impl FromStr for Listen {
         if s == "off" {
             return Ok(Self::Off);
         }
+        // An IPv6 address without brackets too: Kubernetes' `$(HOST_IP):9617` on an IPv6 node.
+        let unbracketed = || {
+            let (ip, port) = s.rsplit_once(':')?;
+            Some(SocketAddr::new(
+                ip.parse::<std::net::Ipv6Addr>().ok()?.into(),
+                port.parse().ok()?,
+            ))
+        };
         s.parse()
+            .or_else(|e| unbracketed().ok_or(e))
             .map(Self::At)
             .map_err(|e| format!("expected ADDRESS:PORT (e.g. 127.0.0.1:9617) or `off`: {e}"))
     }
@@ -717,6 +726,12 @@ mod tests {
             Ok(Listen::At("127.0.0.1:9617".parse().unwrap()))
         );
         assert!("localhost".parse::<Listen>().is_err());
+        // `$(HOST_IP):9617` with an IPv6 node address, bracketed or not.
+        let v6 = Ok(Listen::At("[fd00::1]:9617".parse().unwrap()));
+        assert_eq!("fd00::1:9617".parse(), v6);
+        assert_eq!("[fd00::1]:9617".parse(), v6);
+        assert!("fd00::1".parse::<Listen>().is_err());
+        assert!("10.0.0.1".parse::<Listen>().is_err());
     }
 
     /// One type with an open breaker and one instance: every per-type family, in the text

@@ -36,10 +36,20 @@ const APT_PACKAGES: &[&str] = &[
     "runc",
     "python3",
     "nodejs",
+    // The venv of the Kubernetes manifests' checkers (PY_VENV below).
+    "python3-venv",
     // The systemd guest: its Debian rootfs, packed as a zstd initramfs.
     "mmdebstrap",
     "zstd",
 ];
+/// The checkers of deploy/kubernetes (tests/tests/kubernetes.rs), from PyPI at pinned versions,
+/// in a venv of Debian's python3 at a fixed path (`PY_VENV/bin/kubernetes-validate`,
+/// `.../yamllint`). kubernetes-validate bundles the schemas, so validation works offline.
+const PY_VENV: &str = "/opt/spawnguard-py";
+const PY_PACKAGES: &[&str] = &["kubernetes-validate==1.37.0", "yamllint==1.38.0"];
+/// The oldest kubectl whose kustomize renders deploy/kubernetes (Debian's kubernetes-client
+/// 1.20 is too old). These machines carry 1.32 at /usr/bin/kubectl.
+const KUBECTL_MIN_MINOR: u32 = 27;
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 const RUST_SRC: &str = "/usr/lib/rustlib/src/rust/library/core";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -54,7 +64,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what is missing: Debian's rustc and rust-src, LLVM 22, bpf-linker, Prometheus,
-    /// qemu, podman and runc, python3 and node.
+    /// qemu, podman and runc, python3 and node, kubernetes-validate and yamllint (a venv); check
+    /// that kubectl is 1.27 or newer.
     Setup,
     /// setup, then build the eBPF object and the `spawnguard` binary (release).
     Build,
@@ -224,7 +235,8 @@ fn setup() -> Result<()> {
         && Path::new("/usr/bin/python3").exists()
         && Path::new("/usr/bin/node").exists()
         && Path::new("/usr/bin/mmdebstrap").exists()
-        && Path::new("/usr/bin/zstd").exists();
+        && Path::new("/usr/bin/zstd").exists()
+        && Path::new("/usr/share/doc/python3-venv").exists();
     if !have_toolchain {
         if !is_root() {
             bail!(
@@ -255,6 +267,8 @@ fn setup() -> Result<()> {
             ])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
+    python_tools()?;
+    check_kubectl()?;
     if !cargo_tool_installed("cargo-deb") {
         eprintln!("xtask: installing cargo-deb {}", package::CARGO_DEB_VERSION);
         run(cargo().args([
@@ -266,6 +280,64 @@ fn setup() -> Result<()> {
         ]))?;
     }
     Ok(())
+}
+
+/// The venv of PY_PACKAGES; a marker file in it names what was installed, so the quick check
+/// is one read.
+fn python_tools() -> Result<()> {
+    let marker = Path::new(PY_VENV).join("spawnguard-packages");
+    let want = PY_PACKAGES.join("\n");
+    if std::fs::read_to_string(&marker).is_ok_and(|have| have == want) {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "{PY_VENV} lacks {}; run `cargo xtask setup` as root",
+            PY_PACKAGES.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {} into {PY_VENV}", PY_PACKAGES.join(" "));
+    run(Command::new("/usr/bin/python3").args(["-m", "venv", "--clear", PY_VENV]))?;
+    run(Command::new(Path::new(PY_VENV).join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(PY_PACKAGES))?;
+    std::fs::write(&marker, want).context("writing the venv's marker")?;
+    Ok(())
+}
+
+/// kubectl (its kustomize renders deploy/kubernetes) at least 1.KUBECTL_MIN_MINOR.
+fn check_kubectl() -> Result<()> {
+    let out = Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .context(
+            "running kubectl: deploy/kubernetes' tests need kubectl 1.27 or newer on the PATH",
+        )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let minor = kubectl_minor(&text);
+    match minor {
+        Some(m) if m >= KUBECTL_MIN_MINOR => Ok(()),
+        _ => bail!(
+            "kubectl 1.{KUBECTL_MIN_MINOR} or newer is needed to render deploy/kubernetes \
+             (its kustomize); found {:?} (Debian's kubernetes-client 1.20 is too old): install a \
+             current kubectl at /usr/bin/kubectl",
+            text.lines().next().unwrap_or("nothing")
+        ),
+    }
+}
+
+/// "Client Version: v1.32.4-dispatcher" -> 32
+fn kubectl_minor(version: &str) -> Option<u32> {
+    let v = version
+        .lines()
+        .find_map(|l| l.strip_prefix("Client Version: v"))?;
+    let mut parts = v.split('.');
+    (parts.next()? == "1").then_some(())?;
+    parts
+        .next()?
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .ok()
 }
 
 fn build() -> Result<()> {
@@ -544,4 +616,20 @@ thread_local! {
     /// The tally of a run that failed (its Err carries no counts).
     static FAILED_TALLY: std::cell::RefCell<Option<(u64, u64)>> =
         const { std::cell::RefCell::new(None) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubectl_versions_parse() {
+        assert_eq!(
+            kubectl_minor("Client Version: v1.32.4-dispatcher\nKustomize Version: v5.5.0"),
+            Some(32)
+        );
+        assert_eq!(kubectl_minor("Client Version: v1.20.15"), Some(20));
+        assert_eq!(kubectl_minor("Client Version: v1.27+"), Some(27));
+        assert_eq!(kubectl_minor("error: unknown flag"), None);
+    }
 }

@@ -77,7 +77,9 @@ pub enum Command {
         /// force. SIGHUP still reloads it.
         #[arg(long)]
         no_watch_policy: bool,
-        /// Where to serve Prometheus metrics (`/metrics`), or `off`.
+        /// Where to serve Prometheus metrics (`/metrics`, and the probes `/healthz` and
+        /// `/readyz`), or `off`. An IPv6 address may go without brackets, as Kubernetes'
+        /// `$(HOST_IP):9617` gives it.
         #[arg(long, value_name = "ADDR|off", default_value = metrics::DEFAULT_LISTEN)]
         metrics_listen: metrics::Listen,
         /// Series of their own for the N instances with the most tasks (`top:N`, N up to
