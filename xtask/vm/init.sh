@@ -125,8 +125,9 @@ elif [ "$expect" = runs ]; then
     for t in /tests/*; do
         [ -x "$t" ] || continue
         name=${t##*/}
-        # Host-only files: the guests have no podman (containers), python3 or node (guide).
-        case $name in containers | guide) continue ;; esac
+        # Host-only files: the guests have no podman (containers), python3 or node (guide),
+        # or promtool (monitoring).
+        case $name in containers | guide | monitoring) continue ;; esac
         # `sg.suites=a,b`: only these test files (cargo xtask test trims the slowest guest).
         suites=$(sed -n 's/.*sg.suites=\([^ ]*\).*/\1/p' /proc/cmdline)
         if [ -n "$suites" ]; then
