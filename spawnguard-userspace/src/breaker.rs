@@ -64,6 +64,10 @@ pub struct BreakerView {
     /// over and it waits for a probe).
     #[serde(default)]
     pub open_since_unix_seconds: Option<f64>,
+    /// How long the current opening lasts (its deadline less the time it opened), while it is
+    /// open: what an alert compares the time since `open_since_unix_seconds` with.
+    #[serde(default)]
+    pub open_for_seconds: Option<f64>,
 }
 
 fn view(type_name: &str, s: &BreakerState, now_ms: u64) -> BreakerView {
@@ -93,6 +97,8 @@ fn view(type_name: &str, s: &BreakerState, now_ms: u64) -> BreakerView {
                     .map_or(0.0, |d| d.as_secs_f64())
             },
         ),
+        open_for_seconds: (breaker_state(w) == BREAKER_OPEN && s.last_change_ms != 0)
+            .then(|| until.saturating_sub(s.last_change_ms) as f64 / 1000.0),
     }
 }
 
@@ -244,6 +250,37 @@ mod tests {
         assert_eq!(state_name(BREAKER_PROBING), "half-open");
         assert_eq!(state_name(3), "unknown");
         assert_eq!(state_name(1 << 40), "unknown");
+    }
+
+    /// The open duration is the opening's own (deadline less the time it opened), so an alert can
+    /// tell "open longer than it should be" from the time since it opened; it stays while the
+    /// open time is over and the breaker waits for a probe, and is gone once it is not open.
+    #[test]
+    fn an_open_breaker_reports_how_long_its_opening_lasts() {
+        let opened = BreakerState {
+            word: breaker_word(BREAKER_OPEN, 1, 100_000 + 120_000),
+            last_change_ms: 100_000,
+            ..Default::default()
+        };
+        let v = view("t", &opened, 130_000);
+        assert_eq!(
+            (v.state.as_str(), v.open_for_seconds),
+            ("open", Some(120.0))
+        );
+        assert_eq!(v.retry_in_seconds, Some(90.0));
+        let waiting = view("t", &opened, 400_000);
+        assert_eq!(
+            (waiting.state.as_str(), waiting.open_for_seconds),
+            ("half-open", Some(120.0))
+        );
+        let probing = BreakerState {
+            word: breaker_word(BREAKER_PROBING, 2, 500_000),
+            last_change_ms: 400_000,
+            ..Default::default()
+        };
+        assert_eq!(view("t", &probing, 410_000).open_for_seconds, None);
+        let closed = BreakerState::default();
+        assert_eq!(view("t", &closed, 410_000).open_for_seconds, None);
     }
 
     #[test]

@@ -431,6 +431,18 @@ const BREAKER_FAMILIES: &[Family<TypeStatus>] = &[
             }
         }),
     },
+    Family {
+        name: "spawnguard_breaker_open_duration_seconds",
+        help: "How long the type's breaker's current opening lasts (its backoff step's open \
+               time, or a manual open's), 0 when it is not open: open longer than this, it \
+               waits for a probe instance.",
+        labels: &["type"],
+        samples: Samples::FloatGauge(|t, out| {
+            if let Some(b) = &t.breaker {
+                out(&[], b.open_for_seconds.unwrap_or(0.0));
+            }
+        }),
+    },
 ];
 
 /// The host and the kernel side as a whole.
@@ -753,7 +765,7 @@ mod tests {
                 "breaker_open": 0},
             "breaker": {"type": "ci", "state": "open", "step": 1, "retry_in_seconds": 2.5,
                 "trips": 1, "last_cause": "failures", "seconds_since_last_change": 1.0,
-                "open_since_unix_seconds": 1764806399.0}
+                "open_since_unix_seconds": 1764806399.0, "open_for_seconds": 30.0}
         }],
         "instances": [
             {"id": 900000000000002, "path": "", "type": "ci", "tasks": 0, "admitted": false,
@@ -810,6 +822,9 @@ spawnguard_audit_denials_total{reason="max_total_tasks",type="ci"} 0
 # HELP spawnguard_breaker_backoff_step Index into the type's open durations used by the next opening.
 # TYPE spawnguard_breaker_backoff_step gauge
 spawnguard_breaker_backoff_step{type="ci"} 1
+# HELP spawnguard_breaker_open_duration_seconds How long the type's breaker's current opening lasts (its backoff step's open time, or a manual open's), 0 when it is not open: open longer than this, it waits for a probe instance.
+# TYPE spawnguard_breaker_open_duration_seconds gauge
+spawnguard_breaker_open_duration_seconds{type="ci"} 30
 # HELP spawnguard_breaker_open_since_timestamp_seconds Unix time at which the type's breaker opened (0 when it is not open).
 # TYPE spawnguard_breaker_open_since_timestamp_seconds gauge
 spawnguard_breaker_open_since_timestamp_seconds{type="ci"} 1764806399

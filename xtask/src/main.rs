@@ -109,6 +109,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Write the Prometheus Operator's PrometheusRule from deploy/prometheus/alerts.yaml (its
+    /// groups, word for word), so the two never differ.
+    PrometheusRule,
 }
 
 fn main() -> Result<()> {
@@ -160,6 +163,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::PrometheusRule => prometheus_rule(&root),
         Cmd::Bench { args } => {
             build()?;
             run(Command::new(root.join("target/release/sg-bench"))
@@ -167,6 +171,49 @@ fn main() -> Result<()> {
                 .env("SPAWNGUARD_BIN", root.join("target/release/spawnguard")))
         }
     }
+}
+
+/// The PrometheusRule's own part: the groups of alerts.yaml follow under `spec`.
+const PROMETHEUS_RULE_HEAD: &str = "\
+---
+# Generated from deploy/prometheus/alerts.yaml by `cargo xtask prometheus-rule`:
+# edit that file and run it (tests/tests/monitoring.rs checks that they agree).
+apiVersion: monitoring.coreos.com/v1
+kind: PrometheusRule
+metadata:
+  name: spawnguard
+  namespace: spawnguard
+  labels:
+    app.kubernetes.io/name: spawnguard
+    app.kubernetes.io/component: alert-rules
+    # What kube-prometheus' Prometheus selects rules by; kube-prometheus-stack
+    # selects `release: <its release name>` unless its
+    # ruleSelectorNilUsesHelmValues is false.
+    prometheus: k8s
+    role: alert-rules
+spec:
+";
+
+/// Writes deploy/kubernetes/overlays/prometheus-operator/prometheusrule.yaml: the head above,
+/// then alerts.yaml from its `groups:` on, indented under `spec`.
+fn prometheus_rule(root: &Path) -> Result<()> {
+    let alerts = std::fs::read_to_string(root.join("deploy/prometheus/alerts.yaml"))?;
+    let start = alerts
+        .find("\ngroups:")
+        .context("deploy/prometheus/alerts.yaml has no top-level `groups:`")?;
+    let mut out = PROMETHEUS_RULE_HEAD.to_owned();
+    for line in alerts[start + 1..].lines() {
+        if !line.is_empty() {
+            out += "  ";
+        }
+        out += line;
+        out += "\n";
+    }
+    let path = root.join("deploy/kubernetes/overlays/prometheus-operator/prometheusrule.yaml");
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    std::fs::write(&path, out)?;
+    println!("wrote {}", path.display());
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {

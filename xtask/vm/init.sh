@@ -126,8 +126,8 @@ elif [ "$expect" = runs ]; then
         [ -x "$t" ] || continue
         name=${t##*/}
         # Host-only files: the guests have no podman (containers), python3 or node (guide),
-        # kubectl or the venv of deploy/kubernetes' checkers (kubernetes).
-        case $name in containers | guide | kubernetes) continue ;; esac
+        # kubectl or the venv of deploy/kubernetes' checkers (kubernetes), or promtool (monitoring).
+        case $name in containers | guide | kubernetes | monitoring) continue ;; esac
         # `sg.suites=a,b`: only these test files (cargo xtask test trims the slowest guest).
         suites=$(sed -n 's/.*sg.suites=\([^ ]*\).*/\1/p' /proc/cmdline)
         if [ -n "$suites" ]; then
