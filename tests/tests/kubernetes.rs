@@ -887,7 +887,7 @@ fn kubernetes_daemonset_pod_runs_holds_a_bomb_and_hands_its_pinned_enforcer_over
     assert_eq!(reloads(&before_edit), Some(0.0), "{before_edit}");
     template.update_configmap("policy.toml", &format!("{policy_text}\n# edited\n"));
     assert!(
-        wait_for(Duration::from_secs(10), || reloads(&scrape()) == Some(1.0)),
+        wait_for(Duration::from_secs(30), || reloads(&scrape()) == Some(1.0)),
         "the ConfigMap update was not applied: {}",
         pods.log(&first)
     );
