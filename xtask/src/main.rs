@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod package;
+mod steps;
 mod vm;
 
 const APT_PACKAGES: &[&str] = &[
@@ -93,6 +94,14 @@ enum Cmd {
         #[arg(long)]
         bench: bool,
     },
+    /// build, then load every backend's programs this kernel can load (never attached) and
+    /// compare their verifier steps with tests/verifier-steps.toml; `--record` writes this
+    /// kernel's section instead. Loads programs: hold the host lock
+    /// (`flock /tmp/sg-host.lock cargo xtask verifier-steps --record`).
+    VerifierSteps {
+        #[arg(long)]
+        record: bool,
+    },
     /// build, then measure fork/thread/syscall overhead with and without spawnguard.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -148,6 +157,10 @@ fn main() -> Result<()> {
                 bail!("vm-test failed");
             }
             Ok(())
+        }
+        Cmd::VerifierSteps { record } => {
+            build()?;
+            steps::run(&root, record)
         }
         Cmd::Bench { args } => {
             build()?;
