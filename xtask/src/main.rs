@@ -40,6 +40,8 @@ const APT_PACKAGES: &[&str] = &[
     // The systemd guest: its Debian rootfs, packed as a zstd initramfs.
     "mmdebstrap",
     "zstd",
+    // `cargo xtask bench --only decisions`: a load generator nobody here wrote.
+    "stress-ng",
 ];
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 const RUST_SRC: &str = "/usr/lib/rustlib/src/rust/library/core";
@@ -237,7 +239,8 @@ fn setup() -> Result<()> {
         && Path::new("/usr/bin/python3").exists()
         && Path::new("/usr/bin/node").exists()
         && Path::new("/usr/bin/mmdebstrap").exists()
-        && Path::new("/usr/bin/zstd").exists();
+        && Path::new("/usr/bin/zstd").exists()
+        && Path::new("/usr/bin/stress-ng").exists();
     if !have_toolchain {
         if !is_root() {
             bail!(

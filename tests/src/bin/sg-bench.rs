@@ -7,11 +7,19 @@
 //! The scrape benchmark times `GET /metrics` with 0 (the baseline), 1,000 and 10,000
 //! instances registered, with the daemon's CPU time per scrape and its resident memory.
 //!
+//! The decisions benchmark (`--only decisions`, `src/bench/decisions.rs`) reads what each
+//! program costs per run from the kernel's BPF statistics, beside floor programs, the pids
+//! controller and stress-ng, at 1, 1,000 and 10,000 instances registered (`--scales`).
+//!
 //!   sg-bench [--rounds N (default 7)] [--backend LIST (lsm,kill,kill-compat; default both kill
-//!            backends)] [--only overhead|scrape]
+//!            backends)] [--only overhead|scrape|decisions|pids|stress] [--scales 1,1000,10000]
 //!   sg-bench measure            (internal: one measurement, printed as key=value)
+//!   sg-bench work KIND N ARG    (internal: a decisions worker)
 
 use std::{fs, path::Path, process::Command, time::Instant};
+
+#[path = "../bench/decisions.rs"]
+mod decisions;
 
 use spawnguard_tests::{
     bomb_bin, cgroup2_mount, http_get, policy, series_count, spawnguard_bin, CgroupTree, Daemon,
@@ -385,6 +393,14 @@ fn main() {
         measure();
         return;
     }
+    if args.get(1).map(String::as_str) == Some("work") {
+        decisions::work(
+            &args[2],
+            args[3].parse().expect("work KIND N ARG"),
+            args.get(4).map_or("", String::as_str),
+        );
+        return;
+    }
     let flag = |name: &str| {
         args.iter()
             .position(|a| a == name)
@@ -409,6 +425,28 @@ fn main() {
         spawnguard_bin().display()
     );
     let only = flag("--only");
+    match only.as_deref() {
+        Some("decisions") => {
+            let scales: Vec<usize> = flag("--scales").map_or(vec![1, 1_000, 10_000], |s| {
+                s.split(',')
+                    .map(|n| n.parse().expect("--scales N,N"))
+                    .collect()
+            });
+            for b in &backends {
+                decisions::bench(b, rounds, &scales);
+            }
+            decisions::pids_anchor(rounds.max(7));
+            return;
+        }
+        Some("pids") => return decisions::pids_anchor(rounds),
+        Some("stress") => {
+            for b in &backends {
+                decisions::stress_ratio(b, rounds);
+            }
+            return;
+        }
+        _ => {}
+    }
     if only.as_deref() != Some("scrape") {
         for b in &backends {
             bench_backend(b, rounds);
