@@ -125,6 +125,13 @@ if [ "$expect" = runs ] && grep -q "sg.bench=1" /proc/cmdline; then
     rc=$?
     cat /tmp/bench.txt
     check bench $rc "sg-bench exit $rc"
+    # Cost per decision from the kernel's BPF statistics (#18), beside the floor programs and
+    # the pids controller on cgroup v2: TCG inflates every time, so ratios within this guest.
+    SPAWNGUARD_BIN=/bin/spawnguard sg-bench --only decisions --rounds 1 --scales 1,1000 \
+        --backend $backend > /tmp/decisions.txt 2>&1
+    rc=$?
+    cat /tmp/decisions.txt
+    check bench-decisions $rc "sg-bench --only decisions exit $rc"
 elif [ "$expect" = runs ]; then
     # The privileged end-to-end suite, as on the host: every backend this kernel has for
     # real (lsm, kill-compat), the kill backend as a clean refusal. Host-only tests (a

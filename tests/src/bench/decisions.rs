@@ -120,7 +120,11 @@ fn case(
         })
         .collect();
     for mut c in children {
-        assert!(c.wait().unwrap().success(), "worker {kind} failed");
+        let status = c.wait().unwrap();
+        assert!(
+            status.success(),
+            "worker {kind} in {cgroup:?} failed: {status}"
+        );
     }
     let after = stats();
     let ops = f64::from(OPS) * workers as f64;
@@ -233,6 +237,23 @@ pub fn bench(backend: &str, rounds: usize, scales: &[usize]) {
 [type.breaker]\nstartup_window = \"1s\"\n";
     let floors = Floors::attach();
     let daemon = Daemon::start(text, backend).expect("start the daemon");
+    // A task held in each measured instance: the instance stays admitted between rounds (an
+    // instance that empties within its type's startup_window is a start-up failure, and three
+    // of them open the breaker, which then refuses the next round's worker).
+    let holders: Vec<_> = [root.join("agents/inside"), root.join("brk/inside")]
+        .iter()
+        .map(|dir| {
+            fs::create_dir_all(dir).unwrap();
+            let procs = dir.join("cgroup.procs");
+            let mut cmd = Command::new("sleep");
+            cmd.arg("3600");
+            // SAFETY: only a write(2) of our pid into cgroup.procs before exec.
+            unsafe {
+                cmd.pre_exec(move || fs::write(&procs, std::process::id().to_string()));
+            }
+            cmd.spawn().unwrap()
+        })
+        .collect();
     let mut programs = spawnguard_ids();
     programs.extend(floors.ids());
     let agents = root.join("agents");
@@ -301,6 +322,10 @@ pub fn bench(backend: &str, rounds: usize, scales: &[usize]) {
             }
             println!(" {total:.0} | {:.1} |", total / floor);
         }
+    }
+    for mut h in holders {
+        let _ = h.kill();
+        let _ = h.wait();
     }
     drop(daemon);
     drop(floors);

@@ -13,6 +13,7 @@
 //!
 //!   sg-bench [--rounds N (default 7)] [--backend LIST (lsm,kill,kill-compat; default both kill
 //!            backends)] [--only overhead|scrape|decisions|pids|stress] [--scales 1,1000,10000]
+//!            [--no-pids (decisions without the pids controller's anchor)]
 //!   sg-bench measure            (internal: one measurement, printed as key=value)
 //!   sg-bench work KIND N ARG    (internal: a decisions worker)
 
@@ -309,6 +310,8 @@ fn daemon_usage(pid: u32) -> (u64, u64) {
 }
 
 const SCRAPES: usize = 40;
+/// Seconds the daemon is left idle at each scale (its CPU time over them).
+const IDLE_SECS: u64 = 5;
 const SCRAPE_ADDR: &str = "127.0.0.1:19618";
 
 fn bench_scrape() {
@@ -331,8 +334,8 @@ fn bench_scrape() {
     println!(
         "\nscrape cost: `GET /metrics` with --metrics-instances top:20, {SCRAPES} scrapes each"
     );
-    println!("| instances registered | scrape (median) | ratio to 0 | daemon CPU per scrape | daemon RSS | series |");
-    println!("|---|---|---|---|---|---|");
+    println!("| instances registered | scrape (median) | ratio to 0 | daemon CPU per scrape | daemon CPU per second idle | daemon RSS | series |");
+    println!("|---|---|---|---|---|---|---|");
     let mut holders = Vec::new();
     let mut made = 0;
     let mut baseline = 0.0;
@@ -368,12 +371,16 @@ fn bench_scrape() {
             series = series_count(&body);
         }
         let (ticks1, rss) = daemon_usage(daemon.pid());
+        // Idle: no scrape, nothing forking in the instances, for IDLE_SECS.
+        std::thread::sleep(std::time::Duration::from_secs(IDLE_SECS));
+        let (ticks2, _) = daemon_usage(daemon.pid());
+        let idle_ms = (ticks2 - ticks1) as f64 * tick_ms / IDLE_SECS as f64;
         let ms = median(times);
         if n == 0 {
             baseline = ms;
         }
         println!(
-            "| {n} | {ms:.2} ms | {:.2} | {:.2} ms | {:.1} MB | {series} |",
+            "| {n} | {ms:.2} ms | {:.2} | {:.2} ms | {idle_ms:.1} ms | {:.1} MB | {series} |",
             ms / baseline,
             (ticks1 - ticks0) as f64 * tick_ms / SCRAPES as f64,
             rss as f64 / 1024.0
@@ -435,7 +442,9 @@ fn main() {
             for b in &backends {
                 decisions::bench(b, rounds, &scales);
             }
-            decisions::pids_anchor(rounds.max(7));
+            if !args.iter().any(|a| a == "--no-pids") {
+                decisions::pids_anchor(rounds.max(7));
+            }
             return;
         }
         Some("pids") => return decisions::pids_anchor(rounds),
