@@ -118,20 +118,20 @@ spawnguard doctor --verifier-steps --backend $backend > /tmp/steps.txt 2>&1; rc=
 cat /tmp/steps.txt
 check verifier-steps $rc "$(grep '^all programs' /tmp/steps.txt | tr -s ' '), each under half the limit ($(( $(date +%s) - start )) s)"
 if [ "$expect" = runs ] && grep -q "sg.bench=1" /proc/cmdline; then
-    # `vm-test --bench`: overhead of the backends this kernel runs, against a baseline in
-    # the same guest (TCG: ratios only).
-    SPAWNGUARD_BIN=/bin/spawnguard SG_BOMB_BIN=/bin/sg-bomb \
-        sg-bench --only overhead --rounds 3 --backend lsm,kill-compat > /tmp/bench.txt 2>&1
-    rc=$?
-    cat /tmp/bench.txt
-    check bench $rc "sg-bench exit $rc"
-    # Cost per decision from the kernel's BPF statistics (#18), beside the floor programs and
-    # the pids controller on cgroup v2: TCG inflates every time, so ratios within this guest.
+    # `vm-test --bench`: cost per decision from the kernel's BPF statistics (#18), beside the
+    # floor programs and the pids controller on cgroup v2 (TCG inflates every time: ratios
+    # within this guest only); then the overhead of the backends this kernel runs, against a
+    # baseline in the same guest.
     SPAWNGUARD_BIN=/bin/spawnguard sg-bench --only decisions --rounds 1 --scales 1,1000 \
         --backend $backend > /tmp/decisions.txt 2>&1
     rc=$?
     cat /tmp/decisions.txt
     check bench-decisions $rc "sg-bench --only decisions exit $rc"
+    SPAWNGUARD_BIN=/bin/spawnguard SG_BOMB_BIN=/bin/sg-bomb \
+        sg-bench --only overhead --rounds 3 --backend lsm,kill-compat > /tmp/bench.txt 2>&1
+    rc=$?
+    cat /tmp/bench.txt
+    check bench $rc "sg-bench exit $rc"
 elif [ "$expect" = runs ]; then
     # The privileged end-to-end suite, as on the host: every backend this kernel has for
     # real (lsm, kill-compat), the kill backend as a clean refusal. Host-only tests (a
