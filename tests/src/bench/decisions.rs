@@ -461,8 +461,9 @@ pub fn stress_ratio(backend: &str, rounds: usize) {
     let text =
         "[[type]]\nname = \"bench\"\npath = \"spawnguard-bench/agents\"\nmax_tasks = 100000\n";
     let secs = 5;
-    let (mut base, mut loaded): (Vec<BTreeMap<String, f64>>, Vec<BTreeMap<String, f64>>) =
-        (Vec::new(), Vec::new());
+    // Bogo-ops per stressor, one map per round.
+    let mut base: Vec<BTreeMap<String, f64>> = Vec::new();
+    let mut loaded: Vec<BTreeMap<String, f64>> = Vec::new();
     let mut costs: Vec<BTreeMap<String, Cost>> = Vec::new();
     for i in 0..rounds {
         base.push(stress(&root.join(format!("plain-{i}")), secs));
