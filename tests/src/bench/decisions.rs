@@ -225,8 +225,10 @@ const CASES: &[(&str, &str)] = &[
     ),
 ];
 
-/// The decision costs for `backend` at each count of idle instances registered.
-pub fn bench(backend: &str, rounds: usize, scales: &[usize]) {
+/// The decision costs for `backend` at each count of idle instances registered, with `types`
+/// types in the policy (the three measured ones, and the rest one level deeper, so a task's
+/// placement checks two type levels).
+pub fn bench(backend: &str, rounds: usize, scales: &[usize], types: usize) {
     let _stats = enable_stats(Stats::RunTime).expect("BPF_ENABLE_STATS");
     let root = cgroup2_mount().join("spawnguard-bench");
     let tree = CgroupTree::new(root.clone());
@@ -234,9 +236,18 @@ pub fn bench(backend: &str, rounds: usize, scales: &[usize]) {
 [[type]]\nname = \"bench\"\npath = \"spawnguard-bench/agents\"\nmax_tasks = 100000\n\
 [[type]]\nname = \"tight\"\npath = \"spawnguard-bench/tight\"\nmax_tasks = 1\n\
 [[type]]\nname = \"brk\"\npath = \"spawnguard-bench/brk\"\nmax_tasks = 100000\n\
-[type.breaker]\nstartup_window = \"1s\"\n";
+[type.breaker]\nstartup_window = \"1s\"\n"
+        .to_owned()
+        + &(3..types.max(3))
+            .map(|i| {
+                format!(
+                    "[[type]]\nname = \"more{i}\"\npath = \"spawnguard-bench/more/t{i}\"\n\
+                     max_tasks = 100000\n"
+                )
+            })
+            .collect::<String>();
     let floors = Floors::attach();
-    let daemon = Daemon::start(text, backend).expect("start the daemon");
+    let daemon = Daemon::start(&text, backend).expect("start the daemon");
     // A task held in each measured instance: the instance stays admitted between rounds (an
     // instance that empties within its type's startup_window is a start-up failure, and three
     // of them open the breaker, which then refuses the next round's worker).
@@ -261,8 +272,9 @@ pub fn bench(backend: &str, rounds: usize, scales: &[usize]) {
     let plain = root.join("plain");
     let mut made = 0;
     println!(
-        "\n### decisions, backend {backend}: ns per run (runs per operation), median of {rounds} \
-         rounds of {OPS} operations"
+        "\n### decisions, backend {backend}, {} types: ns per run (runs per operation), median of \
+         {rounds} rounds of {OPS} operations",
+        types.max(3)
     );
     for &scale in scales {
         // Idle instance directories: known to the kernel (a creation time each), no task.

@@ -13,7 +13,7 @@
 //!
 //!   sg-bench [--rounds N (default 7)] [--backend LIST (lsm,kill,kill-compat; default both kill
 //!            backends)] [--only overhead|scrape|decisions|pids|stress] [--scales 1,1000,10000]
-//!            [--no-pids (decisions without the pids controller's anchor)]
+//!            [--no-pids (decisions without the pids controller's anchor)] [--types N (default 3)]
 //!   sg-bench measure            (internal: one measurement, printed as key=value)
 //!   sg-bench work KIND N ARG    (internal: a decisions worker)
 
@@ -439,8 +439,9 @@ fn main() {
                     .map(|n| n.parse().expect("--scales N,N"))
                     .collect()
             });
+            let types: usize = flag("--types").map_or(3, |t| t.parse().expect("--types N"));
             for b in &backends {
-                decisions::bench(b, rounds, &scales);
+                decisions::bench(b, rounds, &scales, types);
             }
             if !args.iter().any(|a| a == "--no-pids") {
                 decisions::pids_anchor(rounds.max(7));
