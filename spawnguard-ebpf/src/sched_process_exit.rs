@@ -29,7 +29,9 @@ pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
     if unsafe { CONDEMNED.get(&tgid) }.is_some() && kernel::is_group_dead(current) {
         let _ = CONDEMNED.remove(&tgid);
     }
-    if DOOMED.remove(&pid).is_ok() {
+    // Looked up before it is deleted: a delete takes the bucket's lock even for a missing key,
+    // and almost no exiting task was doomed (#18).
+    if DOOMED.get_ptr(&pid).is_some() && DOOMED.remove(&pid).is_ok() {
         // A denied task, or one let through uncounted: never counted.
         return 0;
     }

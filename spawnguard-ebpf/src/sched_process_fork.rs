@@ -48,13 +48,22 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
         return 0;
     };
     // Ids are reused: whatever a previous owner of this pid left in DOOMED must not apply to
-    // the new task (it would be killed, or its exit skipped).
-    let _ = DOOMED.remove(&child_pid);
+    // the new task (it would be killed, or its exit skipped). Looked up before it is deleted:
+    // a delete takes the bucket's lock even when the key is missing, a lookup takes none, and
+    // almost every fork has nothing to clean up (#18). Nothing else writes these keys while
+    // the child has not run yet.
+    if DOOMED.get_ptr(&child_pid).is_some() {
+        let _ = DOOMED.remove(&child_pid);
+    }
     if child_pid == child_tgid {
-        let _ = CONDEMNED.remove(&child_tgid);
+        if CONDEMNED.get_ptr(&child_tgid).is_some() {
+            let _ = CONDEMNED.remove(&child_tgid);
+        }
         // A new process: a record its pid's previous owner left (released, not yet freed)
         // must not make its exit release what it never held.
-        let _ = PROCESSES.remove(&child_tgid);
+        if PROCESSES.get_ptr(&child_tgid).is_some() {
+            let _ = PROCESSES.remove(&child_tgid);
+        }
     }
     if let Some(p) = pending {
         if settle_pending(&p, child, child_pid, child_tgid) {

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod package;
+mod steps;
 mod vm;
 
 const APT_PACKAGES: &[&str] = &[
@@ -41,6 +42,8 @@ const APT_PACKAGES: &[&str] = &[
     // The systemd guest: its Debian rootfs, packed as a zstd initramfs.
     "mmdebstrap",
     "zstd",
+    // `cargo xtask bench --only decisions`: a load generator nobody here wrote.
+    "stress-ng",
 ];
 /// The checkers of deploy/kubernetes (tests/tests/kubernetes.rs), from PyPI at pinned versions,
 /// in a venv of Debian's python3 at a fixed path (`PY_VENV/bin/kubernetes-validate`,
@@ -104,6 +107,14 @@ enum Cmd {
         #[arg(long)]
         bench: bool,
     },
+    /// build, then load every backend's programs this kernel can load (never attached) and
+    /// compare their verifier steps with tests/verifier-steps.toml; `--record` writes this
+    /// kernel's section instead. Loads programs: hold the host lock
+    /// (`flock /tmp/sg-host.lock cargo xtask verifier-steps --record`).
+    VerifierSteps {
+        #[arg(long)]
+        record: bool,
+    },
     /// build, then measure fork/thread/syscall overhead with and without spawnguard.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -164,6 +175,10 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::PrometheusRule => prometheus_rule(&root),
+        Cmd::VerifierSteps { record } => {
+            build()?;
+            steps::run(&root, record)
+        }
         Cmd::Bench { args } => {
             build()?;
             run(Command::new(root.join("target/release/sg-bench"))
@@ -283,7 +298,8 @@ fn setup() -> Result<()> {
         && Path::new("/usr/bin/node").exists()
         && Path::new("/usr/bin/mmdebstrap").exists()
         && Path::new("/usr/bin/zstd").exists()
-        && Path::new("/usr/share/doc/python3-venv").exists();
+        && Path::new("/usr/share/doc/python3-venv").exists()
+        && Path::new("/usr/bin/stress-ng").exists();
     if !have_toolchain {
         if !is_root() {
             bail!(

@@ -182,6 +182,20 @@ pub enum Command {
     Doctor {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// Instead of the host checks: load (never attach) every program of a backend as `run`
+        /// would, and print the steps the kernel's verifier took for each, with their share of
+        /// its limit of 1,000,000. Exits non-zero when a program takes half the limit or more.
+        /// Root only; nothing stays loaded.
+        #[arg(long)]
+        verifier_steps: bool,
+        /// The backend whose programs `--verifier-steps` loads (`auto`: the one `run` would
+        /// choose here).
+        #[arg(long, value_enum, default_value_t = BackendChoice::Auto, requires = "verifier_steps")]
+        backend: BackendChoice,
+        /// Where `--verifier-steps` reads the counts: `prog-info` (5.16 and later) or the
+        /// verifier's `log` (any kernel). Default: the first this kernel has.
+        #[arg(long, value_enum, requires = "verifier_steps")]
+        steps_from: Option<loader::StepsFrom>,
     },
     /// A one-minute tour: adds a throw-away type to the running daemon's policy (or starts a
     /// daemon of its own), runs a bounded fork bomb, thread bomb and crash-respawn loop in it,
@@ -329,7 +343,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             instances,
             once,
         } => top::run(interval, instances, once).map(|()| ExitCode::SUCCESS),
-        Command::Doctor { output } => doctor::run(output),
+        Command::Doctor {
+            output,
+            verifier_steps: false,
+            ..
+        } => doctor::run(output),
+        Command::Doctor {
+            output,
+            verifier_steps: true,
+            backend,
+            steps_from,
+        } => doctor::verifier_steps(output, backend, steps_from),
         Command::Demo => demo::run().map(|()| ExitCode::SUCCESS),
         Command::DemoWorker { kind } => demo::worker(&kind).map(|()| ExitCode::SUCCESS),
         Command::Policy { command } => policy::run(command),

@@ -9,7 +9,7 @@ use aya::{
     maps::{Array, MapData, RingBuf},
     Ebpf, EbpfLoader,
 };
-use spawnguard_common::{maps, Meta, LAYOUT_VERSION};
+use spawnguard_common::{maps, KernelOffsets, Meta, LAYOUT_VERSION};
 
 use super::{
     attach::attach_and_pin,
@@ -82,6 +82,29 @@ impl MapCapacity {
             .saturating_mul(4)
             .max(spawnguard_common::MAX_CREATED)
     }
+}
+
+/// The eBPF object (its kfunc calls patched) loaded for `backend`, its maps created, no program
+/// loaded yet. The daemon's install and the verifier-steps report (`verifier.rs`) both load
+/// through here, so what the report measures is what the daemon loads.
+pub(super) fn load_object(
+    object: &[u8],
+    offsets: &KernelOffsets,
+    backend: Backend,
+    has_kill: bool,
+    capacity: MapCapacity,
+) -> Result<Ebpf> {
+    let code = backend as u32;
+    let stop_with_kfunc = u32::from(stops_with_kfunc(backend, has_kill));
+    EbpfLoader::new()
+        .verifier_log_level(VERIFIER_LOG)
+        .map_max_entries(maps::INSTANCES, capacity.instances)
+        .map_max_entries(maps::CREATED, capacity.created())
+        .override_global("KERNEL_OFFSETS", offsets, true)
+        .override_global("BACKEND", &code, true)
+        .override_global("STOP_WITH_KFUNC", &stop_with_kfunc, true)
+        .load(object)
+        .context("loading the eBPF object")
 }
 
 impl Enforcer {
@@ -184,19 +207,7 @@ impl Enforcer {
         let kfuncs = patch_kfunc_calls(&mut object, &btf)?;
         let has_kill = kfuncs.has(KILL_KFUNC);
         let kernel_btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
-        let load = |backend: Backend| -> Result<Ebpf> {
-            let code = backend as u32;
-            let stop_with_kfunc = u32::from(stops_with_kfunc(backend, has_kill));
-            EbpfLoader::new()
-                .verifier_log_level(VERIFIER_LOG)
-                .map_max_entries(maps::INSTANCES, capacity.instances)
-                .map_max_entries(maps::CREATED, capacity.created())
-                .override_global("KERNEL_OFFSETS", &offsets, true)
-                .override_global("BACKEND", &code, true)
-                .override_global("STOP_WITH_KFUNC", &stop_with_kfunc, true)
-                .load(&object)
-                .context("loading the eBPF object")
-        };
+        let load = |backend: Backend| load_object(&object, &offsets, backend, has_kill, capacity);
         // Where lsm may be chosen, the object is loaded for it and the probe runs from it: on a
         // kernel that has lsm, the object is loaded once.
         let mut lsm_object = None;

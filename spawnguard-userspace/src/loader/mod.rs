@@ -13,6 +13,7 @@
 //! - `type_paths.rs`: the type paths the kernel follows.
 //! - `reconcile.rs`: counting the agents that already run.
 //! - `uninstall.rs`: removing every pinned enforcer and waiting for the kernel to let go.
+//! - `verifier.rs`: each program's verifier steps, loaded as `install` loads it, not attached.
 
 mod attach;
 mod backend;
@@ -23,6 +24,7 @@ mod policy_maps;
 mod reconcile;
 mod type_paths;
 mod uninstall;
+mod verifier;
 
 pub use attach::SETTLE_PROGRAM;
 pub use backend::{probe_lsm, probe_lsm_reason, Backend, BackendChoice, KILL_KFUNC};
@@ -34,6 +36,10 @@ pub use pins::{
 };
 pub use policy_maps::{breaker_limits, name_of, place_types, PlacedType};
 pub use uninstall::uninstall;
+pub use verifier::{
+    verifier_steps, ProgramSteps, StepsError, StepsFrom, VerifierSteps, VERIFIED_INSNS_KERNEL,
+    VERIFIER_LIMIT,
+};
 
 use pins::check_no_other_layout;
 

@@ -7,11 +7,20 @@
 //! The scrape benchmark times `GET /metrics` with 0 (the baseline), 1,000 and 10,000
 //! instances registered, with the daemon's CPU time per scrape and its resident memory.
 //!
+//! The decisions benchmark (`--only decisions`, `src/bench/decisions.rs`) reads what each
+//! program costs per run from the kernel's BPF statistics, beside floor programs, the pids
+//! controller and stress-ng, at 1, 1,000 and 10,000 instances registered (`--scales`).
+//!
 //!   sg-bench [--rounds N (default 7)] [--backend LIST (lsm,kill,kill-compat; default both kill
-//!            backends)] [--only overhead|scrape]
+//!            backends)] [--only overhead|scrape|decisions|pids|stress] [--scales 1,1000,10000]
+//!            [--no-pids (decisions without the pids controller's anchor)] [--types N (default 3)]
 //!   sg-bench measure            (internal: one measurement, printed as key=value)
+//!   sg-bench work KIND N ARG    (internal: a decisions worker)
 
 use std::{fs, path::Path, process::Command, time::Instant};
+
+#[path = "../bench/decisions.rs"]
+mod decisions;
 
 use spawnguard_tests::{
     bomb_bin, cgroup2_mount, http_get, policy, series_count, spawnguard_bin, CgroupTree, Daemon,
@@ -301,6 +310,8 @@ fn daemon_usage(pid: u32) -> (u64, u64) {
 }
 
 const SCRAPES: usize = 40;
+/// Seconds the daemon is left idle at each scale (its CPU time over them).
+const IDLE_SECS: u64 = 5;
 const SCRAPE_ADDR: &str = "127.0.0.1:19618";
 
 fn bench_scrape() {
@@ -323,8 +334,8 @@ fn bench_scrape() {
     println!(
         "\nscrape cost: `GET /metrics` with --metrics-instances top:20, {SCRAPES} scrapes each"
     );
-    println!("| instances registered | scrape (median) | ratio to 0 | daemon CPU per scrape | daemon RSS | series |");
-    println!("|---|---|---|---|---|---|");
+    println!("| instances registered | scrape (median) | ratio to 0 | daemon CPU per scrape | daemon CPU per second idle | daemon RSS | series |");
+    println!("|---|---|---|---|---|---|---|");
     let mut holders = Vec::new();
     let mut made = 0;
     let mut baseline = 0.0;
@@ -360,12 +371,16 @@ fn bench_scrape() {
             series = series_count(&body);
         }
         let (ticks1, rss) = daemon_usage(daemon.pid());
+        // Idle: no scrape, nothing forking in the instances, for IDLE_SECS.
+        std::thread::sleep(std::time::Duration::from_secs(IDLE_SECS));
+        let (ticks2, _) = daemon_usage(daemon.pid());
+        let idle_ms = (ticks2 - ticks1) as f64 * tick_ms / IDLE_SECS as f64;
         let ms = median(times);
         if n == 0 {
             baseline = ms;
         }
         println!(
-            "| {n} | {ms:.2} ms | {:.2} | {:.2} ms | {:.1} MB | {series} |",
+            "| {n} | {ms:.2} ms | {:.2} | {:.2} ms | {idle_ms:.1} ms | {:.1} MB | {series} |",
             ms / baseline,
             (ticks1 - ticks0) as f64 * tick_ms / SCRAPES as f64,
             rss as f64 / 1024.0
@@ -383,6 +398,14 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("measure") {
         measure();
+        return;
+    }
+    if args.get(1).map(String::as_str) == Some("work") {
+        decisions::work(
+            &args[2],
+            args[3].parse().expect("work KIND N ARG"),
+            args.get(4).map_or("", String::as_str),
+        );
         return;
     }
     let flag = |name: &str| {
@@ -409,6 +432,31 @@ fn main() {
         spawnguard_bin().display()
     );
     let only = flag("--only");
+    match only.as_deref() {
+        Some("decisions") => {
+            let scales: Vec<usize> = flag("--scales").map_or(vec![1, 1_000, 10_000], |s| {
+                s.split(',')
+                    .map(|n| n.parse().expect("--scales N,N"))
+                    .collect()
+            });
+            let types: usize = flag("--types").map_or(3, |t| t.parse().expect("--types N"));
+            for b in &backends {
+                decisions::bench(b, rounds, &scales, types);
+            }
+            if !args.iter().any(|a| a == "--no-pids") {
+                decisions::pids_anchor(rounds.max(7));
+            }
+            return;
+        }
+        Some("pids") => return decisions::pids_anchor(rounds),
+        Some("stress") => {
+            for b in &backends {
+                decisions::stress_ratio(b, rounds);
+            }
+            return;
+        }
+        _ => {}
+    }
     if only.as_deref() != Some("scrape") {
         for b in &backends {
             bench_backend(b, rounds);
