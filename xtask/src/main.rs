@@ -67,8 +67,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what is missing: Debian's rustc and rust-src, LLVM 22, bpf-linker, Prometheus,
-    /// qemu, podman and runc, python3 and node, kubernetes-validate and yamllint (a venv); check
-    /// that kubectl is 1.27 or newer.
+    /// qemu, podman and runc, python3 and node, kubernetes-validate and yamllint (a venv); warn
+    /// when kubectl is older than 1.27 (`test` fails then).
     Setup,
     /// setup, then build the eBPF object and the `spawnguard` binary (release).
     Build,
@@ -331,7 +331,10 @@ fn setup() -> Result<()> {
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
     python_tools()?;
-    check_kubectl()?;
+    // Only the tests render deploy/kubernetes: a host that runs spawnguard needs no kubectl.
+    if let Err(e) = check_kubectl() {
+        eprintln!("xtask: warning: {e:#} (`cargo xtask test` needs it)");
+    }
     if !cargo_tool_installed("cargo-deb") {
         eprintln!("xtask: installing cargo-deb {}", package::CARGO_DEB_VERSION);
         run(cargo().args([
@@ -537,6 +540,7 @@ fn guest_packages() -> Result<vm::Debs> {
 
 fn test(root: &Path, args: &[String]) -> Result<()> {
     build()?;
+    check_kubectl()?;
     let mut total = Tally::default();
     // Unit tests (the decision logic, policy, BTF, ...): no privileges needed.
     let unit = run_tests(cargo().args([
