@@ -26,6 +26,9 @@ pub struct Health {
     links: Vec<PathBuf>,
     /// The last look at `links`: when, and the first one missing.
     pins: Mutex<Option<(Instant, Option<PathBuf>)>>,
+    /// A loop that has not turned yet is given [`STALE_AFTER`] from here: the listener can
+    /// answer before every loop's first turn.
+    started: Instant,
 }
 
 impl Health {
@@ -35,6 +38,7 @@ impl Health {
             ready: AtomicBool::new(false),
             links,
             pins: Mutex::new(None),
+            started: Instant::now(),
         }
     }
 
@@ -45,12 +49,18 @@ impl Health {
 
     /// `/healthz`: every loop turned within [`STALE_AFTER`]; else which one did not.
     pub fn alive(&self) -> Result<(), String> {
+        self.alive_after(self.started.elapsed())
+    }
+
+    /// [`Self::alive`], `since_start` after the loops were started.
+    fn alive_after(&self, since_start: Duration) -> Result<(), String> {
         let stuck: Vec<String> = self
             .loops
             .iter()
             .filter_map(|(name, h)| match h.since_last_beat() {
                 Some(d) if d < STALE_AFTER => None,
                 Some(d) => Some(format!("{name} did not turn for {}s", d.as_secs())),
+                None if since_start < STALE_AFTER => None,
                 None => Some(format!("{name} never turned")),
             })
             .collect();
@@ -108,10 +118,12 @@ mod tests {
     fn alive_while_every_loop_turns() {
         let (a, b) = (Heartbeat::default(), Heartbeat::default());
         let h = Health::new(vec![("a", a.clone()), ("b", b.clone())], vec![]);
+        // Just started: a loop that has not turned yet is not stuck.
+        assert_eq!(h.alive_after(Duration::ZERO), Ok(()));
         a.beat();
-        assert_eq!(h.alive(), Err("b never turned".into()));
+        assert_eq!(h.alive_after(STALE_AFTER), Err("b never turned".into()));
         b.beat();
-        assert_eq!(h.alive(), Ok(()));
+        assert_eq!(h.alive_after(STALE_AFTER), Ok(()));
     }
 
     #[test]
