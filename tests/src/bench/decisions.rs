@@ -87,6 +87,23 @@ fn stats() -> BTreeMap<u32, (u64, u64)> {
         .collect()
 }
 
+/// A program's ns per run and its runs between two [`stats`] snapshots (0 ns when it never ran).
+fn delta(
+    before: &BTreeMap<u32, (u64, u64)>,
+    after: &BTreeMap<u32, (u64, u64)>,
+    id: u32,
+) -> (f64, f64) {
+    let (t0, c0) = before.get(&id).copied().unwrap_or_default();
+    let (t1, c1) = after.get(&id).copied().unwrap_or_default();
+    let runs = (c1 - c0) as f64;
+    let ns = if runs > 0.0 {
+        (t1 - t0) as f64 / runs
+    } else {
+        0.0
+    };
+    (ns, runs)
+}
+
 /// One program's figures in one case.
 #[derive(Clone, Copy, Default)]
 struct Cost {
@@ -131,15 +148,9 @@ fn case(
     programs
         .iter()
         .map(|(name, id)| {
-            let (t0, c0) = before.get(id).copied().unwrap_or_default();
-            let (t1, c1) = after.get(id).copied().unwrap_or_default();
-            let runs = (c1 - c0) as f64;
+            let (ns_per_run, runs) = delta(&before, &after, *id);
             let cost = Cost {
-                ns_per_run: if runs > 0.0 {
-                    (t1 - t0) as f64 / runs
-                } else {
-                    0.0
-                },
+                ns_per_run,
                 runs_per_op: runs / ops,
             };
             (name.clone(), cost)
@@ -488,14 +499,7 @@ pub fn stress_ratio(backend: &str, rounds: usize) {
             programs
                 .iter()
                 .map(|(n, id)| {
-                    let (t0, c0) = before.get(id).copied().unwrap_or_default();
-                    let (t1, c1) = after.get(id).copied().unwrap_or_default();
-                    let runs = (c1 - c0) as f64;
-                    let ns = if runs > 0.0 {
-                        (t1 - t0) as f64 / runs
-                    } else {
-                        0.0
-                    };
+                    let (ns, runs) = delta(&before, &after, *id);
                     (
                         n.clone(),
                         Cost {
