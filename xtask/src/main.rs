@@ -115,7 +115,9 @@ enum Cmd {
         #[arg(long)]
         record: bool,
     },
-    /// build, then measure fork/thread/syscall overhead with and without spawnguard.
+    /// build, then measure fork/thread/syscall overhead with and without spawnguard
+    /// (`sg-bench` arguments); `--suite-beside-hog [FILTER]` runs the host's end-to-end suite
+    /// with `stress-ng --cpu 2` beside it instead.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -181,6 +183,9 @@ fn main() -> Result<()> {
         }
         Cmd::Bench { args } => {
             build()?;
+            if args.first().map(String::as_str) == Some("--suite-beside-hog") {
+                return suite_beside_hog(&root, &args[1..]);
+            }
             run(Command::new(root.join("target/release/sg-bench"))
                 .args(args)
                 .env("SPAWNGUARD_BIN", root.join("target/release/spawnguard")))
@@ -552,21 +557,7 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     ]));
     // End-to-end: real programs, real cgroups, real bombs. One daemon at a time, so serial.
     // Against the binary that ships (the unit tests' build relinked it).
-    let e2e_suite = || {
-        let mut cmd = cargo();
-        cmd.args([
-            "test",
-            "--release",
-            "--no-fail-fast",
-            "--package",
-            "spawnguard-tests",
-            "--",
-        ])
-        .arg("--test-threads=1")
-        .args(args)
-        .env("SPAWNGUARD_BIN", root.join("target/release/spawnguard"));
-        cmd
-    };
+    let e2e_suite = || e2e_suite(root, args);
     // The Debian package of that binary, for tests/tests/package.rs.
     let e2e = unit.as_ref().ok().map(|_| {
         let deb = package::package("1")?;
@@ -639,6 +630,63 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         bail!("vm-test failed (guest logs in target/vm/)");
     }
     Ok(())
+}
+
+/// The end-to-end suite (`args`: extra harness arguments, e.g. a filter): real programs, real
+/// cgroups, real bombs. One daemon at a time, so serial. Against the binary that ships.
+fn e2e_suite(root: &Path, args: &[String]) -> Command {
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "--release",
+        "--no-fail-fast",
+        "--package",
+        "spawnguard-tests",
+        "--",
+    ])
+    .arg("--test-threads=1")
+    .args(args)
+    .env("SPAWNGUARD_BIN", root.join("target/release/spawnguard"));
+    cmd
+}
+
+/// `cargo xtask bench --suite-beside-hog [FILTER...]`: the host's end-to-end suite (its first
+/// pass, as CI runs it) with `stress-ng --cpu 2` beside it the whole time: the suite's
+/// assertions wait for states, not times, so a busy machine must not fail them. Prints the
+/// tally and the time; too long for CI (the suite alone takes about 10 minutes).
+fn suite_beside_hog(root: &Path, args: &[String]) -> Result<()> {
+    /// Ends the hog (by its PID: only the process this started) however the run ends.
+    struct Hog(std::process::Child);
+    impl Drop for Hog {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let deb = package::package("1")?;
+    let hog = Hog(Command::new("stress-ng")
+        // Bounded by itself too, should this process die without its Drop.
+        .args(["--cpu", "2", "--timeout", "2h", "--quiet"])
+        .spawn()
+        .context("starting stress-ng (cargo xtask setup installs it)")?);
+    let started = std::time::Instant::now();
+    let tally = run_tests(
+        e2e_suite(root, args)
+            .env("SPAWNGUARD_DEB", deb)
+            .env("CI", "true"),
+    );
+    drop(hog);
+    let (passed, failed) = match &tally {
+        Ok(t) => (t.passed, t.failed),
+        Err(_) => FAILED_TALLY
+            .with(|t| t.borrow_mut().take())
+            .unwrap_or((0, 1)),
+    };
+    println!(
+        "beside stress-ng --cpu 2: {passed} passed, {failed} failed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    tally.map(|_| ())
 }
 
 #[derive(Default)]

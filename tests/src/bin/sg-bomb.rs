@@ -4,7 +4,12 @@
 //! sg-bomb fork    DEADLINE_MS CAP HOLD_MS   every process forks until the deadline or until CAP
 //!                                           attempts in total; all then hold HOLD_MS and exit;
 //!                                           prints attempts, failed forks (EAGAIN among them),
-//!                                           children forked and how many never reached the end
+//!                                           children forked, how many never reached the end, and
+//!                                           how many reached it late (300 ms or more after it)
+//! sg-bomb fill    DEADLINE_MS CAP HOLD_MS   like fork, but the hold starts when the CAP-th
+//!                                           attempt is made (or at the deadline): a bomb that
+//!                                           must fill a budget gets a long deadline without
+//!                                           holding for it
 //! sg-bomb storm   DEADLINE_MS CAP HOLD_MS   like fork, but a failed fork is retried at once (no
 //!                                           back-off); every process counts itself in shared
 //!                                           memory at its first line of user code: prints ran=
@@ -46,8 +51,9 @@ fn arg(n: usize) -> u64 {
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_default();
     match mode.as_str() {
-        "fork" => fork_bomb(arg(2), arg(3), arg(4), true),
-        "storm" => fork_bomb(arg(2), arg(3), arg(4), false),
+        "fork" => fork_bomb(arg(2), arg(3), arg(4), Bomb::BackOff),
+        "fill" => fork_bomb(arg(2), arg(3), arg(4), Bomb::Fill),
+        "storm" => fork_bomb(arg(2), arg(3), arg(4), Bomb::Storm),
         "threads" => thread_bomb(arg(2), arg(3), arg(4)),
         "thread-storm" => thread_storm(arg(2), arg(3), arg(4)),
         "rate" => rate(arg(2), arg(3)),
@@ -89,6 +95,8 @@ struct BombCounters {
     /// just before they exit), and the most there ever were at once.
     live: AtomicU64,
     peak: AtomicU64,
+    /// `fill`: when the CAP-th attempt was made (CLOCK_MONOTONIC ns; 0 = not yet).
+    capped_at: AtomicU64,
 }
 
 impl BombCounters {
@@ -100,14 +108,45 @@ impl BombCounters {
     }
 }
 
-fn fork_bomb(deadline_ms: u64, cap: u64, hold_ms: u64, back_off: bool) {
+#[derive(Clone, Copy, PartialEq)]
+enum Bomb {
+    /// A refused fork is retried after 10 ms, like a real spawner.
+    BackOff,
+    /// As `BackOff`, but the hold starts when the cap is reached.
+    Fill,
+    /// No back-off at all.
+    Storm,
+}
+
+/// CLOCK_MONOTONIC in ns: the clock `Instant` reads, as a number processes can share.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn fork_bomb(deadline_ms: u64, cap: u64, hold_ms: u64, kind: Bomb) {
     let deadline = Instant::now() + Duration::from_millis(deadline_ms);
+    let deadline_ns = monotonic_ns() + deadline_ms * 1_000_000;
     let c: &BombCounters = shared();
     // SAFETY: children are reaped by the kernel; no handler runs.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
     let root = std::process::id();
     c.enter();
-    while Instant::now() < deadline && c.attempts.fetch_add(1, Ordering::Relaxed) < cap {
+    loop {
+        if Instant::now() >= deadline {
+            break;
+        }
+        if c.attempts.fetch_add(1, Ordering::Relaxed) >= cap {
+            let _ =
+                c.capped_at
+                    .compare_exchange(0, monotonic_ns(), Ordering::SeqCst, Ordering::SeqCst);
+            break;
+        }
         // SAFETY: single-threaded process; the child only continues this loop.
         match unsafe { libc::fork() } {
             -1 => {
@@ -117,7 +156,7 @@ fn fork_bomb(deadline_ms: u64, cap: u64, hold_ms: u64, back_off: bool) {
                 }
                 // Back off like a real spawner: a refused fork is cheap, and every process
                 // retrying at once would starve a small (emulated) machine. A storm does not.
-                if back_off {
+                if kind != Bomb::Storm {
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
@@ -127,20 +166,56 @@ fn fork_bomb(deadline_ms: u64, cap: u64, hold_ms: u64, back_off: bool) {
             }
         }
     }
-    let end = deadline + Duration::from_millis(hold_ms);
-    sleep_until(end);
+    let hold_ns = hold_ms * 1_000_000;
+    if kind == Bomb::Fill {
+        // Every process ends at the same instant: the cap's time is shared (the first process
+        // to reach it wrote it), so poll it until the hold is over.
+        loop {
+            let capped = c.capped_at.load(Ordering::SeqCst);
+            let end = if capped != 0 { capped } else { deadline_ns } + hold_ns;
+            let now = monotonic_ns();
+            if now >= end {
+                break;
+            }
+            std::thread::sleep(Duration::from_nanos((end - now).min(10_000_000)));
+        }
+    } else {
+        sleep_until(deadline + Duration::from_millis(hold_ms));
+    }
     // Out before the exit: the kernel gives the task's place back later still (at its
     // release), so `peak` never counts more than the kernel did at that moment.
     c.live.fetch_sub(1, Ordering::SeqCst);
     c.exited.fetch_add(1, Ordering::Relaxed);
     if std::process::id() == root {
-        // The others end at the same instant: give them time to count themselves.
-        sleep_until(end + Duration::from_millis(300));
+        // `killed` is the processes that never reached the end, so wait until every other
+        // process of the bomb is gone: on a loaded machine one descheduled past the end is
+        // late, not killed (4 such were reported "killed" under lsm, where nothing is killed).
+        let waited = Instant::now();
+        let late_bound = waited + Duration::from_secs(30);
+        // Processes still running 300 ms after the end, which this bomb used to count as
+        // killed (it slept 300 ms, then counted).
+        let mut late = None;
+        loop {
+            let alive = others_alive();
+            if late.is_none() && waited.elapsed() >= Duration::from_millis(300) {
+                late = Some(alive.unwrap_or(0));
+            }
+            match alive {
+                Some(0) => break,
+                // Unreadable (no cgroup2): the old fixed grace.
+                None => {
+                    std::thread::sleep(Duration::from_millis(300));
+                    break;
+                }
+                Some(_) if Instant::now() >= late_bound => break,
+                Some(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         // `ran`: the most processes that ran their own code at once. (A fork slowed past the
         // others' exits on a loaded machine runs after them: counted in `total`, not `ran`.)
         println!(
-            "attempts={} failed={} eagain={} forked={} killed={} ran={} total={}",
+            "attempts={} failed={} eagain={} forked={} killed={} ran={} total={} late={}",
             n(&c.attempts).min(cap),
             n(&c.failed),
             n(&c.eagain),
@@ -148,8 +223,40 @@ fn fork_bomb(deadline_ms: u64, cap: u64, hold_ms: u64, back_off: bool) {
             (n(&c.forked) + 1).saturating_sub(n(&c.exited)),
             n(&c.peak),
             n(&c.ran),
+            late.unwrap_or(0),
         );
     }
+}
+
+/// Other processes running this program in this process's cgroup (its cgroup2 directory, from
+/// /proc/self/cgroup and the cgroup2 mount); None when that cannot be read.
+fn others_alive() -> Option<usize> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = mounts.lines().find_map(|l| {
+        let (fields, fs) = l.split_once(" - ")?;
+        let fields: Vec<&str> = fields.split(' ').collect();
+        (fs.starts_with("cgroup2 ") && fields.get(3) == Some(&"/"))
+            .then(|| fields.get(4).copied())?
+    })?;
+    let procs = std::fs::read_to_string(
+        std::path::Path::new(mount).join(format!("{}/cgroup.procs", rel.trim_start_matches('/'))),
+    )
+    .ok()?;
+    let me = std::process::id();
+    let exe = std::fs::read_link("/proc/self/exe").ok()?;
+    Some(
+        procs
+            .lines()
+            .filter_map(|l| l.trim().parse::<u32>().ok())
+            .filter(|&pid| pid != me)
+            // Only this program's processes: a container's init or a test's helper shares it.
+            .filter(|pid| {
+                std::fs::read_link(format!("/proc/{pid}/exe")).ok().as_ref() == Some(&exe)
+            })
+            .count(),
+    )
 }
 
 fn thread_bomb(deadline_ms: u64, cap: u64, hold_ms: u64) {
@@ -384,7 +491,12 @@ fn rate(duration_ms: u64, cap: u64) {
     let start = Instant::now();
     let end = start + Duration::from_millis(duration_ms);
     let (mut ran, mut killed, mut failed) = (0u64, 0u64, 0u64);
+    // The last refusal: when its fork() was entered, and how many had run before it. A refusal
+    // says the bucket was empty when the kernel decided, which is after that time: so at least
+    // burst + rate x that time had run by then, however late this process got the CPU.
+    let (mut refused_at_us, mut ran_before_refused) = (0u128, 0u64);
     while Instant::now() < end && ran + killed + failed < cap {
+        let before = start.elapsed().as_micros();
         // SAFETY: single-threaded; the child exits immediately without touching Rust state.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
@@ -393,6 +505,7 @@ fn rate(duration_ms: u64, cap: u64) {
         }
         if pid < 0 {
             failed += 1;
+            (refused_at_us, ran_before_refused) = (before, ran);
             std::thread::sleep(Duration::from_millis(1));
             continue;
         }
@@ -403,10 +516,12 @@ fn rate(duration_ms: u64, cap: u64) {
             ran += 1;
         } else {
             killed += 1;
+            (refused_at_us, ran_before_refused) = (before, ran);
         }
     }
     println!(
-        "ran={ran} killed={killed} failed={failed} elapsed_ms={}",
+        "ran={ran} killed={killed} failed={failed} elapsed_ms={} last_refused_us={refused_at_us} \
+         ran_before_last_refused={ran_before_refused}",
         start.elapsed().as_millis()
     );
 }
