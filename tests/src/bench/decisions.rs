@@ -24,7 +24,11 @@ use aya::{
 };
 use spawnguard_tests::{cgroup2_mount, CgroupTree, Daemon, PidsCgroup, PIN_DIR};
 
-use super::{fork_exit_wait, median};
+use super::{
+    fork_exit_wait,
+    live::{LiveInstances, KEEP_FREE},
+    median,
+};
 
 static FLOORS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/floors.bpf.o"));
 
@@ -236,10 +240,34 @@ const CASES: &[(&str, &str)] = &[
     ),
 ];
 
-/// The decision costs for `backend` at each count of idle instances registered, with `types`
+/// How many instances a row has registered.
+#[derive(Clone, Copy)]
+pub enum Scale {
+    /// Idle directories: known to the kernel (a creation time each), no task, no instance entry.
+    Idle(usize),
+    /// Live instances: a task each, so an entry each in the instance map (`live:capacity`: the
+    /// map's capacity, less what the cases need for their own instances).
+    Live(usize),
+}
+
+impl std::str::FromStr for Scale {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let n = |v: &str| v.parse().map_err(|e| format!("{v}: {e}"));
+        match s.strip_prefix("live:") {
+            Some("capacity") => Ok(Self::Live(
+                spawnguard_common::MAX_INSTANCES as usize - KEEP_FREE,
+            )),
+            Some(v) => n(v).map(Self::Live),
+            None => n(s).map(Self::Idle),
+        }
+    }
+}
+
+/// The decision costs for `backend` at each count of instances registered, with `types`
 /// types in the policy (the three measured ones, and the rest one level deeper, so a task's
 /// placement checks two type levels).
-pub fn bench(backend: &str, rounds: usize, scales: &[usize], types: usize) {
+pub fn bench(backend: &str, rounds: usize, scales: &[Scale], types: usize) {
     let _stats = enable_stats(Stats::RunTime).expect("BPF_ENABLE_STATS");
     let root = cgroup2_mount().join("spawnguard-bench");
     let tree = CgroupTree::new(root.clone());
@@ -287,12 +315,34 @@ pub fn bench(backend: &str, rounds: usize, scales: &[usize], types: usize) {
          {rounds} rounds of {OPS} operations",
         types.max(3)
     );
+    let mut live = None;
     for &scale in scales {
-        // Idle instance directories: known to the kernel (a creation time each), no task.
-        while made < scale {
-            fs::create_dir_all(agents.join(format!("idle-{made}"))).unwrap();
-            made += 1;
-        }
+        let label = match scale {
+            Scale::Idle(n) => {
+                // Idle instance directories: known to the kernel (a creation time each), no
+                // task.
+                while made < n {
+                    fs::create_dir_all(agents.join(format!("idle-{made}"))).unwrap();
+                    made += 1;
+                }
+                format!("{n} idle instances registered")
+            }
+            Scale::Live(n) => {
+                // Replaces the live ones of an earlier row (their tasks killed, reaped and
+                // their directories removed first).
+                drop(live.take());
+                let started = Instant::now();
+                live = Some(LiveInstances::start(&agents, n));
+                let admitted = spawnguard_tests::type_status("bench")["instances"]
+                    .as_u64()
+                    .unwrap_or(0);
+                format!(
+                    "{n} live instances (instance-map entries of the type: {admitted}; made in \
+                     {:.1} s) and {made} idle directories",
+                    started.elapsed().as_secs_f64()
+                )
+            }
+        };
         let mut all: BTreeMap<&str, Vec<BTreeMap<String, Cost>>> = BTreeMap::new();
         for _ in 0..rounds {
             for (name, _) in CASES {
@@ -314,7 +364,7 @@ pub fn bench(backend: &str, rounds: usize, scales: &[usize], types: usize) {
                 all.entry(name).or_default().push(m);
             }
         }
-        println!("\n{scale} idle instances registered:\n");
+        println!("\n{label}:\n");
         let names: Vec<&String> = programs.iter().map(|(n, _)| n).collect();
         print!("| case |");
         for n in &names {
@@ -346,6 +396,7 @@ pub fn bench(backend: &str, rounds: usize, scales: &[usize], types: usize) {
             println!(" {total:.0} | {:.1} |", total / floor);
         }
     }
+    drop(live);
     for mut h in holders {
         let _ = h.kill();
         let _ = h.wait();

@@ -21,6 +21,8 @@ use std::{fs, path::Path, process::Command, time::Instant};
 
 #[path = "../bench/decisions.rs"]
 mod decisions;
+#[path = "../bench/live.rs"]
+mod live;
 
 use spawnguard_tests::{
     bomb_bin, cgroup2_mount, http_get, policy, series_count, spawnguard_bin, CgroupTree, Daemon,
@@ -339,8 +341,14 @@ fn bench_scrape() {
     let mut holders = Vec::new();
     let mut made = 0;
     let mut baseline = 0.0;
-    for n in [0usize, 1_000, 10_000] {
-        while made < n {
+    let mut live = None;
+    let capacity = spawnguard_common::MAX_INSTANCES as usize - live::KEEP_FREE;
+    for n in [0usize, 1_000, 10_000, capacity] {
+        if n == capacity {
+            // The instance map full: a live task in each instance (25 of them already).
+            live = Some(live::LiveInstances::start(&agents, n - 25));
+        }
+        while made < n.min(10_000) {
             let dir = agents.join(format!("i{made}"));
             fs::create_dir_all(&dir).unwrap();
             // 25 of them with a live task: the top:20 series then name real instances.
@@ -379,13 +387,19 @@ fn bench_scrape() {
         if n == 0 {
             baseline = ms;
         }
+        let what = if n == capacity {
+            format!("{n} live (the instance map's capacity) + {made} idle")
+        } else {
+            n.to_string()
+        };
         println!(
-            "| {n} | {ms:.2} ms | {:.2} | {:.2} ms | {idle_ms:.1} ms | {:.1} MB | {series} |",
+            "| {what} | {ms:.2} ms | {:.2} | {:.2} ms | {idle_ms:.1} ms | {:.1} MB | {series} |",
             ms / baseline,
             (ticks1 - ticks0) as f64 * tick_ms / SCRAPES as f64,
             rss as f64 / 1024.0
         );
     }
+    drop(live);
     for mut h in holders {
         let _ = h.kill();
         let _ = h.wait();
@@ -434,11 +448,11 @@ fn main() {
     let only = flag("--only");
     match only.as_deref() {
         Some("decisions") => {
-            let scales: Vec<usize> = flag("--scales").map_or(vec![1, 1_000, 10_000], |s| {
-                s.split(',')
-                    .map(|n| n.parse().expect("--scales N,N"))
-                    .collect()
-            });
+            let scales: Vec<decisions::Scale> = flag("--scales")
+                .unwrap_or_else(|| "1,1000,10000".into())
+                .split(',')
+                .map(|n| n.parse().expect("--scales N,N,live:N|live:capacity"))
+                .collect();
             let types: usize = flag("--types").map_or(3, |t| t.parse().expect("--types N"));
             for b in &backends {
                 decisions::bench(b, rounds, &scales, types);
