@@ -30,6 +30,16 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     task_start_boottime: 0,
 };
 
+/// One offset, read alone (a single load from the frozen global): the verifier then holds it
+/// as a constant in a register, which a plain load through a BTF pointer needs (see `load`).
+macro_rules! offset {
+    ($field:ident) => {
+        // SAFETY: a plain read of our own read-only global; volatile so that the zero
+        // placeholder the loader replaces is not folded.
+        unsafe { core::ptr::read_volatile(&raw const KERNEL_OFFSETS.$field) }
+    };
+}
+
 #[inline(always)]
 fn offsets() -> KernelOffsets {
     // SAFETY: a plain read of our own read-only global; volatile so the compiler does not fold
@@ -45,6 +55,36 @@ fn read<T>(base: *const u8, offset: u32) -> Result<T, i32> {
     // SAFETY: bpf_probe_read_kernel copies through the kernel's fault-checked accessor; a bad
     // address is an error, not a crash.
     unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }
+}
+
+/// A field read with a plain load, for a pointer whose type the verifier knows from BTF (a BTF
+/// tracepoint's argument, or a pointer loaded through one). The offset comes from frozen
+/// read-only data, so the verifier sees a constant and checks it against the kernel's BTF at
+/// load time, and the JIT guards the load: a bad pointer reads 0 instead of faulting. A
+/// `bpf_probe_read_kernel` call costs about as much as a whole one-lookup program here, and
+/// the fork program runs for every task on the host (#18).
+#[inline(always)]
+fn load<T>(base: *const u8, offset: u32) -> T {
+    // SAFETY: see above: the verifier checks the access against BTF, and the kernel's
+    // exception table turns a fault into 0.
+    unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize).cast::<T>()) }
+}
+
+/// (pid, tgid) of a task the verifier knows from BTF (see `load`): the fork tracepoint's child.
+#[inline(always)]
+pub fn btf_task_ids(task: Task) -> (u32, u32) {
+    (
+        load::<u32>(task, offset!(task_pid)),
+        load::<u32>(task, offset!(task_tgid)),
+    )
+}
+
+/// `task->cgroups->dfl_cgrp` of a task the verifier knows from BTF (see `load`); null when the
+/// task has none (what `place` then reads fails, and the caller fails open).
+#[inline(always)]
+pub fn btf_task_cgroup(task: Task) -> Cgroup {
+    let css_set = load::<*const u8>(task, offset!(task_cgroups));
+    load::<*const u8>(css_set, offset!(css_set_dfl_cgrp))
 }
 
 /// (pid, tgid) of a task.
@@ -121,10 +161,11 @@ const PF_IO_WORKER: u32 = 0x10;
 const PF_USER_WORKER: u32 = 0x4000;
 
 /// io_uring and vhost workers: created inside the kernel without the fork tracepoint, so
-/// never counted, and their exit must not be uncounted either.
+/// never counted, and their exit must not be uncounted either. `task` must be known to the
+/// verifier from BTF (see `load`): every new task's hook asks this.
 #[inline(always)]
 pub fn is_kernel_created_worker(task: Task) -> bool {
-    read::<u32>(task, offsets().task_flags).is_ok_and(|f| f & (PF_IO_WORKER | PF_USER_WORKER) != 0)
+    load::<u32>(task, offset!(task_flags)) & (PF_IO_WORKER | PF_USER_WORKER) != 0
 }
 
 /// Whether a cgroup is on the same hierarchy as `other` (used to ignore cgroup v1 events on

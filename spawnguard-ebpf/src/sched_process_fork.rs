@@ -40,13 +40,9 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
             let _ = PENDING.remove(&key);
         }
     }
-    let Ok((child_pid, child_tgid)) = kernel::task_ids(child) else {
-        if let Some(p) = pending {
-            release_pending(&p);
-        }
-        fail_open(FAIL_READ_ERROR, &report(CAUSE_FORK, 0, 0, 0));
-        return 0;
-    };
+    // Plain loads: `child` is typed by the tracepoint's BTF (#18: the cheapest path for the
+    // tasks outside every instance, which are most of a host's).
+    let (child_pid, child_tgid) = kernel::btf_task_ids(child);
     // Ids are reused: whatever a previous owner of this pid left in DOOMED must not apply to
     // the new task (it would be killed, or its exit skipped). Looked up before it is deleted:
     // a delete takes the bucket's lock even when the key is missing, a lookup takes none, and
@@ -119,7 +115,7 @@ fn settle_pending(p: &PendingTask, child: Task, pid: u32, tgid: u32) -> bool {
             // Not counted (an earlier record of its tgid went at the top).
             return true;
         }
-        match kernel::task_cgroup(child).and_then(place) {
+        match place(kernel::btf_task_cgroup(child)) {
             Ok(Some(here)) if here.instance == p.instance => {}
             _ => return false,
         }
@@ -192,7 +188,7 @@ fn new_thread(child: Task, pid: u32, tgid: u32) {
 
 #[inline(always)]
 fn new_process(child: Task, pid: u32, tgid: u32) {
-    let mut placement = match kernel::task_cgroup(child).and_then(place) {
+    let mut placement = match place(kernel::btf_task_cgroup(child)) {
         Ok(Some(p)) => p,
         // Outside every instance: not counted (an earlier record of its tgid went at the top).
         Ok(None) => return,

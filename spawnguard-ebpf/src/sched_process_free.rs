@@ -14,7 +14,8 @@ use crate::{
 pub fn sched_process_free(ctx: BtfTracePointContext) -> i32 {
     let task: Task = ctx.arg(0);
     let key = task as u64;
-    let (pid, tgid) = kernel::task_ids(task).unwrap_or((0, 1));
+    // Plain loads (`task` is typed by the tracepoint's BTF): this runs for every task.
+    let (pid, tgid) = kernel::btf_task_ids(task);
     if pid == tgid {
         // The leader is released after every other thread of its process: the process's
         // record goes now, unless its pid already names a new process with live tasks.
