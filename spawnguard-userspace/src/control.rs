@@ -202,6 +202,8 @@ async fn read_request(stream: &mut UnixStream, large: &Semaphore) -> Result<Stri
     let _permit;
     if line.len() as u64 == SMALL_REQUEST && line.last() != Some(&b'\n') {
         _permit = large.acquire().await.map_err(|_| Unread::TooLarge)?;
+        // Exactly the most it may hold: growth by doubling would take twice that.
+        line.reserve_exact((MAX_REQUEST + 1 - SMALL_REQUEST) as usize);
         (&mut reader)
             .take(MAX_REQUEST + 1 - SMALL_REQUEST)
             .read_until(b'\n', &mut line)

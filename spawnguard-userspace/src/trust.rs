@@ -4,8 +4,8 @@
 //!
 //! Every component of the path, from `/` down, must be owned by root and not writable by group
 //! or others. A directory that is world-writable but sticky (`/tmp`) is fine on the way: others
-//! may add entries there, but not remove or rename root's. So is anything on a read-only mount
-//! (a Kubernetes ConfigMap: its directory is 0777, but mounted read-only).
+//! may add entries there, but not remove or rename root's. So is a directory on a read-only
+//! mount (a Kubernetes ConfigMap's is 0777, but mounted read-only).
 
 use std::{
     fs::Metadata,
@@ -100,7 +100,9 @@ fn check_chain(path: &Path) -> Result<(), TrustError> {
             }
             let meta = lstat(&at)?;
             if let Some(p) = problem(&meta, i + 1 == parts.len()) {
-                if meta.file_type().is_symlink() || !read_only_mount(&at) {
+                // A directory on a read-only mount is let through (a ConfigMap's); a file never
+                // is: a read-only bind mount of a file others can write on the host is theirs.
+                if !meta.is_dir() || !read_only_mount(&at) {
                     return Err(untrusted(&at, p));
                 }
             }
