@@ -201,6 +201,33 @@ mod tests {
     }
 
     #[test]
+    fn a_symlink_is_followed_to_where_its_target_lives() {
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let d = tempdir::Dir::new();
+        std::fs::set_permissions(&d.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (safe, open) = (d.0.join("safe"), d.0.join("open"));
+        for (dir, mode) in [(&safe, 0o755), (&open, 0o777)] {
+            std::fs::create_dir(dir).unwrap();
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        std::fs::write(open.join("policy.toml"), "").unwrap();
+        std::fs::write(safe.join("real.toml"), "").unwrap();
+        std::os::unix::fs::symlink(open.join("policy.toml"), safe.join("policy.toml")).unwrap();
+        std::os::unix::fs::symlink("real.toml", safe.join("link.toml")).unwrap();
+        let err = check_policy_file(&safe.join("policy.toml")).unwrap_err();
+        assert!(
+            err.to_string().starts_with(&format!(
+                "{}: writable by group or others (mode 0777)",
+                open.display()
+            )),
+            "{err}"
+        );
+        check_policy_file(&safe.join("link.toml")).unwrap();
+    }
+
+    #[test]
     fn a_sticky_world_writable_directory_is_fine_on_the_way_only() {
         // These only say something when the test runs as root (the owner check comes first).
         if unsafe { libc::geteuid() } != 0 {
