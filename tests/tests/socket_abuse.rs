@@ -286,6 +286,24 @@ fn refused_start(policy_file: &Path) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// A directory of the test's own under the temp directory, removed even when the test fails.
+struct OwnDir(PathBuf);
+
+impl OwnDir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("sg-sock-{name}-{}", std::process::id()));
+        fs::create_dir_all(&p).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for OwnDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Puts the run directory back as it was, whatever the test did to it.
 struct RunDirGuard {
     saved: PathBuf,
@@ -326,8 +344,8 @@ fn a_run_directory_that_could_be_swapped_is_refused() {
     }
     uninstall();
     let (rel, _tree) = test_type("sock-rundir");
-    let dir = std::env::temp_dir().join(format!("sg-sock-rundir-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
+    let own = OwnDir::new("rundir");
+    let dir = &own.0;
     let policy_file = dir.join("policy.toml");
     fs::write(&policy_file, policy("rundir", &rel, "max_tasks = 5")).unwrap();
     let elsewhere = dir.join("elsewhere");
@@ -363,7 +381,6 @@ fn a_run_directory_that_could_be_swapped_is_refused() {
     let meta = fs::symlink_metadata(RUN_DIR).unwrap();
     assert!(meta.is_dir());
     drop(Daemon::start(&policy("rundir", &rel, "max_tasks = 5"), "auto").unwrap());
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -373,9 +390,8 @@ fn a_policy_file_a_non_root_user_could_change_is_refused_at_start() {
     }
     let (rel, _tree) = test_type("sock-perm");
     let text = policy("perm", &rel, "max_tasks = 5");
-    let dir = std::env::temp_dir().join(format!("sg-sock-perm-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let own = OwnDir::new("perm");
+    let dir = &own.0;
     let file = dir.join("policy.toml");
     fs::write(&file, &text).unwrap();
 
@@ -437,7 +453,6 @@ fn a_policy_file_a_non_root_user_could_change_is_refused_at_start() {
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     daemon.wait().unwrap();
     fs::remove_file(&in_tmp).unwrap();
-    fs::remove_dir_all(&dir).unwrap();
     assert!(
         ready && running,
         "the daemon did not start with {}",
