@@ -415,7 +415,7 @@ fn a_policy_file_a_non_root_user_could_change_is_refused_at_start() {
     );
     std::os::unix::fs::chown(&file, Some(0), None).unwrap();
 
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o777)).unwrap();
     let err = refused_start(&file);
     assert!(
         err.contains(&format!(
@@ -425,7 +425,7 @@ fn a_policy_file_a_non_root_user_could_change_is_refused_at_start() {
         "{err}"
     );
     println!("FIGURE policy dir 0777: {}", err.trim());
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
 
     // A root-owned 0644 file right in the sticky, world-writable /tmp is fine.
     let in_tmp = PathBuf::from(format!("/tmp/sg-sock-policy-{}.toml", std::process::id()));
