@@ -4,6 +4,8 @@
 use std::{
     io::{Read, Write},
     os::unix::{fs::PermissionsExt, net::UnixStream as StdUnixStream},
+    sync::Arc,
+    time::Duration,
 };
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -12,7 +14,7 @@ use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
-    sync::{broadcast, mpsc, oneshot},
+    sync::{broadcast, mpsc, oneshot, OwnedSemaphorePermit, Semaphore},
 };
 
 use crate::{
@@ -24,6 +26,21 @@ pub const SOCKET: &str = "/run/spawnguard/control.sock";
 
 /// Largest request accepted (a policy file is far smaller).
 const MAX_REQUEST: u64 = 1 << 20;
+
+/// A request larger than this needs one of [`LARGE_READERS`] permits to be read on: with at
+/// most [`MAX_READERS`] connections being read at once, request buffers stay under
+/// `MAX_READERS * SMALL_REQUEST + LARGE_READERS * MAX_REQUEST` (32 MiB) whatever clients send.
+const SMALL_REQUEST: u64 = 64 << 10;
+const LARGE_READERS: usize = 16;
+
+/// Connections served at once; more wait in the listen backlog. A connection holds its slot
+/// until its reply is written (at most [`REQUEST_TIMEOUT`] to send the request and as long
+/// again to take the reply), or until its request is read when it follows events.
+const MAX_READERS: usize = 256;
+
+/// The time a client has to send its whole request (and, later, to take a reply): a client
+/// that connects and sends nothing holds a slot no longer than this and delays no one else.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case")]
@@ -136,37 +153,91 @@ pub async fn serve(
     owner: mpsc::Sender<Job>,
     events: mpsc::Sender<Subscribe>,
 ) -> Result<()> {
+    let readers = Arc::new(Semaphore::new(MAX_READERS));
+    let large = Arc::new(Semaphore::new(LARGE_READERS));
     loop {
-        let (stream, _) = listener.accept().await?;
-        let (owner, events) = (owner.clone(), events.clone());
+        // Wait for a free slot before accepting: a flood waits in the backlog, in no memory of
+        // ours, and every slot frees within REQUEST_TIMEOUT.
+        let slot = readers.clone().acquire_owned().await?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            // Out of descriptors or memory for a moment: the socket must outlive it.
+            Err(e) => {
+                tracing::warn!("control socket: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (owner, events, large) = (owner.clone(), events.clone(), large.clone());
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, owner, events).await {
+            if let Err(e) = handle(stream, slot, large, owner, events).await {
                 tracing::debug!("control connection: {e:#}");
             }
         });
     }
 }
 
+/// Why a request could not be read.
+#[derive(Debug, thiserror::Error)]
+enum Unread {
+    #[error("no complete request within {REQUEST_TIMEOUT:?}")]
+    TimedOut,
+    #[error("request larger than {MAX_REQUEST} bytes")]
+    TooLarge,
+    #[error("malformed request: not UTF-8 ({0})")]
+    NotUtf8(std::str::Utf8Error),
+    #[error("reading the request: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads one request line (its newline, or the client's end of writing, ends it) in bounded
+/// memory: past [`SMALL_REQUEST`] only with a `large` permit, never past [`MAX_REQUEST`].
+async fn read_request(stream: &mut UnixStream, large: &Semaphore) -> Result<String, Unread> {
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(&mut *stream);
+    (&mut reader)
+        .take(SMALL_REQUEST)
+        .read_until(b'\n', &mut line)
+        .await?;
+    let _permit;
+    if line.len() as u64 == SMALL_REQUEST && line.last() != Some(&b'\n') {
+        _permit = large.acquire().await.map_err(|_| Unread::TooLarge)?;
+        // Exactly the most it may hold: growth by doubling would take twice that.
+        line.reserve_exact((MAX_REQUEST + 1 - SMALL_REQUEST) as usize);
+        (&mut reader)
+            .take(MAX_REQUEST + 1 - SMALL_REQUEST)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if line.len() as u64 > MAX_REQUEST {
+            return Err(Unread::TooLarge);
+        }
+    }
+    String::from_utf8(line).map_err(|e| Unread::NotUtf8(e.utf8_error()))
+}
+
 async fn handle(
     mut stream: UnixStream,
+    slot: OwnedSemaphorePermit,
+    large: Arc<Semaphore>,
     owner: mpsc::Sender<Job>,
     events: mpsc::Sender<Subscribe>,
 ) -> Result<()> {
     let uid = stream.peer_cred()?.uid();
     // Read the request in every case: closing with unread data would reset the connection and
     // hide the answer from the client.
-    let mut line = String::new();
-    BufReader::new((&mut stream).take(MAX_REQUEST))
-        .read_line(&mut line)
-        .await?;
-    let reply = if uid != 0 {
-        Reply::from(Err(anyhow!(
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut stream, &large))
+        .await
+        .unwrap_or(Err(Unread::TimedOut));
+    let reply = match read {
+        _ if uid != 0 => Reply::from(Err(anyhow!(
             "permission denied: only root may use the spawnguard control socket (peer uid {uid})"
-        )))
-    } else {
-        match serde_json::from_str::<Request>(&line) {
+        ))),
+        Err(e) => Reply::from(Err(e.into())),
+        Ok(line) => match serde_json::from_str::<Request>(&line) {
             Err(e) => Reply::from(Err(anyhow!("malformed request: {e}"))),
             Ok(Request::Events { follow, type_name }) => {
+                // A follower stays for as long as it likes, in little memory: not in a slot.
+                drop(slot);
                 return stream_events(stream, events, follow, type_name).await;
             }
             Ok(request) => {
@@ -177,11 +248,12 @@ async fn handle(
                     .map_err(|_| anyhow!("the daemon is stopping"))?;
                 rx.await?
             }
-        }
+        },
     };
-    let mut bytes = serde_json::to_vec(&reply)?;
-    bytes.push(b'\n');
-    stream.write_all(&bytes).await?;
+    // A client that does not take its reply is dropped after the same time.
+    tokio::time::timeout(REQUEST_TIMEOUT, write_line(&mut stream, &reply))
+        .await
+        .map_err(|_| anyhow!("the client did not take its reply within {REQUEST_TIMEOUT:?}"))??;
     Ok(())
 }
 

@@ -488,6 +488,34 @@ fn reload(
         tracing::warn!("SIGHUP: running the embedded default policy, no file to re-read");
         return seen;
     };
+    // A file a non-root user could change since the last load is refused like an invalid
+    // one: the policy in force stays. (A file missing in a ConfigMap swap is left to the read
+    // below, which waits for the next change.)
+    match crate::trust::check_policy_file(file) {
+        Err(crate::trust::TrustError::Io { .. }) | Ok(()) => {}
+        Err(e) => {
+            let e = anyhow::Error::from(e).context("refusing the policy file");
+            let what = if seen.is_some() {
+                "policy watch"
+            } else {
+                "SIGHUP"
+            };
+            tracing::error!("{what}: {e:#}; the previous policy is still in force");
+            notify::status(&format!(
+                "{}; reloading {} refused, the previous policy stays: {e:#}",
+                enforcing(in_force, ctx.enforcer),
+                file.display()
+            ));
+            reloaded(
+                ctx.report,
+                source,
+                Err(()),
+                format!("{e:#}; the previous policy is still in force"),
+            );
+            // Not the hash of what was refused: the same text, made safe, is applied.
+            return seen.map(|_| String::new());
+        }
+    }
     let text = match std::fs::read_to_string(file) {
         Ok(text) => text,
         // A ConfigMap swap in progress, or the file moved away: wait for the next change.
@@ -646,7 +674,9 @@ async fn watch_max_age(
 
 /// One daemon per host: a second one would fight over the pinned maps.
 pub fn single_daemon_lock() -> Result<std::fs::File> {
-    std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
+    // First use of the run directory: the control socket and this lock live there.
+    crate::trust::ensure_root_dir(Path::new(RUN_DIR))
+        .context("refusing to start: the run directory is not safe")?;
     let path = Path::new(RUN_DIR).join("daemon.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)

@@ -10,6 +10,7 @@ pub mod cgroupns;
 pub mod host;
 pub mod kfunc;
 pub mod policy;
+pub mod trust;
 
 // The pinned state and the enforcer: install, attach, pin, reconcile, uninstall.
 pub mod loader;

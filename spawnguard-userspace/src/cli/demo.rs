@@ -130,7 +130,17 @@ fn start(exe: &Path) -> Result<Host> {
             }
             let policy_file =
                 std::env::temp_dir().join(format!("spawnguard-demo-{}.toml", std::process::id()));
-            std::fs::write(&policy_file, demo_type_toml())?;
+            // Root's alone, whatever the umask: the daemon refuses a policy others can write.
+            {
+                use std::{io::Write, os::unix::fs::OpenOptionsExt};
+                let _ = std::fs::remove_file(&policy_file);
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&policy_file)?
+                    .write_all(demo_type_toml().as_bytes())?;
+            }
             let log = std::fs::File::create(std::env::temp_dir().join("spawnguard-demo.log"))?;
             let child = Command::new(exe)
                 .args(["run", "--no-pin", "--metrics-listen", "off", "--policy"])

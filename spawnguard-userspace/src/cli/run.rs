@@ -31,6 +31,8 @@ pub fn run(opts: daemon::Options) -> Result<ExitCode> {
 fn load_policy(path: Option<&Path>) -> Result<(Policy, String)> {
     Ok(match path {
         Some(p) => {
+            spawnguard::trust::check_policy_file(p)
+                .context("refusing to start: the policy file is not safe")?;
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("reading the policy file {}", p.display()))?;
             (Policy::parse(&text, &p.display().to_string())?, text)
