@@ -395,20 +395,32 @@ impl Daemon {
         caps: Option<&[u32]>,
     ) -> Result<Self> {
         let mut daemon = Self::spawn_bounded(policy, args, env, caps)?;
-        let pid = daemon.pid();
+        daemon.wait_ready()?;
+        Ok(daemon)
+    }
+
+    /// A daemon in the pinned mode with extra `spawnguard run` arguments, returned at once (it
+    /// may still be installing: the drills kill it there).
+    pub fn spawn_pinned(policy: &str, args: &[&str]) -> Result<Self> {
+        Self::spawn(policy, args, &[])
+    }
+
+    /// Waits until it has written its state file (its enforcer is in place).
+    pub fn wait_ready(&mut self) -> Result<()> {
+        let pid = self.pid();
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
             let state = fs::read_to_string("/run/spawnguard/state.json").unwrap_or_default();
             if serde_json::from_str::<Value>(&state)
                 .is_ok_and(|v| v["pid"].as_u64() == Some(pid as u64))
             {
-                return Ok(daemon);
+                return Ok(());
             }
-            if let Some(status) = daemon.try_wait()? {
-                bail!("the daemon exited ({status}): {}", daemon.log_text());
+            if let Some(status) = self.try_wait()? {
+                bail!("the daemon exited ({status}): {}", self.log_text());
             }
             if Instant::now() > deadline {
-                bail!("the daemon did not become ready: {}", daemon.log_text());
+                bail!("the daemon did not become ready: {}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -647,6 +659,46 @@ pub fn max_held(dir: &Path, span: Duration, limit: usize, threads_only: bool) ->
         std::thread::sleep(Duration::from_millis(3));
     }
     most
+}
+
+/// `sg-bomb ARGS` started inside the cgroup `dir`, output piped (see `spawn_in`).
+pub fn bomb_in(dir: &Path, args: &[&str]) -> std::io::Result<Child> {
+    let mut cmd = Command::new(bomb_bin());
+    cmd.args(args).stdout(Stdio::piped());
+    spawn_in(dir, cmd)
+}
+
+/// `cmd` started inside the cgroup `dir`: it joins before exec, so its first instruction
+/// already counts there, with no daemon involved. Fails when the kernel refuses the move (a
+/// full instance, an open breaker). Stdin and stderr are null, stdout as `cmd` set it.
+pub fn spawn_in(dir: &Path, mut cmd: Command) -> std::io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let procs = std::ffi::CString::new(
+        dir.join("cgroup.procs")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .map_err(std::io::Error::other)?;
+    cmd.stdin(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: between fork and exec the child only calls open, write and close on a path
+    // prepared before the fork (no allocation, no locks).
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0": the writing process itself.
+            let wrote = libc::write(fd, c"0".as_ptr().cast(), 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if wrote != 1 {
+                return Err(err);
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
 }
 
 /// `sg-bomb ARGS` started outside every instance (in the test's own cgroup).

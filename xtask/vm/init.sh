@@ -143,7 +143,8 @@ elif [ "$expect" = runs ]; then
         # Host-only files: the guests have no podman (containers), python3 or node (guide),
         # kubectl or the venv of deploy/kubernetes' checkers (kubernetes), or promtool (monitoring);
         # verifier_steps compares with the host's record (the smoke check above checks the limit).
-        case $name in containers | guide | kubernetes | monitoring | verifier_steps | socket_abuse) continue ;; esac
+        # socket_abuse, drills, drills_maps: host drills sized for the host's first pass.
+        case $name in containers | guide | kubernetes | monitoring | verifier_steps | socket_abuse | drills | drills_maps | fuzz) continue ;; esac
         # `sg.suites=a,b`: only these test files (cargo xtask test trims the slowest guest).
         suites=$(sed -n 's/.*sg.suites=\([^ ]*\).*/\1/p' /proc/cmdline)
         if [ -n "$suites" ]; then

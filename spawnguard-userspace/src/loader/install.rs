@@ -107,6 +107,9 @@ pub(super) fn load_object(
         .context("loading the eBPF object")
 }
 
+/// A directory in the pin directory while an install is under way.
+const INSTALLING: &str = "installing";
+
 impl Enforcer {
     /// Adopts the pinned enforcer, or installs one; then puts `policy` in force.
     /// `capacity`: how many instances may hold tasks at once (the size of the instance map,
@@ -119,6 +122,17 @@ impl Enforcer {
     ) -> Result<Self> {
         check_no_other_layout()?;
         let dir = pin_dir();
+        if dir.join(INSTALLING).exists() {
+            // Its daemon was killed part-way through the install: some hooks may be missing
+            // and nothing was reconciled, so adopting it would enforce with holes.
+            tracing::warn!(
+                "{} holds a half-finished install (its daemon was killed during it): removing \
+                 it and installing again",
+                dir.display()
+            );
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("removing the half-finished {}", dir.display()))?;
+        }
         if dir.join("links").exists() {
             let enforcer = Self::adopt(dir, choice)?;
             let pinned =
@@ -234,6 +248,11 @@ impl Enforcer {
         };
         std::fs::create_dir_all(dir.join("maps"))
             .with_context(|| format!("creating {}", dir.display()))?;
+        // Removed once the install is complete: a daemon killed before that leaves it, and the
+        // next one installs again rather than adopting a partial set of hooks.
+        // A directory: bpffs holds no regular files.
+        std::fs::create_dir(dir.join(INSTALLING))
+            .with_context(|| format!("marking {} as being installed", dir.display()))?;
         for name in maps::ALL {
             ebpf.map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?
@@ -271,6 +290,8 @@ impl Enforcer {
         drop(ebpf);
         let reconciled = reconcile(&enforcer.dir, types)?;
         enforcer.apply_policy(policy, types, &[])?;
+        std::fs::remove_dir(enforcer.dir.join(INSTALLING))
+            .with_context(|| format!("completing the install in {}", enforcer.dir.display()))?;
         Ok(Self {
             reconciled,
             ..enforcer

@@ -31,6 +31,12 @@
 //!                                           SQPOLL thread; prints "ready io_uring=0|1", holds
 //!                                           HOLD_MS, reaps everything and exits
 //! sg-bomb clone-into DIR HOLD_MS            clone3(CLONE_INTO_CGROUP) a child into DIR; it holds
+//! sg-bomb churn   DEADLINE_MS CAP LIFE_MS   one spawner forks children until the deadline (or CAP
+//!                                           children ran), 1 ms apart, a refused fork retried after 2 ms; each
+//!                                           child lives LIFE_MS. Prints a ledger line per process
+//!                                           that ran ("p FORK ENTER LEAVE", CLOCK_MONOTONIC ns:
+//!                                           the spawner's clock before fork(), the child's first
+//!                                           line, its last before exit), then ran= failed=
 //! sg-bomb hold    HOLD_MS                   just sleep (a process to migrate)
 //! sg-bomb spin-join THREADS HOLD_MS         THREADS threads spin in user space (no system
 //!                                           call) for HOLD_MS while the main thread waits in
@@ -60,6 +66,7 @@ fn main() {
         "zombies" => zombies(arg(2), arg(3)),
         "mixed" => mixed(arg(2)),
         "clone-into" => clone_into(&std::env::args().nth(2).expect("DIR"), arg(3)),
+        "churn" => churn(arg(2), arg(3), arg(4)),
         "hold" => std::thread::sleep(Duration::from_millis(arg(2))),
         "spin-join" => spin_join(arg(2), arg(3)),
         _ => {
@@ -577,4 +584,87 @@ fn clone_into(dir: &str, hold_ms: u64) {
     // SAFETY: waiting for our own child.
     unsafe { libc::waitpid(pid as i32, &mut status, 0) };
     println!("exited={}", libc::WIFEXITED(status));
+}
+
+/// Room in the churn ledger (a child past it still runs, unrecorded: the spawner stops at CAP).
+const LEDGER: usize = 20_000;
+
+/// One process of `churn`, as it saw its own life (CLOCK_MONOTONIC ns). Zero-filled by
+/// `shared`, as is the ledger.
+struct Entry {
+    fork: AtomicU64,
+    enter: AtomicU64,
+    leave: AtomicU64,
+}
+
+struct Ledger {
+    next: AtomicU64,
+    failed: AtomicU64,
+    entries: [Entry; LEDGER],
+}
+
+/// Short-lived children from one spawner, each recording when it was forked, when it reached
+/// its own code and when it left: a test bounds what the kernel counted at each fork from it.
+fn churn(deadline_ms: u64, cap: u64, life_ms: u64) {
+    let l: &'static Ledger = shared();
+    let deadline = Instant::now() + Duration::from_millis(deadline_ms);
+    // The spawner holds a slot for the whole run.
+    let me = &l.entries[0];
+    me.fork.store(0, Ordering::SeqCst);
+    me.enter.store(monotonic_ns(), Ordering::SeqCst);
+    me.leave.store(u64::MAX, Ordering::SeqCst);
+    l.next.store(1, Ordering::SeqCst);
+    // Room for the children in flight when the cap is reached.
+    let cap = cap.min(LEDGER as u64 - 100);
+    let mut forked = 0;
+    while Instant::now() < deadline && l.next.load(Ordering::SeqCst) < cap {
+        let before = monotonic_ns();
+        // SAFETY: single-threaded; the child records itself, sleeps and exits.
+        match unsafe { libc::fork() } {
+            -1 => {
+                l.failed.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            0 => {
+                let enter = monotonic_ns();
+                let i = l.next.fetch_add(1, Ordering::SeqCst) as usize;
+                let e = &l.entries[i.min(LEDGER - 1)];
+                e.fork.store(before, Ordering::SeqCst);
+                e.enter.store(enter, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(life_ms));
+                e.leave.store(monotonic_ns(), Ordering::SeqCst);
+                // SAFETY: async-signal-safe exit in the child.
+                unsafe { libc::_exit(0) };
+            }
+            _ => {
+                forked += 1;
+                // Paced: under the kill backends a refused fork returns a child (killed before
+                // it runs), so nothing else would slow the spawner down.
+                std::thread::sleep(Duration::from_millis(1));
+                // Reap what has exited, so zombies do not hold slots past their life.
+                // SAFETY: non-blocking wait for any child of ours.
+                while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+            }
+        }
+    }
+    reap_all();
+    me.leave.store(monotonic_ns(), Ordering::SeqCst);
+    let n = (l.next.load(Ordering::SeqCst) as usize).min(LEDGER);
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for e in &l.entries[..n] {
+        let _ = writeln!(
+            out,
+            "p {} {} {}",
+            e.fork.load(Ordering::SeqCst),
+            e.enter.load(Ordering::SeqCst),
+            e.leave.load(Ordering::SeqCst)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "ran={} failed={} forked={forked}",
+        n,
+        l.failed.load(Ordering::Relaxed)
+    );
 }
