@@ -143,7 +143,8 @@ elif [ "$expect" = runs ]; then
         # Host-only files: the guests have no podman (containers), python3 or node (guide),
         # kubectl or the venv of deploy/kubernetes' checkers (kubernetes), or promtool (monitoring);
         # verifier_steps compares with the host's record (the smoke check above checks the limit).
-        case $name in containers | guide | kubernetes | monitoring | verifier_steps) continue ;; esac
+        # drills_maps: the reliability drills (maps, churn, event flood) are sized for the host.
+        case $name in containers | guide | kubernetes | monitoring | verifier_steps | drills_maps) continue ;; esac
         # `sg.suites=a,b`: only these test files (cargo xtask test trims the slowest guest).
         suites=$(sed -n 's/.*sg.suites=\([^ ]*\).*/\1/p' /proc/cmdline)
         if [ -n "$suites" ]; then
