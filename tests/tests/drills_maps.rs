@@ -446,16 +446,22 @@ fn drill_4_process_map_full() {
     // free entries (i0's storm has ended too), and a storm in i2 can no longer be recorded: it
     // runs uncounted.
     holders[2].truncate(2);
-    let s = wait_state("i2 at 2 tasks", |s| map_use(s, "processes").0 <= CAP - 2);
-    let free = CAP - map_use(&s, "processes").0;
-    let other = tree.root.join("other");
-    fs::create_dir(&other).unwrap();
-    for _ in 0..free {
-        extra.push(Reaped(hold_in(&other, 120_000)));
-    }
-    wait_state("the process map full again", |s| {
-        map_use(s, "processes").0 == CAP
+    wait_state("i2 at 2 tasks", |s| map_use(s, "processes").0 <= CAP - 2);
+    // Holders in other instances (4 each) until the map is full again; a release still on
+    // its way (i0's storm) frees one more entry later, so add one at a time.
+    let mut added = 0;
+    let filled = wait_for(Duration::from_secs(60), || {
+        let entries = map_use(&status(), "processes").0;
+        if entries < CAP {
+            let other = tree.root.join(format!("other{}", added / PER));
+            fs::create_dir_all(&other).unwrap();
+            extra.push(Reaped(hold_in(&other, 120_000)));
+            added += 1;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        entries == CAP
     });
+    assert!(filled, "the process map never filled again: {}", status());
     let before = u(&status()["failed_open_by"]["processes_full"]);
     let below = storm("cp", "i2", 3_000, 20, 200);
     let below_ran = report_value(&below, "ran");
@@ -630,9 +636,8 @@ fn drill_5_event_flood() {
     // The daemon still serves after the flood.
     assert!(daemon_answers(), "the daemon stopped answering");
 
-    // Flat: the daemon's first seconds of flood grow its buffers once (the follower's bounded
-    // queue filling, allocator arenas: about 3 MiB here, in steps); over the last third of the
-    // run the slope is small, and the peak stays within 16 MiB of the start.
+    // The daemon's first seconds of flood grow its buffers once (the follower's bounded queue
+    // filling, allocator arenas: 3-4 MiB here, in steps, over 8-12 s), then it stays flat.
     let half = samples[samples.len() * 2 / 3].0;
     let steady: Vec<(f64, f64)> = samples.iter().copied().filter(|s| s.0 >= half).collect();
     let slope = slope_kib_per_min(&steady);
@@ -651,10 +656,15 @@ fn drill_5_event_flood() {
         flood.as_secs_f64(),
         steady.len(),
     );
+    // Bounded in CI (its 15 s may end inside the warm-up on a loaded host); flat over the
+    // last third of the full minute.
     assert!(
-        slope.abs() < 1024.0 && peak - start_rss < 16384.0,
-        "daemon RSS not flat: {samples:?}"
+        peak - start_rss < 16384.0,
+        "daemon RSS grew without bound: {samples:?}"
     );
+    if full() {
+        assert!(slope.abs() < 1024.0, "daemon RSS not flat: {samples:?}");
+    }
 }
 
 /// Whether the daemon answers `status` (not the pinned-map fallback).
