@@ -441,6 +441,9 @@ pub struct InstanceState {
 
 /// The kernel has reported this instance past its max age (once).
 pub const INSTANCE_AGED: u32 = 1;
+/// Its directory was removed while exited tasks still held the entry: the last release reclaims
+/// the entry without keeping a creation time for a directory that is gone.
+pub const INSTANCE_REMOVED: u32 = 2;
 
 /// Value of `PROCESSES` (key: tgid): which instance a counted process is counted in, and how many
 /// of its tasks are live. A process without a record is not counted anywhere.

@@ -458,16 +458,19 @@ pub fn hold_refused(child: Task, state: *mut InstanceState, r: &Report) {
 
 /// Drops the entry of an instance whose last task was released, so that directories of ended
 /// agents never fill INSTANCES. Its creation time stays
-/// in CREATED until its rmdir; its fork-rate bucket goes with it (an empty instance cannot fork).
+/// in CREATED until its rmdir (none is kept when the rmdir came first); its fork-rate bucket goes with it (an empty instance cannot fork).
 /// Returns whether this caller removed it.
 #[inline(always)]
 pub fn reclaim(state: *mut InstanceState, c: &Counters<'_>, r: &Report) -> bool {
     if !start_reclaim(c) {
         return false;
     }
-    // SAFETY: live map value, plain read.
-    let created_ns = unsafe { (*state).created_ns };
-    keep_created(r.instance, created_ns, r);
+    // SAFETY: live map value, plain reads.
+    let (created_ns, flags) = unsafe { ((*state).created_ns, (*state).flags) };
+    // A directory already removed keeps no creation time (its rmdir dropped it).
+    if flags & spawnguard_common::INSTANCE_REMOVED == 0 {
+        keep_created(r.instance, created_ns, r);
+    }
     let _ = INSTANCES.remove(&r.instance);
     if let Some(g) = global_counters() {
         g.reclaimed += 1;

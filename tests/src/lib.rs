@@ -384,6 +384,19 @@ impl Daemon {
         Self::launch_with(policy, &all, &[], Some(caps))
     }
 
+    /// A fresh daemon (`--no-pin`, after `uninstall`) with `args` and extra environment
+    /// variables, returned once it is ready.
+    pub fn start_with_env(
+        policy: &str,
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Self> {
+        uninstall();
+        let mut all = vec!["--no-pin"];
+        all.extend_from_slice(args);
+        Self::launch_with(policy, &all, env, None)
+    }
+
     fn launch(policy: &str, args: &[&str]) -> Result<Self> {
         Self::launch_with(policy, args, &[], None)
     }

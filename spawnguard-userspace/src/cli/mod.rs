@@ -92,6 +92,15 @@ pub enum Command {
         #[arg(long, value_name = "N", default_value_t = spawnguard_common::MAX_INSTANCES,
               value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
         instance_capacity: u32,
+        /// Test only (hidden, and refused unless `SPAWNGUARD_TEST_KNOBS=1`): the size of the
+        /// process map, so the maps-at-capacity drill can fill it with a few hundred processes.
+        #[arg(long, value_name = "N", hide = true,
+              value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
+        test_process_capacity: Option<u32>,
+        /// Test only, as `--test-process-capacity`: the size of the doomed map.
+        #[arg(long, value_name = "N", hide = true,
+              value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+        test_doomed_capacity: Option<u32>,
         /// Open the read-only gate socket (`/run/spawnguard/gate.sock`) to this group (name or
         /// gid), so that agent runtimes that are not root can ask `gate`. Root only when
         /// omitted.
@@ -300,6 +309,30 @@ impl Command {
     }
 }
 
+/// The map sizes `run` installs with. The process and doomed maps keep their defaults unless
+/// a test shrinks them: both flags are hidden and need `SPAWNGUARD_TEST_KNOBS=1` as well, so a
+/// production unit cannot shrink them by a stray flag.
+fn map_capacity(
+    instances: u32,
+    processes: Option<u32>,
+    doomed: Option<u32>,
+) -> Result<loader::MapCapacity> {
+    if (processes.is_some() || doomed.is_some())
+        && std::env::var("SPAWNGUARD_TEST_KNOBS").as_deref() != Ok("1")
+    {
+        anyhow::bail!(
+            "--test-process-capacity and --test-doomed-capacity are for spawnguard's own tests \
+             (they need SPAWNGUARD_TEST_KNOBS=1)"
+        );
+    }
+    let default = loader::MapCapacity::default();
+    Ok(loader::MapCapacity {
+        instances,
+        processes: processes.unwrap_or(default.processes),
+        doomed: doomed.unwrap_or(default.doomed),
+    })
+}
+
 /// Runs one command.
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
@@ -311,6 +344,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             metrics_listen,
             metrics_instances,
             instance_capacity,
+            test_process_capacity,
+            test_doomed_capacity,
             gate_group,
         } => run::run(daemon::Options {
             policy_file: policy,
@@ -318,9 +353,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             no_pin,
             metrics_listen,
             metrics_instances,
-            capacity: loader::MapCapacity {
-                instances: instance_capacity,
-            },
+            capacity: map_capacity(
+                instance_capacity,
+                test_process_capacity,
+                test_doomed_capacity,
+            )?,
             gate_group,
             watch_policy: !no_watch_policy,
         }),

@@ -64,12 +64,19 @@ pub fn preflight() -> Result<()> {
 pub struct MapCapacity {
     /// Instances holding tasks at once.
     pub instances: u32,
+    /// Counted processes. Only the reliability drills shrink it (hidden `run` flag
+    /// `--test-process-capacity`): filling 65,536 real processes does not fit a test.
+    pub processes: u32,
+    /// Tasks being stopped at once. Shrunk only by the drills, as `processes`.
+    pub doomed: u32,
 }
 
 impl Default for MapCapacity {
     fn default() -> Self {
         Self {
             instances: spawnguard_common::MAX_INSTANCES,
+            processes: spawnguard_common::MAX_PROCESSES,
+            doomed: spawnguard_common::MAX_DOOMED,
         }
     }
 }
@@ -100,6 +107,8 @@ pub(super) fn load_object(
         .verifier_log_level(VERIFIER_LOG)
         .map_max_entries(maps::INSTANCES, capacity.instances)
         .map_max_entries(maps::CREATED, capacity.created())
+        .map_max_entries(maps::PROCESSES, capacity.processes)
+        .map_max_entries(maps::DOOMED, capacity.doomed)
         .override_global("KERNEL_OFFSETS", offsets, true)
         .override_global("BACKEND", &code, true)
         .override_global("STOP_WITH_KFUNC", &stop_with_kfunc, true)
