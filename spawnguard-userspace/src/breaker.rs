@@ -70,7 +70,8 @@ pub struct BreakerView {
     pub open_for_seconds: Option<f64>,
 }
 
-fn view(type_name: &str, s: &BreakerState, now_ms: u64) -> BreakerView {
+/// A breaker's state word and record as `status` and `breaker` show them (any values).
+pub fn view(type_name: &str, s: &BreakerState, now_ms: u64) -> BreakerView {
     let w = s.word;
     let until = breaker_until(w);
     let mut state = breaker_state(w);

@@ -329,4 +329,19 @@ mod tests {
         assert!(o.task_tgid > o.task_pid || o.task_tgid == o.task_pid + 4);
         assert_ne!(o.cgroup_kn, 0);
     }
+
+    /// The fuzz target's seed is a small BTF holding every struct the loader reads, so the
+    /// fuzzer starts from inputs that reach every lookup.
+    #[test]
+    fn the_fuzz_seed_holds_every_offset_the_loader_reads() {
+        let seed = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/btf/valid-small.btf"),
+        )
+        .unwrap();
+        let btf = Btf::parse(seed).expect("the seed parses");
+        let o = btf.kernel_offsets().unwrap();
+        assert_eq!((o.task_pid, o.task_tgid, o.task_comm), (64, 68, 152));
+        assert_eq!(o.k_sigaction_flags, 8);
+        assert!(btf.func_id(crate::loader::KILL_KFUNC).is_some());
+    }
 }

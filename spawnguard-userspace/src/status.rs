@@ -5,8 +5,8 @@ use anyhow::Result;
 use aya::maps::{HashMap, MapData};
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
-    limit, maps, BreakerPhase, FailOpen, InstanceState, Reason, BREAKER_STATES, MODE_ENFORCE,
-    REASONS,
+    limit, maps, BreakerPhase, FailOpen, InstanceState, Reason, TypeCounters, TypeLimits,
+    TypeState, BREAKER_STATES, MODE_ENFORCE, REASONS,
 };
 
 use crate::pinned;
@@ -294,55 +294,7 @@ pub fn snapshot() -> Result<Status> {
     let mut types = Vec::new();
     for (index, b) in pinned::types()? {
         let live = type_state.get(&index, 0)?;
-        let mut t = TypeStatus {
-            name: name_of(&b.name),
-            mode: if b.mode == MODE_ENFORCE {
-                Mode::Enforce
-            } else {
-                Mode::Audit
-            }
-            .to_string(),
-            max_tasks: b.max_tasks,
-            max_threads: b.max_threads,
-            max_instances: limit(b.max_instances),
-            max_total_tasks: limit(b.max_total_tasks),
-            warn_tasks: b.warn_tasks,
-            warn_total_tasks: limit(b.warn_total_tasks),
-            warn_instances: limit(b.warn_instances),
-            instances: live.instances,
-            tasks: live.tasks,
-            processes: 0,
-            threads: 0,
-            forks_allowed: 0,
-            threads_allowed: 0,
-            migrations_in: 0,
-            migrations_denied: 0,
-            instances_admitted: 0,
-            warnings: 0,
-            breaker_entered: BreakerEntered::default(),
-            denied: Denials::default(),
-            audit_denied: Denials::default(),
-            breaker: None,
-        };
-        let mut denied = [0; REASONS];
-        let mut audit = [0; REASONS];
-        for c in counters.get(&index, 0)?.iter() {
-            t.forks_allowed += c.forks_allowed;
-            t.threads_allowed += c.threads_allowed;
-            t.migrations_in += c.migrations_in;
-            t.migrations_denied += c.migrations_denied;
-            t.instances_admitted += c.instances_admitted;
-            t.warnings += c.warnings;
-            t.breaker_entered.closed += c.breaker_entered[BreakerPhase::Closed as usize];
-            t.breaker_entered.open += c.breaker_entered[BreakerPhase::Open as usize];
-            t.breaker_entered.half_open += c.breaker_entered[BreakerPhase::HalfOpen as usize];
-            for r in 0..REASONS {
-                denied[r] += c.denied[r];
-                audit[r] += c.audit_denied[r];
-            }
-        }
-        t.denied = Denials::from(denied);
-        t.audit_denied = Denials::from(audit);
+        let t = type_status(&b, &live, &counters.get(&index, 0)?);
         types.push((index, t));
     }
 
@@ -354,20 +306,9 @@ pub fn snapshot() -> Result<Status> {
         let Some((_, t)) = types.iter_mut().find(|(i, _)| *i == s.type_idx) else {
             continue;
         };
-        t.processes += s.processes;
-        t.threads += s.threads;
-        list.push(InstanceStatus {
-            id,
-            path: String::new(),
-            type_name: t.name.clone(),
-            tasks: spawnguard_ebpf::word_tasks(s.tasks),
-            admitted: s.tasks & spawnguard_ebpf::ADMITTED != 0,
-            processes: s.processes,
-            threads: s.threads,
-            age_seconds: now.saturating_sub(s.created_ns) as f64 / 1e9,
-            exited_unreaped: s.releasing,
-            refused_unreaped: s.refused_unreaped,
-        });
+        t.processes = t.processes.saturating_add(s.processes);
+        t.threads = t.threads.saturating_add(s.threads);
+        list.push(instance_status(id, &s, &t.name, now));
     }
     let mut dropped = 0;
     let mut f = FailedOpen::default();
@@ -447,6 +388,77 @@ pub fn snapshot() -> Result<Status> {
         created_full,
         releasing_full,
     })
+}
+
+/// One type's status from its map values: its limits, its live counts and its per-CPU
+/// counters (any values: a map is read as it is).
+pub fn type_status(b: &TypeLimits, live: &TypeState, per_cpu: &[TypeCounters]) -> TypeStatus {
+    let mut t = TypeStatus {
+        name: name_of(&b.name),
+        mode: if b.mode == MODE_ENFORCE {
+            Mode::Enforce
+        } else {
+            Mode::Audit
+        }
+        .to_string(),
+        max_tasks: b.max_tasks,
+        max_threads: b.max_threads,
+        max_instances: limit(b.max_instances),
+        max_total_tasks: limit(b.max_total_tasks),
+        warn_tasks: b.warn_tasks,
+        warn_total_tasks: limit(b.warn_total_tasks),
+        warn_instances: limit(b.warn_instances),
+        instances: live.instances,
+        tasks: live.tasks,
+        processes: 0,
+        threads: 0,
+        forks_allowed: 0,
+        threads_allowed: 0,
+        migrations_in: 0,
+        migrations_denied: 0,
+        instances_admitted: 0,
+        warnings: 0,
+        breaker_entered: BreakerEntered::default(),
+        denied: Denials::default(),
+        audit_denied: Denials::default(),
+        breaker: None,
+    };
+    let mut denied = [0; REASONS];
+    let mut audit = [0; REASONS];
+    for c in per_cpu {
+        t.forks_allowed += c.forks_allowed;
+        t.threads_allowed += c.threads_allowed;
+        t.migrations_in += c.migrations_in;
+        t.migrations_denied += c.migrations_denied;
+        t.instances_admitted += c.instances_admitted;
+        t.warnings += c.warnings;
+        t.breaker_entered.closed += c.breaker_entered[BreakerPhase::Closed as usize];
+        t.breaker_entered.open += c.breaker_entered[BreakerPhase::Open as usize];
+        t.breaker_entered.half_open += c.breaker_entered[BreakerPhase::HalfOpen as usize];
+        for r in 0..REASONS {
+            denied[r] += c.denied[r];
+            audit[r] += c.audit_denied[r];
+        }
+    }
+    t.denied = Denials::from(denied);
+    t.audit_denied = Denials::from(audit);
+    t
+}
+
+/// One instance's status from its instance map entry (`now`: monotonic ns).
+pub fn instance_status(id: u64, s: &InstanceState, type_name: &str, now: u64) -> InstanceStatus {
+    InstanceStatus {
+        id,
+        path: String::new(),
+        type_name: type_name.to_owned(),
+        tasks: spawnguard_ebpf::word_tasks(s.tasks),
+        admitted: s.tasks & spawnguard_ebpf::ADMITTED != 0,
+        processes: s.processes,
+        threads: s.threads,
+        age_seconds: now.saturating_sub(s.created_ns) as f64 / 1e9,
+        exited_unreaped: s.releasing,
+        refused_unreaped: s.refused_unreaped,
+    }
 }
 
 /// A pinned map's capacity, as the kernel made it (`run --instance-capacity` sets some).
