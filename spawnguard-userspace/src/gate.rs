@@ -274,8 +274,10 @@ pub fn why_not(m: &GateMaps, now: u64) -> Option<String> {
         if let (spawnguard_ebpf::Gate::Refused { until_ms, probing }, _) =
             breaker_gate(&word, now, p)
         {
-            let wait = (until_ms - now) as f64 / 1000.0;
-            let at = wall_clock_in(Duration::from_millis(until_ms - now));
+            // A word read from the map may hold any deadline, even a past one.
+            let left = until_ms.saturating_sub(now);
+            let wait = left as f64 / 1000.0;
+            let at = wall_clock_in(Duration::from_millis(left));
             return Some(if probing {
                 format!("breaker half-open: its probe instance runs until {at} (in {wait:.0} s)")
             } else {
@@ -315,6 +317,29 @@ pub fn why_not(m: &GateMaps, now: u64) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The gate's decoder takes any map values: a breaker word whose deadline is past `now`
+    /// by any amount, or before it, answers without a panic (an overflow in the subtraction
+    /// or in the wall clock was the risk the maps fuzz target covers).
+    #[test]
+    fn any_breaker_deadline_answers() {
+        for word in [0, 1, u64::MAX, u64::MAX >> 1, 1 << 63] {
+            for now in [0, 1_000, u64::MAX] {
+                let m = GateMaps {
+                    breaker_limits: BreakerLimits {
+                        enabled: 1,
+                        ..Default::default()
+                    },
+                    breaker_state: BreakerState {
+                        word,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                let _ = why_not(&m, now);
+            }
+        }
+    }
 
     #[test]
     fn the_socket_s_answers_read_back_as_they_were_given() {

@@ -324,11 +324,19 @@ impl Source<'_> {
         }
         toml::from_str(self.text).map_err(|e| {
             let mut message = one_line(e.message());
+            if message.is_empty() {
+                // toml says nothing for some characters (a control character in a comment).
+                let at = e.span().map_or(0, |s| s.start);
+                message = match self.text.get(at..).and_then(|t| t.chars().next()) {
+                    Some(c) => format!("invalid TOML: character {c:?} is not allowed here"),
+                    None => "invalid TOML".into(),
+                };
+            }
             // toml names the field only for unknown and missing ones: name it for the others
             // (a wrong type, a bad value) from the line the error points at.
-            if let Some(key) = e.span().and_then(|s| key_at(self.text, s.start)) {
+            if let Some((what, key)) = e.span().and_then(|s| key_at(self.text, s.start)) {
                 if !message.contains(&format!("`{key}`")) {
-                    message = format!("{key}: {message}");
+                    message = format!("{what} {key}: {message}");
                 }
             }
             self.error(e.span(), message)
@@ -740,9 +748,10 @@ fn overlaps(a: &str, b: &str) -> bool {
     within(a, b) || within(b, a)
 }
 
-/// What the line holding `offset` sets: `field KEY` for `KEY = ...`, `section [NAME]` for a
-/// table header; `None` for anything else.
-fn key_at(text: &str, offset: usize) -> Option<String> {
+/// What the line holding `offset` sets, as (what it is, its name): ("field", KEY) for
+/// `KEY = ...` (or a bare `KEY ...` missing its `=`), ("section", NAME) for a table header;
+/// `None` for anything else.
+fn key_at(text: &str, offset: usize) -> Option<(&'static str, &str)> {
     let offset = offset.min(text.len());
     let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
     let line = text[start..].lines().next().unwrap_or_default().trim();
@@ -754,11 +763,13 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     if line.starts_with('[') {
         let name = line.trim_start_matches('[');
         let name = name.split(']').next().unwrap_or_default().trim();
-        return plain(name).then(|| format!("section [{name}]"));
+        return plain(name).then_some(("section", name));
     }
-    let (key, _) = line.split_once('=')?;
-    let key = key.trim();
-    plain(key).then(|| format!("field {key}"))
+    let key = match line.split_once('=') {
+        Some((key, _)) => key.trim(),
+        None => line.split_whitespace().next()?,
+    };
+    plain(key).then_some(("field", key))
 }
 
 /// 1-based line and column of a byte offset.
@@ -837,6 +848,18 @@ max_tasks = 10
             }
         }
         assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    /// Fuzz finding (policy target): a control character in a comment made toml give an
+    /// error with an empty message; the refusal must still say what is wrong.
+    #[test]
+    fn a_control_character_is_refused_with_a_message() {
+        let e = parse("# \x0f\0\0\0\0\0\0\0here\n").unwrap_err();
+        assert_eq!((e.line, e.column), (1, 3), "{e}");
+        assert_eq!(
+            e.message, "invalid TOML: character '\\u{f}' is not allowed here",
+            "{e}"
+        );
     }
 
     /// Bytes that are not UTF-8 are refused where the first bad one is.

@@ -107,7 +107,8 @@ fn frame(
             t.mode,
             format!("{}/{}", t.instances, or_dash(t.max_instances)),
             format!("{}/{}", t.tasks, or_dash(t.max_total_tasks)),
-            rate(t.forks_allowed.saturating_add(t.threads_allowed), |x| x.spawns),
+            rate(t.forks_allowed.saturating_add(t.threads_allowed), |x| x
+                .spawns),
             rate(t.denied.total(), |x| x.denied),
             t.denied.total(),
             breaker,
