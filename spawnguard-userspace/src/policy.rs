@@ -335,7 +335,8 @@ impl Source<'_> {
             // toml names the field only for unknown and missing ones: name it for the others
             // (a wrong type, a bad value) from the line the error points at.
             if let Some((what, key)) = e.span().and_then(|s| key_at(self.text, s.start)) {
-                if !message.contains(&format!("`{key}`")) {
+                let bare = key.trim_matches(|c| c == '[' || c == ']');
+                if !message.contains(&format!("`{bare}`")) {
                     message = format!("{what} {key}: {message}");
                 }
             }
@@ -749,7 +750,7 @@ fn overlaps(a: &str, b: &str) -> bool {
 }
 
 /// What the line holding `offset` sets, as (what it is, its name): ("field", KEY) for
-/// `KEY = ...` (or a bare `KEY ...` missing its `=`), ("section", NAME) for a table header;
+/// `KEY = ...` (or a bare `KEY ...` missing its `=`), ("section", `[NAME]`) for a table header;
 /// `None` for anything else.
 fn key_at(text: &str, offset: usize) -> Option<(&'static str, &str)> {
     let offset = offset.min(text.len());
@@ -761,9 +762,10 @@ fn key_at(text: &str, offset: usize) -> Option<(&'static str, &str)> {
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' '))
     };
     if line.starts_with('[') {
-        let name = line.trim_start_matches('[');
-        let name = name.split(']').next().unwrap_or_default().trim();
-        return plain(name).then_some(("section", name));
+        // The header as written: `[[type]]`, `[type.breaker]`.
+        let header = line.split('#').next().unwrap_or_default().trim();
+        let name = header.trim_matches(|c| c == '[' || c == ']');
+        return plain(name).then_some(("section", header));
     }
     let key = match line.split_once('=') {
         Some((key, _)) => key.trim(),

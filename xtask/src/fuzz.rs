@@ -27,7 +27,6 @@ const TRIPLE: &str = "x86_64-unknown-linux-gnu";
 
 /// What one target's run did.
 pub struct Run {
-    pub target: String,
     pub executions: u64,
     pub corpus: usize,
     pub seconds: f64,
@@ -177,7 +176,6 @@ pub fn run(root: &Path, target: &str, seconds: u64) -> Result<Run> {
             .unwrap_or(0)
     };
     let run = Run {
-        target: target.to_owned(),
         executions: stat("number_of_executed_units"),
         corpus: std::fs::read_dir(&corpus)?.count(),
         seconds,
