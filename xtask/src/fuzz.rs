@@ -192,8 +192,8 @@ pub fn run(root: &Path, target: &str, seconds: u64) -> Result<Run> {
     Ok(run)
 }
 
-/// Builds, then runs `targets` (every one when empty) for `seconds` each; every target runs
-/// even when one fails. Returns (passed, failed).
+/// Builds, then runs `targets` (every one when empty) for `seconds` each, two at a time;
+/// every target runs even when one fails. Returns (passed, failed).
 pub fn fuzz(root: &Path, targets: &[String], seconds: u64) -> Result<(u64, u64)> {
     for t in targets {
         if !TARGETS.contains(&t.as_str()) {
@@ -204,12 +204,24 @@ pub fn fuzz(root: &Path, targets: &[String], seconds: u64) -> Result<(u64, u64)>
     let all: Vec<String> = TARGETS.iter().map(|t| t.to_string()).collect();
     let chosen = if targets.is_empty() { &all } else { targets };
     let (mut passed, mut failed) = (0, 0);
-    for t in chosen {
-        match run(root, t, seconds) {
-            Ok(_) => passed += 1,
-            Err(e) => {
-                eprintln!("fuzz: {e:#}");
-                failed += 1;
+    // Two at a time: each target is one process on one CPU, and CI has two.
+    for pair in chosen.chunks(2) {
+        let results: Vec<Result<Run>> = std::thread::scope(|scope| {
+            let runs: Vec<_> = pair
+                .iter()
+                .map(|t| scope.spawn(move || run(root, t, seconds)))
+                .collect();
+            runs.into_iter()
+                .map(|h| h.join().expect("a fuzz run's thread"))
+                .collect()
+        });
+        for r in results {
+            match r {
+                Ok(_) => passed += 1,
+                Err(e) => {
+                    eprintln!("fuzz: {e:#}");
+                    failed += 1;
+                }
             }
         }
     }
