@@ -70,7 +70,8 @@ pub struct BreakerView {
     pub open_for_seconds: Option<f64>,
 }
 
-fn view(type_name: &str, s: &BreakerState, now_ms: u64) -> BreakerView {
+/// A breaker's state word and record as `status` and `breaker` show them (any values).
+pub fn view(type_name: &str, s: &BreakerState, now_ms: u64) -> BreakerView {
     let w = s.word;
     let until = breaker_until(w);
     let mut state = breaker_state(w);
@@ -214,8 +215,21 @@ pub fn report_failure(name: &str) -> Result<(BreakerView, bool)> {
 }
 
 /// Local wall-clock time `d` from now, as HH:MM:SS UTC.
+/// The latest time spawnguard writes (9999-12-31T23:59:59Z, the last RFC 3339 can hold): a
+/// deadline read from a map may be any number.
+pub(crate) fn latest() -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_secs(253_402_300_799)
+}
+
+/// Now plus `d`, at most `LATEST`.
+pub(crate) fn after(d: Duration) -> std::time::SystemTime {
+    std::time::SystemTime::now()
+        .checked_add(d)
+        .map_or(latest(), |t| t.min(latest()))
+}
+
 pub(crate) fn wall_clock_in(d: Duration) -> String {
-    let t = std::time::SystemTime::now() + d;
+    let t = after(d);
     let secs = t
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |x| x.as_secs());

@@ -151,7 +151,9 @@ impl Btf {
         let id = self
             .find(name, KIND_STRUCT)
             .ok_or_else(|| BtfError::NoStruct(name.to_owned()))?;
-        self.find_member(id, member.as_bytes(), 0, 0)
+        // task_struct, the widest, has a few hundred members in a handful of anonymous ones.
+        let mut budget = 1 << 16;
+        self.find_member(id, member.as_bytes(), 0, 0, &mut budget)
             .map(|bits| bits / 8)
             .ok_or_else(|| BtfError::NoMember(name.to_owned(), member.to_owned()))
     }
@@ -191,24 +193,50 @@ impl Btf {
         })
     }
 
-    fn find_member(&self, id: u32, member: &[u8], base_bits: u32, depth: u32) -> Option<u32> {
+    /// Looks through anonymous members depth-first. `budget` bounds the members looked at in
+    /// all: a malformed blob can make every member of a wide struct an anonymous one of the
+    /// struct itself, which the depth bound alone leaves exponential (found by fuzzing).
+    fn find_member(
+        &self,
+        id: u32,
+        member: &[u8],
+        base_bits: u32,
+        depth: u32,
+        budget: &mut u32,
+    ) -> Option<u32> {
         // Anonymous members nest a few levels at most; the bound keeps a malformed blob from
         // recursing forever.
         if depth > 16 {
             return None;
         }
         let t = self.types.get(id as usize)?;
+        *budget = budget.checked_sub(t.vlen.max(1))?;
         if let Some((_, _, bits)) = self
             .members(t)
             .find(|&(name, _, _)| name != 0 && self.string(name) == member)
         {
-            return Some(base_bits + bits);
+            // A corrupted blob may hold any offsets: past u32 is no offset at all.
+            return base_bits.checked_add(bits);
         }
         self.members(t)
             .filter(|&(name, _, _)| name == 0)
             .find_map(|(_, type_id, bits)| {
-                self.find_member(type_id, member, base_bits + bits, depth + 1)
+                let base = base_bits.checked_add(bits)?;
+                self.find_member(type_id, member, base, depth + 1, budget)
             })
+    }
+
+    /// Offset of `inner.field` within `outer.member` (a struct member of type `inner`).
+    fn nested_offset(
+        &self,
+        outer: &str,
+        member: &str,
+        inner: &str,
+        field: &str,
+    ) -> Result<u32, BtfError> {
+        self.member_offset(outer, member)?
+            .checked_add(self.member_offset(inner, field)?)
+            .ok_or_else(|| BtfError::NoMember(outer.to_owned(), format!("{member}.{field}")))
     }
 
     /// The offsets the programs need, from this kernel.
@@ -238,10 +266,13 @@ impl Btf {
             task_sighand: self.member_offset("task_struct", "sighand")?,
             sighand_action: self.member_offset("sighand_struct", "action")?,
             k_sigaction_size: self.struct_size("k_sigaction")?,
-            k_sigaction_handler: self.member_offset("k_sigaction", "sa")?
-                + self.member_offset("sigaction", "sa_handler")?,
-            k_sigaction_flags: self.member_offset("k_sigaction", "sa")?
-                + self.member_offset("sigaction", "sa_flags")?,
+            k_sigaction_handler: self.nested_offset(
+                "k_sigaction",
+                "sa",
+                "sigaction",
+                "sa_handler",
+            )?,
+            k_sigaction_flags: self.nested_offset("k_sigaction", "sa", "sigaction", "sa_flags")?,
             task_start_boottime: self.member_offset("task_struct", "start_boottime")?,
         })
     }
@@ -328,5 +359,51 @@ mod tests {
         let o = btf.kernel_offsets().unwrap();
         assert!(o.task_tgid > o.task_pid || o.task_tgid == o.task_pid + 4);
         assert_ne!(o.cgroup_kn, 0);
+    }
+
+    /// The fuzz target's seed is a small BTF holding every struct the loader reads, so the
+    /// fuzzer starts from inputs that reach every lookup.
+    #[test]
+    fn the_fuzz_seed_holds_every_offset_the_loader_reads() {
+        let seed = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/btf/valid-small.btf"),
+        )
+        .unwrap();
+        let btf = Btf::parse(seed).expect("the seed parses");
+        let o = btf.kernel_offsets().unwrap();
+        assert_eq!((o.task_pid, o.task_tgid, o.task_comm), (64, 68, 152));
+        assert_eq!(o.k_sigaction_flags, 8);
+        assert!(btf.func_id(crate::loader::KILL_KFUNC).is_some());
+    }
+
+    /// Fuzz finding (btf target): member bit offsets that add past u32 (an anonymous member
+    /// at a huge offset) overflowed; now the member is not found.
+    #[test]
+    fn offsets_past_u32_are_no_offsets() {
+        let crash = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../fuzz/seeds/btf/regression-member-offset-overflow.btf"),
+        )
+        .unwrap();
+        let btf = Btf::parse(crash).expect("it parses");
+        assert!(btf.kernel_offsets().is_err());
+    }
+
+    /// Fuzz finding (btf target, a timeout): anonymous members that are the struct itself,
+    /// many of them, made the member search exponential within its depth bound; the search
+    /// now has a budget of members in all.
+    #[test]
+    fn self_nested_anonymous_members_end_quickly() {
+        let blob = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../fuzz/seeds/btf/regression-nested-anonymous-members.btf"),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        if let Some(btf) = Btf::parse(blob) {
+            let _ = btf.kernel_offsets();
+        }
+        // Exponential took longer than libFuzzer's 10 s; the budget makes it milliseconds.
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
     }
 }

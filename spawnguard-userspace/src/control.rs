@@ -20,6 +20,7 @@ use tokio::{
 use crate::{
     breaker::BreakerView,
     events::{EventRecord, Subscription},
+    policy::Policy,
 };
 
 pub const SOCKET: &str = "/run/spawnguard/control.sock";
@@ -122,6 +123,49 @@ impl Reply {
                 result: None,
                 error: Some(format!("{e:#}")),
             },
+        }
+    }
+}
+
+/// What answering a request needs from the daemon: the enforcer's maps and the policy in force.
+/// The daemon implements it over the real maps; `dispatch` needs nothing else, so it runs
+/// without a kernel (the fuzz target `control` gives it a fake).
+pub trait Backend {
+    /// The status snapshot (`Status` as JSON).
+    fn status(&mut self) -> Result<Value>;
+    /// The policy in force: its text and its parsed form.
+    fn policy_shown(&self) -> Result<PolicyShown>;
+    /// Carries out `BreakerOpen`, `BreakerClose` or `BreakerReportFailure`.
+    fn breaker(&mut self, request: &Request) -> Result<BreakerAnswer>;
+    /// Puts a validated policy in force (all of it or none of it).
+    fn apply(&mut self, policy: Policy, text: &str) -> Result<PolicyDiff>;
+    /// Told the outcome of every `PolicyApply`, a refused file included (for logs and events).
+    fn applied(&mut self, file: &str, text: &str, result: &Result<PolicyDiff>);
+}
+
+/// Reads one request line.
+pub fn decode(line: &str) -> Result<Request> {
+    serde_json::from_str::<Request>(line).map_err(|e| anyhow!("malformed request: {e}"))
+}
+
+/// Answers one request (all but `Events`, which the event task streams).
+pub fn dispatch(backend: &mut impl Backend, request: Request) -> Result<Value> {
+    match request {
+        Request::Status => backend.status(),
+        Request::Ping => Ok(Value::Null),
+        Request::PolicyShow => Ok(serde_json::to_value(backend.policy_shown()?)?),
+        Request::BreakerOpen { .. }
+        | Request::BreakerClose { .. }
+        | Request::BreakerReportFailure { .. } => {
+            Ok(serde_json::to_value(backend.breaker(&request)?)?)
+        }
+        Request::Events { .. } => bail!("events are served by the event task"),
+        Request::PolicyApply { file, text } => {
+            let result = Policy::parse(&text, &file)
+                .map_err(anyhow::Error::from)
+                .and_then(|policy| backend.apply(policy, &text));
+            backend.applied(&file, &text, &result);
+            Ok(serde_json::to_value(result?)?)
         }
     }
 }
@@ -233,8 +277,8 @@ async fn handle(
             "permission denied: only root may use the spawnguard control socket (peer uid {uid})"
         ))),
         Err(e) => Reply::from(Err(e.into())),
-        Ok(line) => match serde_json::from_str::<Request>(&line) {
-            Err(e) => Reply::from(Err(anyhow!("malformed request: {e}"))),
+        Ok(line) => match decode(&line) {
+            Err(e) => Reply::from(Err(e)),
             Ok(Request::Events { follow, type_name }) => {
                 // A follower stays for as long as it likes, in little memory: not in a slot.
                 drop(slot);

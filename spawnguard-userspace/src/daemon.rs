@@ -238,7 +238,8 @@ pub async fn run(policy: Policy, text: String, opts: Options) -> Result<()> {
     loop {
         tokio::select! {
             Some((request, reply)) = jobs.recv() => {
-                let answer = serve(&enforcer, &cg, &mut in_force, &names_tx, &report_tx, request);
+                let mut owner = Owner { enforcer: &enforcer, cg: &cg, in_force: &mut in_force, names: &names_tx, report: &report_tx };
+                let answer = control::dispatch(&mut owner, request);
                 let _ = reply.send(Reply::from(answer));
             }
             _ = hup.recv() => {
@@ -322,76 +323,91 @@ fn write_state(enforcer: &Enforcer, cg: &Cgroup2, types: &[PlacedType]) -> Resul
     write_atomically(Path::new(STATE_FILE), &serde_json::to_vec_pretty(&state)?)
 }
 
-/// Answers one control request (runs in the policy task, which owns `in_force`).
-fn serve(
-    enforcer: &Enforcer,
-    cg: &Cgroup2,
-    in_force: &mut InForce,
-    names: &watch::Sender<Vec<PlacedType>>,
-    report: &mpsc::Sender<events::EventRecord>,
-    request: Request,
-) -> Result<Value> {
-    match request {
-        Request::Status => Ok(serde_json::to_value(status::read()?)?),
-        Request::Ping => Ok(Value::Null),
-        Request::PolicyShow => Ok(serde_json::to_value(PolicyShown {
-            text: in_force.text.clone(),
-            policy: serde_json::to_value(&in_force.policy)?,
-        })?),
-        Request::BreakerOpen { ref type_name, .. }
-        | Request::BreakerClose { ref type_name }
-        | Request::BreakerReportFailure { ref type_name, .. } => {
-            let before = crate::breaker::status(Some(type_name)).ok();
-            let answer = breaker_request(&request)?;
-            let after = &answer.breaker;
-            let from = before
-                .and_then(|v| v.into_iter().next())
-                .map(|v| v.state)
-                .unwrap_or_default();
-            let message = answer.message.clone();
-            let mut record = if from == after.state {
-                events::EventRecord::from_daemon(
-                    "failure_reported",
-                    "manual",
-                    Some(type_name),
-                    message,
-                )
-            } else {
-                events::EventRecord::from_daemon("breaker", "manual", Some(type_name), message)
-            };
-            if from != after.state {
-                record.breaker = Some(events::BreakerChange {
-                    from,
-                    to: after.state.clone(),
-                    retry_at: None,
-                });
-            }
-            record.reason = Some("manual".into());
-            // The stream is a report: a full queue drops the record, never the command.
-            let _ = report.try_send(record);
-            Ok(serde_json::to_value(answer)?)
+/// The daemon's side of the control requests (runs in the policy task, which owns `in_force`).
+struct Owner<'a> {
+    enforcer: &'a Enforcer,
+    cg: &'a Cgroup2,
+    in_force: &'a mut InForce,
+    names: &'a watch::Sender<Vec<PlacedType>>,
+    report: &'a mpsc::Sender<events::EventRecord>,
+}
+
+impl control::Backend for Owner<'_> {
+    fn status(&mut self) -> Result<Value> {
+        Ok(serde_json::to_value(status::read()?)?)
+    }
+
+    fn policy_shown(&self) -> Result<PolicyShown> {
+        Ok(PolicyShown {
+            text: self.in_force.text.clone(),
+            policy: serde_json::to_value(&self.in_force.policy)?,
+        })
+    }
+
+    fn breaker(&mut self, request: &Request) -> Result<BreakerAnswer> {
+        let (Request::BreakerOpen { type_name, .. }
+        | Request::BreakerClose { type_name }
+        | Request::BreakerReportFailure { type_name, .. }) = request
+        else {
+            bail!("not a breaker request");
+        };
+        let before = crate::breaker::status(Some(type_name)).ok();
+        let answer = breaker_request(request)?;
+        let after = &answer.breaker;
+        let from = before
+            .and_then(|v| v.into_iter().next())
+            .map(|v| v.state)
+            .unwrap_or_default();
+        let message = answer.message.clone();
+        let mut record = if from == after.state {
+            events::EventRecord::from_daemon("failure_reported", "manual", Some(type_name), message)
+        } else {
+            events::EventRecord::from_daemon("breaker", "manual", Some(type_name), message)
+        };
+        if from != after.state {
+            record.breaker = Some(events::BreakerChange {
+                from,
+                to: after.state.clone(),
+                retry_at: None,
+            });
         }
-        Request::Events { .. } => bail!("events are served by the event task"),
-        Request::PolicyApply { file, text } => {
-            let hash = reload::hash(&text);
-            let result = Policy::parse(&text, &file)
-                .map_err(anyhow::Error::from)
-                .and_then(|policy| apply(enforcer, cg, in_force, names, policy, text));
-            let now = enforcing(in_force, enforcer);
-            match &result {
-                Ok(d) => {
-                    tracing::info!("policy applied from {file}: {d:?}");
-                    notify::status(&format!("{now}; policy applied from {file}"));
-                    reloaded(report, "policy_apply", Ok(&hash), format!("{file}: {d:?}"));
-                }
-                Err(e) => {
-                    notify::status(&format!(
-                        "{now}; policy apply from {file} failed, the previous policy stays: {e:#}"
-                    ));
-                    reloaded(report, "policy_apply", Err(()), format!("{e:#}"));
-                }
+        record.reason = Some("manual".into());
+        // The stream is a report: a full queue drops the record, never the command.
+        let _ = self.report.try_send(record);
+        Ok(answer)
+    }
+
+    fn apply(&mut self, policy: Policy, text: &str) -> Result<PolicyDiff> {
+        apply(
+            self.enforcer,
+            self.cg,
+            self.in_force,
+            self.names,
+            policy,
+            text.to_owned(),
+        )
+    }
+
+    fn applied(&mut self, file: &str, text: &str, result: &Result<PolicyDiff>) {
+        let now = enforcing(self.in_force, self.enforcer);
+        match result {
+            Ok(d) => {
+                tracing::info!("policy applied from {file}: {d:?}");
+                notify::status(&format!("{now}; policy applied from {file}"));
+                let hash = reload::hash(text);
+                reloaded(
+                    self.report,
+                    "policy_apply",
+                    Ok(&hash),
+                    format!("{file}: {d:?}"),
+                );
             }
-            Ok(serde_json::to_value(result?)?)
+            Err(e) => {
+                notify::status(&format!(
+                    "{now}; policy apply from {file} failed, the previous policy stays: {e:#}"
+                ));
+                reloaded(self.report, "policy_apply", Err(()), format!("{e:#}"));
+            }
         }
     }
 }

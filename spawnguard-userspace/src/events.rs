@@ -298,7 +298,10 @@ fn wall_time(ts_ns: u64) -> std::time::SystemTime {
     std::time::SystemTime::now() - Duration::from_nanos(ago)
 }
 
+/// RFC 3339 time, clamped to the years it can write (1970 to 9999): a kernel timestamp or
+/// deadline is any u64.
 fn rfc3339(t: std::time::SystemTime) -> String {
+    let t = t.clamp(std::time::UNIX_EPOCH, crate::breaker::latest());
     humantime::format_rfc3339_millis(t).to_string()
 }
 
@@ -365,7 +368,7 @@ impl EventRecord {
                 let retry_at = (to == BreakerPhase::Open as u64).then(|| {
                     let now_ms = monotonic_ns() / 1_000_000;
                     let wait = Duration::from_millis(ev.limit.saturating_sub(now_ms));
-                    rfc3339(std::time::SystemTime::now() + wait)
+                    rfc3339(crate::breaker::after(wait))
                 });
                 r.breaker = Some(BreakerChange {
                     from: breaker::state_name(from).to_owned(),
@@ -627,6 +630,35 @@ fn log(limiter: &mut LogLimiter, ev: &Event, record: &EventRecord) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fuzz finding (events target): a breaker event whose deadline (`limit`, ms) lies past
+    /// year 9999 made the RFC 3339 formatting fail (a panic in `to_string`); it is clamped.
+    #[test]
+    fn a_deadline_past_year_9999_is_clamped() {
+        let bytes = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../fuzz/seeds/events/regression-deadline-past-year-9999.bin"),
+        )
+        .unwrap();
+        let ev = parse(&bytes).unwrap();
+        assert_eq!(ev.kind, EventKind::Breaker as u32);
+        let r = EventRecord::from_event(&ev, &mut Names::new(Vec::new()));
+        let retry_at = r.breaker.unwrap().retry_at.unwrap();
+        assert!(retry_at.starts_with("9999-12-31T23:59:59"), "{retry_at}");
+        let far = Event {
+            kind: EventKind::Breaker as u32,
+            usage: BreakerPhase::Open as u64,
+            limit: u64::MAX,
+            ts_ns: u64::MAX,
+            ..Default::default()
+        };
+        let r = EventRecord::from_event(&far, &mut Names::new(Vec::new()));
+        assert!(
+            r.time.starts_with("19") || r.time.starts_with("20"),
+            "{}",
+            r.time
+        );
+    }
     use spawnguard_common::{BACKEND_KILL, CAUSE_FORK, EVENT_DENIED, REASON_MAX_TASKS};
 
     #[test]

@@ -241,63 +241,105 @@ impl PinnedGate {
     /// Reads the pinned maps only; never changes anything (it does not claim the half-open
     /// probe).
     fn why_not(&self, side: u32, index: u32) -> anyhow::Result<Option<String>> {
-        let now = now_ms();
-        let p = self.breaker_limits.get(&policy_index(side, index), 0)?;
-        if p.enabled != 0 {
-            let s = self.breaker_state.get(&index, 0)?;
-            let word = AtomicU64::new(s.word);
-            // On a copy: the real probe is claimed by the kernel when the instance starts.
-            if let (spawnguard_ebpf::Gate::Refused { until_ms, probing }, _) =
-                breaker_gate(&word, now, &p)
-            {
-                let wait = (until_ms - now) as f64 / 1000.0;
-                let at = wall_clock_in(Duration::from_millis(until_ms - now));
-                return Ok(Some(if probing {
-                    format!(
-                        "breaker half-open: its probe instance runs until {at} (in {wait:.0} s)"
-                    )
-                } else {
-                    format!("breaker open until {at} (in {wait:.0} s)")
-                }));
-            }
-        }
-        let l = self.type_policy.get(&policy_index(side, index), 0)?;
-        let t = self.type_state.get(&index, 0)?;
-        let h = self.host_limits.get(&side, 0)?;
-        let used = self.host_state.get(&0, 0)?.tasks;
-        let usage = SharedUsage {
-            type_instances: t.instances,
-            type_tasks: t.tasks,
-            host_tasks: used,
+        let maps = GateMaps {
+            breaker_limits: self.breaker_limits.get(&policy_index(side, index), 0)?,
+            breaker_state: self.breaker_state.get(&index, 0)?,
+            type_limits: self.type_policy.get(&policy_index(side, index), 0)?,
+            type_state: self.type_state.get(&index, 0)?,
+            host_limits: self.host_limits.get(&side, 0)?,
+            host_state: self.host_state.get(&0, 0)?,
         };
-        // The kernel's own admission decides, on copies of the totals.
-        Ok(match preview_new_instance(&Budget::of(&l, &h), &usage) {
-            None => None,
-            Some(Refusal::MaxInstances) => {
-                Some(format!("ceiling {}/{}", t.instances, l.max_instances))
-            }
-            Some(Refusal::TypeTasks) => Some(format!(
-                "type at max_total_tasks {}/{}",
-                t.tasks, l.max_total_tasks
-            )),
-            Some(Refusal::HostTasks) => Some(format!(
-                "host at {:.0} % of its budget ({used}/{}; denying above {})",
-                used as f64 * 100.0 / h.max_tasks as f64,
-                h.max_tasks,
-                h.deny_tasks
-            )),
-            Some(Refusal::MaxTasks) => Some(format!(
-                "max_tasks {} leaves no room for a first task",
-                l.max_tasks
-            )),
-            Some(other) => Some(format!("{other:?}")),
-        })
+        Ok(why_not(&maps, now_ms()))
+    }
+}
+
+/// The map values a gate check reads for one type (copies: the check never writes).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GateMaps {
+    pub breaker_limits: BreakerLimits,
+    pub breaker_state: BreakerState,
+    pub type_limits: TypeLimits,
+    pub type_state: TypeState,
+    pub host_limits: HostLimits,
+    pub host_state: HostState,
+}
+
+/// Why a new instance would not be admitted with these map values at `now` (ms of the
+/// breaker's clock); `None`: it would be. Any values: a map is read as it is.
+pub fn why_not(m: &GateMaps, now: u64) -> Option<String> {
+    let p = &m.breaker_limits;
+    if p.enabled != 0 {
+        let word = AtomicU64::new(m.breaker_state.word);
+        // On a copy: the real probe is claimed by the kernel when the instance starts.
+        if let (spawnguard_ebpf::Gate::Refused { until_ms, probing }, _) =
+            breaker_gate(&word, now, p)
+        {
+            // A word read from the map may hold any deadline, even a past one.
+            let left = until_ms.saturating_sub(now);
+            let wait = left as f64 / 1000.0;
+            let at = wall_clock_in(Duration::from_millis(left));
+            return Some(if probing {
+                format!("breaker half-open: its probe instance runs until {at} (in {wait:.0} s)")
+            } else {
+                format!("breaker open until {at} (in {wait:.0} s)")
+            });
+        }
+    }
+    let (l, t, h) = (&m.type_limits, &m.type_state, &m.host_limits);
+    let used = m.host_state.tasks;
+    let usage = SharedUsage {
+        type_instances: t.instances,
+        type_tasks: t.tasks,
+        host_tasks: used,
+    };
+    // The kernel's own admission decides, on copies of the totals.
+    match preview_new_instance(&Budget::of(l, h), &usage) {
+        None => None,
+        Some(Refusal::MaxInstances) => Some(format!("ceiling {}/{}", t.instances, l.max_instances)),
+        Some(Refusal::TypeTasks) => Some(format!(
+            "type at max_total_tasks {}/{}",
+            t.tasks, l.max_total_tasks
+        )),
+        Some(Refusal::HostTasks) => Some(format!(
+            "host at {:.0} % of its budget ({used}/{}; denying above {})",
+            used as f64 * 100.0 / h.max_tasks as f64,
+            h.max_tasks,
+            h.deny_tasks
+        )),
+        Some(Refusal::MaxTasks) => Some(format!(
+            "max_tasks {} leaves no room for a first task",
+            l.max_tasks
+        )),
+        Some(other) => Some(format!("{other:?}")),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The gate's decoder takes any map values: a breaker word whose deadline is past `now`
+    /// by any amount, or before it, answers without a panic (an overflow in the subtraction
+    /// or in the wall clock was the risk the maps fuzz target covers).
+    #[test]
+    fn any_breaker_deadline_answers() {
+        for word in [0, 1, u64::MAX, u64::MAX >> 1, 1 << 63] {
+            for now in [0, 1_000, u64::MAX] {
+                let m = GateMaps {
+                    breaker_limits: BreakerLimits {
+                        enabled: 1,
+                        ..Default::default()
+                    },
+                    breaker_state: BreakerState {
+                        word,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                let _ = why_not(&m, now);
+            }
+        }
+    }
 
     #[test]
     fn the_socket_s_answers_read_back_as_they_were_given() {

@@ -239,13 +239,31 @@ const MAX_PER_SEC: f64 = 1_000_000.0;
 
 impl Policy {
     pub fn from_file(path: &Path) -> Result<Self, PolicyError> {
-        let text = std::fs::read_to_string(path).map_err(|e| PolicyError {
+        let bytes = std::fs::read(path).map_err(|e| PolicyError {
             file: path.display().to_string(),
             line: 0,
             column: 0,
             message: format!("cannot read the policy file: {e}"),
         })?;
-        Self::parse(&text, &path.display().to_string())
+        Self::parse_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// `parse`, of a file's bytes: text that is not UTF-8 is refused at its first bad byte.
+    pub fn parse_bytes(bytes: &[u8], file: &str) -> Result<Self, PolicyError> {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Self::parse(text, file),
+            Err(e) => {
+                // The valid part locates the bad byte (its column counts characters).
+                let valid = std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default();
+                Err(Source { text: valid, file }.error(
+                    Some(valid.len()..valid.len()),
+                    format!(
+                        "the policy is not UTF-8 text (invalid byte 0x{:02x})",
+                        bytes[e.valid_up_to()]
+                    ),
+                ))
+            }
+        }
     }
 
     pub fn default_policy() -> Self {
@@ -304,7 +322,26 @@ impl Source<'_> {
                 "the policy is empty: it needs at least one [[type]]".into(),
             ));
         }
-        toml::from_str(self.text).map_err(|e| self.error(e.span(), one_line(e.message())))
+        toml::from_str(self.text).map_err(|e| {
+            let mut message = one_line(e.message());
+            if message.is_empty() {
+                // toml says nothing for some characters (a control character in a comment).
+                let at = e.span().map_or(0, |s| s.start);
+                message = match self.text.get(at..).and_then(|t| t.chars().next()) {
+                    Some(c) => format!("invalid TOML: character {c:?} is not allowed here"),
+                    None => "invalid TOML".into(),
+                };
+            }
+            // toml names the field only for unknown and missing ones: name it for the others
+            // (a wrong type, a bad value) from the line the error points at.
+            if let Some((what, key)) = e.span().and_then(|s| key_at(self.text, s.start)) {
+                let bare = key.trim_matches(|c| c == '[' || c == ']');
+                if !message.contains(&format!("`{bare}`")) {
+                    message = format!("{what} {key}: {message}");
+                }
+            }
+            self.error(e.span(), message)
+        })
     }
 
     /// At least one type, and no more than the kernel's tables hold.
@@ -712,6 +749,31 @@ fn overlaps(a: &str, b: &str) -> bool {
     within(a, b) || within(b, a)
 }
 
+/// What the line holding `offset` sets, as (what it is, its name): ("field", KEY) for
+/// `KEY = ...` (or a bare `KEY ...` missing its `=`), ("section", `[NAME]`) for a table header;
+/// `None` for anything else.
+fn key_at(text: &str, offset: usize) -> Option<(&'static str, &str)> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next().unwrap_or_default().trim();
+    let plain = |k: &str| {
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' '))
+    };
+    if line.starts_with('[') {
+        // The header as written: `[[type]]`, `[type.breaker]`.
+        let header = line.split('#').next().unwrap_or_default().trim();
+        let name = header.trim_matches(|c| c == '[' || c == ']');
+        return plain(name).then_some(("section", header));
+    }
+    let key = match line.split_once('=') {
+        Some((key, _)) => key.trim(),
+        None => line.split_whitespace().next()?,
+    };
+    plain(key).then_some(("field", key))
+}
+
 /// 1-based line and column of a byte offset.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -744,6 +806,71 @@ name = "social"
 path = "agents/social/"
 max_tasks = 10
 "#;
+
+    /// The bad policies of the fuzz seed corpus (`fuzz/seeds/policy/bad-*.toml`): each is
+    /// refused at the line its first line names, and the refusal names the field it gives.
+    #[test]
+    fn every_bad_policy_is_refused_at_its_line_naming_its_field() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/policy");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("bad-"))
+            })
+            .collect();
+        files.sort();
+        assert!(files.len() >= 50, "{} bad policies", files.len());
+        let mut wrong = Vec::new();
+        for f in &files {
+            let name = f.file_name().unwrap().to_string_lossy().into_owned();
+            let bytes = std::fs::read(f).unwrap();
+            let text = String::from_utf8_lossy(&bytes);
+            // "# bad policy: refused at line N, naming 'FIELD'"
+            let head = text.lines().next().unwrap();
+            let rest = head
+                .strip_prefix("# bad policy: refused at line ")
+                .unwrap_or_else(|| panic!("{name}: no expectation on its first line"));
+            let (line, field) = match rest.split_once(", naming ") {
+                Some((l, f)) => (l, Some(f.trim_matches('\''))),
+                None => (rest, None),
+            };
+            let line: usize = line.parse().unwrap();
+            match Policy::parse_bytes(&bytes, &name) {
+                Ok(_) => wrong.push(format!("{name}: accepted")),
+                Err(e) => {
+                    let names_field = field.is_none_or(|f| e.message.contains(f));
+                    if e.file != name || e.line != line || e.column < 1 || !names_field {
+                        wrong.push(format!(
+                            "{name}: want line {line} naming {field:?}, got {e}"
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    /// Fuzz finding (policy target): a control character in a comment made toml give an
+    /// error with an empty message; the refusal must still say what is wrong.
+    #[test]
+    fn a_control_character_is_refused_with_a_message() {
+        let e = parse("# \x0f\0\0\0\0\0\0\0here\n").unwrap_err();
+        assert_eq!((e.line, e.column), (1, 3), "{e}");
+        assert_eq!(
+            e.message, "invalid TOML: character '\\u{f}' is not allowed here",
+            "{e}"
+        );
+    }
+
+    /// Bytes that are not UTF-8 are refused where the first bad one is.
+    #[test]
+    fn text_that_is_not_utf8_is_refused_at_its_first_bad_byte() {
+        let e = Policy::parse_bytes(b"[[type]]\nname = \"a\xff\"\n", "p.toml").unwrap_err();
+        assert_eq!((e.line, e.column), (2, 10), "{e}");
+        assert!(e.message.contains("not UTF-8"), "{e}");
+    }
 
     #[test]
     fn parses_the_documented_fields() {

@@ -5,8 +5,8 @@ use anyhow::Result;
 use aya::maps::{HashMap, MapData};
 use serde::{Deserialize, Serialize};
 use spawnguard_common::{
-    limit, maps, BreakerPhase, FailOpen, InstanceState, Reason, BREAKER_STATES, MODE_ENFORCE,
-    REASONS,
+    limit, maps, BreakerPhase, FailOpen, InstanceState, Reason, TypeCounters, TypeLimits,
+    TypeState, BREAKER_STATES, MODE_ENFORCE, REASONS,
 };
 
 use crate::pinned;
@@ -60,15 +60,11 @@ impl Denials {
         std::array::from_fn(|r| (Reason::ALL[r].name(), n[r]))
     }
 
+    /// The sum (saturating: the counters are read from maps as they are).
     pub fn total(&self) -> u64 {
-        self.max_tasks
-            + self.max_threads
-            + self.fork_rate
-            + self.max_instances
-            + self.max_total_tasks
-            + self.host_max_tasks
-            + self.max_age
-            + self.breaker_open
+        self.by_reason()
+            .iter()
+            .fold(0u64, |sum, (_, n)| sum.saturating_add(*n))
     }
 }
 
@@ -111,13 +107,11 @@ impl FailedOpen {
         ]
     }
 
+    /// The sum (saturating: the counters are read from maps as they are).
     pub fn total(&self) -> u64 {
-        self.instances_full
-            + self.processes_full
-            + self.doomed_full
-            + self.read_error
-            + self.contended
-            + self.kill_failed
+        self.by_cause()
+            .iter()
+            .fold(0u64, |sum, (_, n)| sum.saturating_add(*n))
     }
 }
 
@@ -294,55 +288,7 @@ pub fn snapshot() -> Result<Status> {
     let mut types = Vec::new();
     for (index, b) in pinned::types()? {
         let live = type_state.get(&index, 0)?;
-        let mut t = TypeStatus {
-            name: name_of(&b.name),
-            mode: if b.mode == MODE_ENFORCE {
-                Mode::Enforce
-            } else {
-                Mode::Audit
-            }
-            .to_string(),
-            max_tasks: b.max_tasks,
-            max_threads: b.max_threads,
-            max_instances: limit(b.max_instances),
-            max_total_tasks: limit(b.max_total_tasks),
-            warn_tasks: b.warn_tasks,
-            warn_total_tasks: limit(b.warn_total_tasks),
-            warn_instances: limit(b.warn_instances),
-            instances: live.instances,
-            tasks: live.tasks,
-            processes: 0,
-            threads: 0,
-            forks_allowed: 0,
-            threads_allowed: 0,
-            migrations_in: 0,
-            migrations_denied: 0,
-            instances_admitted: 0,
-            warnings: 0,
-            breaker_entered: BreakerEntered::default(),
-            denied: Denials::default(),
-            audit_denied: Denials::default(),
-            breaker: None,
-        };
-        let mut denied = [0; REASONS];
-        let mut audit = [0; REASONS];
-        for c in counters.get(&index, 0)?.iter() {
-            t.forks_allowed += c.forks_allowed;
-            t.threads_allowed += c.threads_allowed;
-            t.migrations_in += c.migrations_in;
-            t.migrations_denied += c.migrations_denied;
-            t.instances_admitted += c.instances_admitted;
-            t.warnings += c.warnings;
-            t.breaker_entered.closed += c.breaker_entered[BreakerPhase::Closed as usize];
-            t.breaker_entered.open += c.breaker_entered[BreakerPhase::Open as usize];
-            t.breaker_entered.half_open += c.breaker_entered[BreakerPhase::HalfOpen as usize];
-            for r in 0..REASONS {
-                denied[r] += c.denied[r];
-                audit[r] += c.audit_denied[r];
-            }
-        }
-        t.denied = Denials::from(denied);
-        t.audit_denied = Denials::from(audit);
+        let t = type_status(&b, &live, &counters.get(&index, 0)?);
         types.push((index, t));
     }
 
@@ -354,39 +300,29 @@ pub fn snapshot() -> Result<Status> {
         let Some((_, t)) = types.iter_mut().find(|(i, _)| *i == s.type_idx) else {
             continue;
         };
-        t.processes += s.processes;
-        t.threads += s.threads;
-        list.push(InstanceStatus {
-            id,
-            path: String::new(),
-            type_name: t.name.clone(),
-            tasks: spawnguard_ebpf::word_tasks(s.tasks),
-            admitted: s.tasks & spawnguard_ebpf::ADMITTED != 0,
-            processes: s.processes,
-            threads: s.threads,
-            age_seconds: now.saturating_sub(s.created_ns) as f64 / 1e9,
-            exited_unreaped: s.releasing,
-            refused_unreaped: s.refused_unreaped,
-        });
+        t.processes = t.processes.saturating_add(s.processes);
+        t.threads = t.threads.saturating_add(s.threads);
+        list.push(instance_status(id, &s, &t.name, now));
     }
-    let mut dropped = 0;
+    let mut dropped = 0u64;
     let mut f = FailedOpen::default();
-    let (mut reclaimed, mut settled, mut created_full, mut releasing_full) = (0, 0, 0, 0);
-    let (mut released_late, mut count_drift) = (0, 0);
+    let (mut reclaimed, mut settled, mut created_full, mut releasing_full) =
+        (0u64, 0u64, 0u64, 0u64);
+    let (mut released_late, mut count_drift) = (0u64, 0u64);
     for g in global.get(&0, 0)?.iter() {
-        dropped += g.events_dropped;
-        f.instances_full += g.instances_full;
-        f.processes_full += g.processes_full;
-        f.doomed_full += g.doomed_full;
-        f.read_error += g.read_errors;
-        f.contended += g.contended;
-        f.kill_failed += g.kill_failed;
-        reclaimed += g.reclaimed;
-        settled += g.settled;
-        released_late += g.released_late;
-        count_drift += g.drift;
-        created_full += g.created_full;
-        releasing_full += g.releasing_full;
+        dropped = dropped.saturating_add(g.events_dropped);
+        f.instances_full = f.instances_full.saturating_add(g.instances_full);
+        f.processes_full = f.processes_full.saturating_add(g.processes_full);
+        f.doomed_full = f.doomed_full.saturating_add(g.doomed_full);
+        f.read_error = f.read_error.saturating_add(g.read_errors);
+        f.contended = f.contended.saturating_add(g.contended);
+        f.kill_failed = f.kill_failed.saturating_add(g.kill_failed);
+        reclaimed = reclaimed.saturating_add(g.reclaimed);
+        settled = settled.saturating_add(g.settled);
+        released_late = released_late.saturating_add(g.released_late);
+        count_drift = count_drift.saturating_add(g.drift);
+        created_full = created_full.saturating_add(g.created_full);
+        releasing_full = releasing_full.saturating_add(g.releasing_full);
     }
     let created = pinned::created()?;
     let maps = vec![
@@ -449,6 +385,86 @@ pub fn snapshot() -> Result<Status> {
     })
 }
 
+/// One type's status from its map values: its limits, its live counts and its per-CPU
+/// counters (any values: a map is read as it is).
+pub fn type_status(b: &TypeLimits, live: &TypeState, per_cpu: &[TypeCounters]) -> TypeStatus {
+    let mut t = TypeStatus {
+        name: name_of(&b.name),
+        mode: if b.mode == MODE_ENFORCE {
+            Mode::Enforce
+        } else {
+            Mode::Audit
+        }
+        .to_string(),
+        max_tasks: b.max_tasks,
+        max_threads: b.max_threads,
+        max_instances: limit(b.max_instances),
+        max_total_tasks: limit(b.max_total_tasks),
+        warn_tasks: b.warn_tasks,
+        warn_total_tasks: limit(b.warn_total_tasks),
+        warn_instances: limit(b.warn_instances),
+        instances: live.instances,
+        tasks: live.tasks,
+        processes: 0,
+        threads: 0,
+        forks_allowed: 0,
+        threads_allowed: 0,
+        migrations_in: 0,
+        migrations_denied: 0,
+        instances_admitted: 0,
+        warnings: 0,
+        breaker_entered: BreakerEntered::default(),
+        denied: Denials::default(),
+        audit_denied: Denials::default(),
+        breaker: None,
+    };
+    let mut denied = [0u64; REASONS];
+    let mut audit = [0u64; REASONS];
+    for c in per_cpu {
+        t.forks_allowed = t.forks_allowed.saturating_add(c.forks_allowed);
+        t.threads_allowed = t.threads_allowed.saturating_add(c.threads_allowed);
+        t.migrations_in = t.migrations_in.saturating_add(c.migrations_in);
+        t.migrations_denied = t.migrations_denied.saturating_add(c.migrations_denied);
+        t.instances_admitted = t.instances_admitted.saturating_add(c.instances_admitted);
+        t.warnings = t.warnings.saturating_add(c.warnings);
+        t.breaker_entered.closed = t
+            .breaker_entered
+            .closed
+            .saturating_add(c.breaker_entered[BreakerPhase::Closed as usize]);
+        t.breaker_entered.open = t
+            .breaker_entered
+            .open
+            .saturating_add(c.breaker_entered[BreakerPhase::Open as usize]);
+        t.breaker_entered.half_open = t
+            .breaker_entered
+            .half_open
+            .saturating_add(c.breaker_entered[BreakerPhase::HalfOpen as usize]);
+        for r in 0..REASONS {
+            denied[r] = denied[r].saturating_add(c.denied[r]);
+            audit[r] = audit[r].saturating_add(c.audit_denied[r]);
+        }
+    }
+    t.denied = Denials::from(denied);
+    t.audit_denied = Denials::from(audit);
+    t
+}
+
+/// One instance's status from its instance map entry (`now`: monotonic ns).
+pub fn instance_status(id: u64, s: &InstanceState, type_name: &str, now: u64) -> InstanceStatus {
+    InstanceStatus {
+        id,
+        path: String::new(),
+        type_name: type_name.to_owned(),
+        tasks: spawnguard_ebpf::word_tasks(s.tasks),
+        admitted: s.tasks & spawnguard_ebpf::ADMITTED != 0,
+        processes: s.processes,
+        threads: s.threads,
+        age_seconds: now.saturating_sub(s.created_ns) as f64 / 1e9,
+        exited_unreaped: s.releasing,
+        refused_unreaped: s.refused_unreaped,
+    }
+}
+
 /// A pinned map's capacity, as the kernel made it (`run --instance-capacity` sets some).
 fn capacity(name: &str, default: u32) -> u64 {
     aya::maps::MapInfo::from_pin(crate::loader::pin_dir().join("maps").join(name))
@@ -495,4 +511,32 @@ impl MapUsage {
 /// A figure, or "-" where there is none (no limit).
 pub fn or_dash(v: Option<u64>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fuzz finding (maps target): per-CPU counters summed past u64 (a map read as it is, all
+    /// ones) overflowed in `Denials::total`; the sums now saturate.
+    #[test]
+    fn counters_read_as_all_ones_saturate() {
+        let ones = TypeCounters {
+            forks_allowed: u64::MAX,
+            threads_allowed: u64::MAX,
+            denied: [u64::MAX; REASONS],
+            audit_denied: [u64::MAX; REASONS],
+            ..Default::default()
+        };
+        let t = type_status(&TypeLimits::default(), &TypeState::default(), &[ones, ones]);
+        assert_eq!(t.forks_allowed, u64::MAX);
+        assert_eq!(t.denied.max_tasks, u64::MAX);
+        assert_eq!(t.denied.total(), u64::MAX);
+        let f = FailedOpen {
+            instances_full: u64::MAX,
+            kill_failed: 1,
+            ..Default::default()
+        };
+        assert_eq!(f.total(), u64::MAX);
+    }
 }

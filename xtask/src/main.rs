@@ -13,6 +13,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
 mod package;
 mod steps;
 mod vm;
@@ -122,6 +123,16 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// build, then the cargo-fuzz targets (fuzz/; ASan, rustup's stable toolchain): each for
+    /// `--time`, on its working corpus under target/fuzz/ and its seeds in fuzz/seeds/.
+    Fuzz {
+        /// How long each target runs: 30s, 5m, 1h.
+        #[arg(long, default_value = "1h")]
+        time: String,
+        /// Only this target (several: repeat); targets: policy, control, btf, events, maps.
+        #[arg(long)]
+        target: Vec<String>,
+    },
     /// Write the Prometheus Operator's PrometheusRule from deploy/prometheus/alerts.yaml (its
     /// groups, word for word), so the two never differ.
     PrometheusRule,
@@ -177,6 +188,15 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::PrometheusRule => prometheus_rule(&root),
+        Cmd::Fuzz { time, target } => {
+            let seconds = fuzz::parse_time(&time)?;
+            build()?;
+            let (_, failed) = fuzz::fuzz(&root, &target, seconds)?;
+            if failed > 0 {
+                bail!("{failed} fuzz targets failed (crash inputs under target/fuzz/artifacts/)");
+            }
+            Ok(())
+        }
         Cmd::VerifierSteps { record } => {
             build()?;
             steps::run(&root, record)
@@ -339,6 +359,16 @@ fn setup() -> Result<()> {
     // Only the tests render deploy/kubernetes: a host that runs spawnguard needs no kubectl.
     if let Err(e) = check_kubectl() {
         eprintln!("xtask: warning: {e:#} (`cargo xtask test` needs it)");
+    }
+    if !cargo_tool_installed("cargo-fuzz") {
+        eprintln!("xtask: installing cargo-fuzz {}", fuzz::CARGO_FUZZ_VERSION);
+        run(cargo().args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            fuzz::CARGO_FUZZ_VERSION,
+        ]))?;
     }
     if !cargo_tool_installed("cargo-deb") {
         eprintln!("xtask: installing cargo-deb {}", package::CARGO_DEB_VERSION);
@@ -555,6 +585,20 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         "--exclude",
         "spawnguard-tests",
     ]));
+    // The fuzz targets, CI_SECONDS each (a crash fails the run and prints its input); not
+    // with a test-name filter.
+    let fuzzed = (unit.is_ok() && args.is_empty()).then(|| -> Result<Tally> {
+        let (passed, failed) = fuzz::fuzz(root, &[], fuzz::CI_SECONDS)?;
+        Ok(Tally { passed, failed })
+    });
+    let fuzz_failed = match &fuzzed {
+        Some(Ok(t)) => t.failed > 0,
+        Some(Err(e)) => {
+            println!("fuzz could not run: {e:#}");
+            true
+        }
+        None => false,
+    };
     // End-to-end: real programs, real cgroups, real bombs. One daemon at a time, so serial.
     // Against the binary that ships (the unit tests' build relinked it).
     let e2e_suite = || e2e_suite(root, args);
@@ -602,6 +646,7 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     };
     for t in [
         Some(&unit),
+        fuzzed.as_ref(),
         e2e.as_ref(),
         e2e_emulated.as_ref(),
         vm.as_ref(),
@@ -621,9 +666,14 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     println!(
         "spawnguard: {} passed, {} failed",
         total.passed,
-        total.failed + u64::from(matches!(vm, Some(Err(_))))
+        total.failed
+            + u64::from(matches!(vm, Some(Err(_))))
+            + u64::from(matches!(fuzzed, Some(Err(_))))
     );
     unit?;
+    if fuzz_failed {
+        bail!("fuzzing failed (crash inputs under target/fuzz/artifacts/)");
+    }
     e2e.unwrap_or_else(|| Ok(Tally::default()))?;
     e2e_emulated.unwrap_or_else(|| Ok(Tally::default()))?;
     if vm_failed {

@@ -36,7 +36,7 @@ fn totals(s: &Status) -> HashMap<String, Totals> {
             (
                 t.name.clone(),
                 Totals {
-                    spawns: t.forks_allowed + t.threads_allowed,
+                    spawns: t.forks_allowed.saturating_add(t.threads_allowed),
                     denied: t.denied.total(),
                 },
             )
@@ -73,7 +73,7 @@ fn frame(
         "spawnguard top - {} - {daemon} - {host} - q quits",
         humantime::format_rfc3339_seconds(std::time::SystemTime::now())
     ));
-    if s.events_dropped + s.failed_open > 0 {
+    if s.events_dropped.saturating_add(s.failed_open) > 0 {
         lines.push(format!(
             "events dropped {}, let through uncounted (fail-open) {}",
             s.events_dropped, s.failed_open
@@ -107,7 +107,8 @@ fn frame(
             t.mode,
             format!("{}/{}", t.instances, or_dash(t.max_instances)),
             format!("{}/{}", t.tasks, or_dash(t.max_total_tasks)),
-            rate(t.forks_allowed + t.threads_allowed, |x| x.spawns),
+            rate(t.forks_allowed.saturating_add(t.threads_allowed), |x| x
+                .spawns),
             rate(t.denied.total(), |x| x.denied),
             t.denied.total(),
             breaker,

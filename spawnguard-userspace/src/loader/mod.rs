@@ -34,7 +34,7 @@ pub use pins::{
     installed_policy_side, open_installed, open_pinned, other_layouts, pin_dir, policy_side,
     DaemonState, PIN_ROOT, RUN_DIR, STATE_FILE,
 };
-pub use policy_maps::{breaker_limits, name_of, place_types, PlacedType};
+pub use policy_maps::{breaker_limits, host_limits, name_of, place_types, type_limits, PlacedType};
 pub use uninstall::uninstall;
 pub use verifier::{
     verifier_steps, ProgramSteps, StepsError, StepsFrom, VerifierSteps, VERIFIED_INSNS_KERNEL,

@@ -79,7 +79,8 @@ fn warn_threshold(limit: u64, warn_at: f64) -> u64 {
     }
 }
 
-fn type_limits(policy: &Policy, index: usize) -> TypeLimits {
+/// The kernel form of a type's limits.
+pub fn type_limits(policy: &Policy, index: usize) -> TypeLimits {
     let t = &policy.types[index];
     let warn_at = policy.host.warn_at;
     let mut name = [0u8; TYPE_NAME_LEN];
@@ -148,7 +149,8 @@ pub fn breaker_limits(policy: &Policy, index: usize) -> BreakerLimits {
     }
 }
 
-fn host_limits(policy: &Policy) -> HostLimits {
+/// The kernel form of the host budget.
+pub fn host_limits(policy: &Policy) -> HostLimits {
     match policy.host.max_tasks {
         None => HostLimits::default(),
         Some(max) => HostLimits {
