@@ -410,7 +410,7 @@ fn drill_1_kill_9_loop() {
     });
     // The `created` map (instance directories' creation times, not slots) is reported, not
     // checked: removed respawn directories were seen to leave an entry or two behind (see
-    // RELIABILITY-drills-a.md, open finding).
+    // RELIABILITY.md, open finding).
     let created = |s: &Value| {
         map_entries(s)
             .into_iter()

@@ -1,4 +1,4 @@
-//! Reliability drills 3, 4 and 5 of issue 19 (figures in RELIABILITY-drills-b.md): cgroup
+//! Reliability drills 3, 4 and 5 of issue 19 (figures in RELIABILITY.md): cgroup
 //! churn, the kernel maps at capacity, and an event flood with a reader that stops.
 //!
 //! CI runs them CI-sized in the first host pass only (the emulated-atomics pass and the guests

@@ -1,7 +1,7 @@
 //! Drill 6 of issue 19, socket abuse, against a real daemon: a silent client, oversized, deeply
 //! nested and non-UTF-8 requests, 1,000 clients at once, non-root peers, an unsafe run
 //! directory, and policy files a non-root user could change (at start and on reload). Each
-//! check prints its figure (`FIGURE ...`) for RELIABILITY-socket.md.
+//! check prints its figure (`FIGURE ...`) for RELIABILITY.md.
 //!
 //! The socket's limits do not depend on the programs loaded: this runs in the first host pass
 //! only (the second, `SPAWNGUARD_EMULATED_ATOMICS=1`, skips it) and not in the guests.

@@ -1,7 +1,7 @@
 //! `cargo xtask fuzz`: the cargo-fuzz (libFuzzer) targets of `fuzz/`, built once with
 //! AddressSanitizer (rustup's stable rustc with `RUSTC_BOOTSTRAP=1`: Debian's rustc, which
 //! builds the eBPF object, has no ASan runtime), then each run for a bounded time with a
-//! malloc limit. `cargo xtask test` runs each for `CI_SECONDS`. RELIABILITY-fuzz.md has the
+//! malloc limit. `cargo xtask test` runs each for `CI_SECONDS`. RELIABILITY.md has the
 //! figures.
 
 use std::{
