@@ -12,8 +12,9 @@
 //! controller and stress-ng, at 1, 1,000 and 10,000 instances registered (`--scales`).
 //!
 //!   sg-bench [--rounds N (default 7)] [--backend LIST (lsm,kill,kill-compat; default both kill
-//!            backends)] [--only overhead|scrape|decisions|pids|stress] [--scales 1,1000,10000]
+//!            backends)] [--only overhead|scrape|decisions|pids|stress|soak] [--scales 1,1000,10000]
 //!            [--no-pids (decisions without the pids controller's anchor)] [--types N (default 3)]
+//!            [--minutes M --instances N (soak: src/bench/soak.rs; default 30 and 10,000)]
 //!   sg-bench measure            (internal: one measurement, printed as key=value)
 //!   sg-bench work KIND N ARG    (internal: a decisions worker)
 
@@ -23,6 +24,8 @@ use std::{fs, path::Path, process::Command, time::Instant};
 mod decisions;
 #[path = "../bench/live.rs"]
 mod live;
+#[path = "../bench/soak.rs"]
+mod soak;
 
 use spawnguard_tests::{
     bomb_bin, cgroup2_mount, http_get, policy, series_count, spawnguard_bin, CgroupTree, Daemon,
@@ -463,6 +466,12 @@ fn main() {
             return;
         }
         Some("pids") => return decisions::pids_anchor(rounds),
+        Some("soak") => {
+            let minutes = flag("--minutes").map_or(30.0, |m| m.parse().expect("--minutes M"));
+            let instances =
+                flag("--instances").map_or(10_000, |n| n.parse().expect("--instances N"));
+            return soak::bench(minutes, instances);
+        }
         Some("stress") => {
             for b in &backends {
                 decisions::stress_ratio(b, rounds);
