@@ -631,6 +631,36 @@ pub fn report_value(out: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key}= in {out:?}"))
 }
 
+/// CLOCK_MONOTONIC in ns: the clock `Instant` reads, as a number processes can share (the
+/// bombs' shared deadlines and ledgers).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The first value from `rx` that `what` accepts, within `timeout` (None when the sender
+/// hangs up or the time is over).
+pub fn first_matching<T>(
+    rx: &std::sync::mpsc::Receiver<T>,
+    timeout: Duration,
+    what: impl Fn(&T) -> bool,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(v) if what(&v) => return Some(v),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
 /// Polls `f` until it holds or `timeout` passes; returns whether it held.
 pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

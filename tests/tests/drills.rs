@@ -46,17 +46,6 @@ fn drills_run_here() -> bool {
     true
 }
 
-/// CLOCK_MONOTONIC in ns, the clock sg-bomb's ledger uses.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// A small xorshift generator: the drills' random moments, repeatable from the printed seed.
 struct Rng(u64);
 

@@ -161,15 +161,7 @@ fn follow_events() -> (Reaped, Receiver<Value>) {
 
 /// The first event `what` accepts, within 30 s.
 fn find_event(rx: &Receiver<Value>, what: impl Fn(&Value) -> bool) -> Option<Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok(v) if what(&v) => return Some(v),
-            Ok(_) => {}
-            Err(_) => return None,
-        }
-    }
-    None
+    first_matching(rx, Duration::from_secs(30), what)
 }
 
 fn wait_state(what: &str, mut f: impl FnMut(&Value) -> bool) -> Value {

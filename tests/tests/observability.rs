@@ -263,15 +263,7 @@ fn json_lines(child: &mut Child) -> std::sync::mpsc::Receiver<Value> {
 }
 
 fn find(rx: &std::sync::mpsc::Receiver<Value>, what: impl Fn(&Value) -> bool) -> Option<Value> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok(v) if what(&v) => return Some(v),
-            Ok(_) => {}
-            Err(_) => return None,
-        }
-    }
-    None
+    first_matching(rx, Duration::from_secs(15), what)
 }
 
 #[test]

@@ -42,6 +42,7 @@
 //!                                           call) for HOLD_MS while the main thread waits in
 //!                                           pthread_join
 
+use spawnguard_tests::monotonic_ns;
 use std::{
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
@@ -123,17 +124,6 @@ enum Bomb {
     Fill,
     /// No back-off at all.
     Storm,
-}
-
-/// CLOCK_MONOTONIC in ns: the clock `Instant` reads, as a number processes can share.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn fork_bomb(deadline_ms: u64, cap: u64, hold_ms: u64, kind: Bomb) {
