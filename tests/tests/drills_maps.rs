@@ -555,7 +555,7 @@ fn drill_5_event_flood() {
     if !drill_runs() {
         return;
     }
-    let secs = size(15, 60);
+    let secs = size(10, 60);
     let (rel, tree) = test_type("flood");
     fs::create_dir_all(&tree.root).unwrap();
     let daemon = Daemon::start_with(&policy("fl", &rel, "max_tasks = 10"), &[]).unwrap();
@@ -648,7 +648,7 @@ fn drill_5_event_flood() {
         flood.as_secs_f64(),
         steady.len(),
     );
-    // Bounded in CI (its 15 s may end inside the warm-up on a loaded host); flat over the
+    // Bounded in CI (its 10 s may end inside the warm-up on a loaded host); flat over the
     // last third of the full minute.
     assert!(
         peak - start_rss < 16384.0,
