@@ -34,10 +34,7 @@ impl Backend for Fake {
     }
 
     fn breaker(&mut self, request: &Request) -> Result<BreakerAnswer> {
-        let (Request::BreakerOpen { type_name, .. }
-        | Request::BreakerClose { type_name }
-        | Request::BreakerReportFailure { type_name, .. }) = request
-        else {
+        let Some(type_name) = request.breaker_type() else {
             bail!("not a breaker request");
         };
         let Some((name, state)) = self.breakers.iter_mut().find(|(n, _)| n == type_name) else {

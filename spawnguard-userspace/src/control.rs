@@ -148,6 +148,18 @@ pub fn decode(line: &str) -> Result<Request> {
     serde_json::from_str::<Request>(line).map_err(|e| anyhow!("malformed request: {e}"))
 }
 
+impl Request {
+    /// The type a breaker request is about (None for the other requests).
+    pub fn breaker_type(&self) -> Option<&str> {
+        match self {
+            Request::BreakerOpen { type_name, .. }
+            | Request::BreakerClose { type_name }
+            | Request::BreakerReportFailure { type_name, .. } => Some(type_name),
+            _ => None,
+        }
+    }
+}
+
 /// Answers one request (all but `Events`, which the event task streams).
 pub fn dispatch(backend: &mut impl Backend, request: Request) -> Result<Value> {
     match request {

@@ -345,10 +345,7 @@ impl control::Backend for Owner<'_> {
     }
 
     fn breaker(&mut self, request: &Request) -> Result<BreakerAnswer> {
-        let (Request::BreakerOpen { type_name, .. }
-        | Request::BreakerClose { type_name }
-        | Request::BreakerReportFailure { type_name, .. }) = request
-        else {
+        let Some(type_name) = request.breaker_type() else {
             bail!("not a breaker request");
         };
         let before = crate::breaker::status(Some(type_name)).ok();

@@ -631,17 +631,9 @@ pub fn report_value(out: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key}= in {out:?}"))
 }
 
-/// CLOCK_MONOTONIC in ns: the clock `Instant` reads, as a number processes can share (the
-/// bombs' shared deadlines and ledgers).
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+/// CLOCK_MONOTONIC in ns, as a number processes can share (the bombs' shared deadlines and
+/// ledgers): the daemon library's own reading.
+pub use spawnguard::host::monotonic_ns;
 
 /// The first value from `rx` that `what` accepts, within `timeout` (None when the sender
 /// hangs up or the time is over).
