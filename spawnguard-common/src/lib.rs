@@ -598,7 +598,8 @@ pub struct TypeCounters {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GlobalCounters {
     pub events_dropped: u64,
-    /// Fail-open cases: the task was let through uncounted.
+    /// Fail-open cases: the task was let through uncounted. `processes_full` and `doomed_full`
+    /// also count the tasks refused because those maps were full (`EVENT_FAIL_CLOSED`).
     pub instances_full: u64,
     pub processes_full: u64,
     pub doomed_full: u64,
@@ -627,6 +628,9 @@ pub struct GlobalCounters {
 pub const SETTLE_INSTANCE: u64 = 0;
 /// Give back what a parked task (`RELEASING`, by task address) held: the task is gone.
 pub const SETTLE_RELEASE: u64 = 1;
+/// Remove the record of a process (`PROCESSES`, by tgid) that is gone, if it still counts no
+/// live task (`SETTLE_LIVE` otherwise): one the free hook never removed.
+pub const SETTLE_PROCESS: u64 = 2;
 
 /// What the `settle` program did with an instance entry (its return value).
 pub const SETTLE_DONE: u32 = 0;
@@ -654,6 +658,9 @@ codes! {
         /// A new instance was admitted (its first task counted; it holds a `max_instances`
         /// slot). `usage`/`limit` are the type's admitted instances and its ceiling.
         Admitted = 7 => "admitted",
+        /// A task refused because a map it needed was full (`reason`: the `FailOpen` code,
+        /// `processes_full` or `doomed_full`), in an instance already counted: its budget holds.
+        FailClosed = 8 => "fail_closed",
     }
 }
 
@@ -664,6 +671,7 @@ pub const EVENT_WARN: u32 = EventKind::Warn as u32;
 pub const EVENT_MAX_AGE: u32 = EventKind::MaxAge as u32;
 pub const EVENT_BREAKER: u32 = EventKind::Breaker as u32;
 pub const EVENT_ADMITTED: u32 = EventKind::Admitted as u32;
+pub const EVENT_FAIL_CLOSED: u32 = EventKind::FailClosed as u32;
 
 codes! {
     /// What the kernel saw when it made an event (`Event::cause`).

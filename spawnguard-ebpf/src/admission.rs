@@ -644,6 +644,22 @@ pub fn release_tasks(c: &Counters<'_>, tasks: u64, threads: u64, processes: u64)
     left
 }
 
+/// Counts tasks with no budget checked: the inverse of `release_tasks`, for an instance that
+/// holds tasks. A refused thread that cannot be marked as refused is counted so, for the instant
+/// it takes to stop it, so that its exit gives back only what it holds.
+#[inline(always)]
+pub fn charge_tasks(c: &Counters<'_>, tasks: u64, threads: u64, processes: u64) {
+    c.instance.fetch_add(tasks);
+    if threads > 0 {
+        c.threads.fetch_add(threads);
+    }
+    if processes > 0 {
+        c.processes.fetch_add(processes);
+    }
+    c.type_tasks.fetch_add(tasks);
+    c.host_tasks.fetch_add(tasks);
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -975,6 +991,26 @@ mod tests {
         assert_eq!(r.refusal, Some(Refusal::MaxTasks));
         assert!(r.counted);
         assert_eq!((f.tasks(), f.get(2)), (2, 1));
+    }
+
+    /// A refused thread that cannot be marked is charged past the budget and stopped: its
+    /// exit, and its process's, give back exactly what was taken, and the instance closes.
+    #[test]
+    fn a_thread_charged_past_its_budget_is_given_back_by_its_exit() {
+        let f = Fixture::new();
+        let c = f.counters();
+        let b = budget(2, 10, true);
+        assert!(admit(&c, &b, &FORK).counted);
+        assert!(admit(&c, &b, &THREAD).counted);
+        assert!(!admit(&c, &b, &THREAD).counted, "at its budget");
+        charge_tasks(&c, 1, 1, 0);
+        assert_eq!(f.tasks(), 3, "counted past the budget until it is stopped");
+        assert!(!admit(&c, &b, &THREAD).counted, "still refusing meanwhile");
+        assert!(!release_tasks(&c, 1, 1, 0).closed);
+        assert!(!release_tasks(&c, 1, 1, 0).closed);
+        let last = release_tasks(&c, 1, 0, 1);
+        assert!(last.closed && !last.drift, "{last:?}");
+        assert!((0..7).filter(|&i| i != 3).all(|i| f.get(i) == 0));
     }
 
     #[test]

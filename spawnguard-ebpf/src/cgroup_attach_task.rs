@@ -12,8 +12,9 @@ use spawnguard_ebpf::{release_tasks, Admission, Refusal, Request};
 use crate::{
     kernel::{self, Cgroup, Task},
     state::{
-        abandon_probe, admit_task, budget, counters, doom, fail_open, instance, needs_doom, now,
-        past_max_age, place, record, stop_process, type_counters, Report, INSTANCES, PROCESSES,
+        abandon_probe, admit_task, budget, condemn, counters, doom, fail_closed, fail_open,
+        instance, needs_doom, now, past_max_age, place, record, stop_process, type_counters,
+        Report, INSTANCES, PROCESSES,
     },
 };
 
@@ -111,17 +112,39 @@ pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
             live,
         };
         if PROCESSES.insert(&tgid, &rec, BPF_ANY as u64).is_err() {
-            release_tasks(&c, live, live - 1, 1);
-            abandon_probe(&report);
-            fail_open(FAIL_PROCESSES_FULL, &report);
+            if release_tasks(&c, live, live - 1, 1).closed {
+                // It opened the instance: a new instance runs uncounted (as when the instance
+                // map is full).
+                abandon_probe(&report);
+                fail_open(FAIL_PROCESSES_FULL, &report);
+                return 0;
+            }
+            // An instance already counted stays held: the process is refused as a move past
+            // the budget is (an agent that fills the map must not lift its own budget).
+            if needs_doom(false)
+                && !doom(task, pid, tgid, p.instance)
+                && !condemn(task, tgid, p.instance)
+            {
+                fail_open(FAIL_PROCESSES_FULL, &report);
+                return 0;
+            }
+            fail_closed(FAIL_PROCESSES_FULL, &report);
+            if !stop_process(task) {
+                fail_open(spawnguard_common::FAIL_KILL, &report);
+            }
             return 0;
         }
         if let Some(tc) = type_counters(p.type_idx) {
             tc.migrations_in += 1;
         }
     } else if !adm.contended && needs_doom(false) && !doom(task, pid, tgid, p.instance) {
-        fail_open(FAIL_DOOMED_FULL, &report);
-        return 0;
+        // DOOMED is full. A process needs no mark there (its record is gone, so its exit gives
+        // back nothing): condemned, it is stopped all the same.
+        if !condemn(task, tgid, p.instance) {
+            fail_open(FAIL_DOOMED_FULL, &report);
+            return 0;
+        }
+        fail_closed(FAIL_DOOMED_FULL, &report);
     }
     record(&adm, &b, &c, &report);
     if !adm.counted && !adm.contended && !stop_process(task) {

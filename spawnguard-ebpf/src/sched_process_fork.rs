@@ -9,15 +9,15 @@ use spawnguard_common::{
     FAIL_DOOMED_FULL, FAIL_INSTANCES_FULL, FAIL_PROCESSES_FULL, FAIL_READ_ERROR, PENDING_COUNTED,
     PENDING_THREAD,
 };
-use spawnguard_ebpf::{classify, release_tasks, TaskKind};
+use spawnguard_ebpf::{charge_tasks, classify, release_tasks, TaskKind};
 
 use crate::{
     kernel::{self, Task},
     state::{
-        abandon_probe, admit_process, admit_thread, admit_thread_anyway, backend, budget, counters,
-        doom, fail_open, hold_refused, instance, mark_uncounted, needs_doom, place, process_live,
-        record, release_pending, stop_new_task, type_counters, Report, CONDEMNED, DOOMED,
-        INSTANCES, PENDING, PROCESSES,
+        abandon_probe, admit_process, admit_thread, admit_thread_anyway, backend, budget, condemn,
+        counters, doom, fail_closed, fail_open, hold_refused, instance, mark_uncounted, needs_doom,
+        place, process_live, record, release_pending, stop_new_task, stop_with_kfunc,
+        type_counters, Report, CONDEMNED, DOOMED, INSTANCES, PENDING, PROCESSES,
     },
 };
 
@@ -125,11 +125,14 @@ fn settle_pending(p: &PendingTask, child: Task, pid: u32, tgid: u32) -> bool {
         };
         if PROCESSES.insert(&tgid, &rec, BPF_ANY as u64).is_err() {
             // Uncountable at exit, so not counted now.
-            release_pending(p);
-            fail_open(
-                FAIL_PROCESSES_FULL,
-                &report(CAUSE_FORK, p.type_idx, p.instance, pid),
-            );
+            let r = report(CAUSE_FORK, p.type_idx, p.instance, pid);
+            if release_pending(p) {
+                // It opened its instance: a new instance runs uncounted (as when the
+                // instance map is full).
+                fail_open(FAIL_PROCESSES_FULL, &r);
+            } else {
+                refuse_unrecorded(child, pid, tgid, INSTANCES.get_ptr_mut(&p.instance), &r);
+            }
             return true;
         }
         if let Some(tc) = type_counters(p.type_idx) {
@@ -160,13 +163,28 @@ fn new_thread(child: Task, pid: u32, tgid: u32) {
     let mut adm = admit_thread(&c, &b, state, &r);
     // The thread's process is counted, so its exit will be uncounted unless DOOMED says
     // otherwise: a thread that is neither counted nor doomed would make the counts drift.
-    // Fail open instead: count it after all, or mark it uncounted.
-    if adm.contended || (!adm.counted && !doom(child, pid, tgid, inst)) {
-        let why = if adm.contended {
-            FAIL_CONTENDED
+    let mut why = FAIL_CONTENDED;
+    if !adm.counted && !adm.contended && !doom(child, pid, tgid, inst) {
+        // Refused, and DOOMED (or CONDEMNED) is full. Stopped all the same, ending its process
+        // as any refused thread does with the kill backends (an agent that fills the map must
+        // not lift its own budget): counted with no check for the instant that takes, so its
+        // exit gives back only what it holds.
+        if stop_with_kfunc() || condemn(child, tgid, inst) {
+            // (`doom` makes a mark before it finds CONDEMNED full.)
+            if DOOMED.get_ptr(&pid).is_some() {
+                let _ = DOOMED.remove(&pid);
+            }
+            charge_tasks(&c, 1, 1, 0);
+            process_live(rec).fetch_add(1);
+            fail_closed(FAIL_DOOMED_FULL, &r);
         } else {
-            FAIL_DOOMED_FULL
-        };
+            why = FAIL_DOOMED_FULL;
+            adm.contended = true;
+        }
+    }
+    // Contended, or refused where it cannot be stopped: fail open, count it after all, or
+    // mark it uncounted.
+    if adm.contended {
         fail_open(why, &r);
         adm = admit_thread_anyway(&c, &b, state, &r);
         if !adm.counted {
@@ -220,17 +238,26 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
         if PROCESSES.insert(&tgid, &rec, BPF_ANY as u64).is_err() {
             // Uncountable at exit, so not counted now.
             if release_tasks(&c, 1, 0, 1).closed {
+                // It opened its instance: a new instance runs uncounted (as when the
+                // instance map is full).
                 abandon_probe(&r);
+                fail_open(FAIL_PROCESSES_FULL, &r);
+            } else {
+                refuse_unrecorded(child, pid, tgid, Some(state), &r);
             }
-            fail_open(FAIL_PROCESSES_FULL, &r);
             return;
         }
         if let Some(tc) = type_counters(placement.type_idx) {
             tc.forks_allowed += 1;
         }
     } else if !adm.contended && needs_doom(false) && !doom(child, pid, tgid, placement.instance) {
-        fail_open(FAIL_DOOMED_FULL, &r);
-        return;
+        // DOOMED is full. A process needs no mark there (it has no record, so its exit gives
+        // back nothing): condemned, it is stopped all the same.
+        if !condemn(child, tgid, placement.instance) {
+            fail_open(FAIL_DOOMED_FULL, &r);
+            return;
+        }
+        fail_closed(FAIL_DOOMED_FULL, &r);
     }
     record(&adm, &b, &c, &r);
     if !adm.counted && !adm.contended {
@@ -239,5 +266,32 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
         } else {
             fail_open(spawnguard_common::FAIL_KILL, &r);
         }
+    }
+}
+
+/// A new process in an instance already counted that the full process map cannot record: it is
+/// refused (an agent that fills the map must not lift its own budget), and stopped as a refused
+/// process is. Runs, uncounted, only if it cannot be stopped.
+#[inline(always)]
+fn refuse_unrecorded(
+    child: Task,
+    pid: u32,
+    tgid: u32,
+    state: Option<*mut spawnguard_common::InstanceState>,
+    r: &Report,
+) {
+    // Without the kfunc `sys_exit` kills it: condemned (a process needs no DOOMED mark).
+    if needs_doom(false) && !doom(child, pid, tgid, r.instance) && !condemn(child, tgid, r.instance)
+    {
+        fail_open(FAIL_PROCESSES_FULL, r);
+        return;
+    }
+    fail_closed(FAIL_PROCESSES_FULL, r);
+    if !stop_new_task(child) {
+        fail_open(spawnguard_common::FAIL_KILL, r);
+        return;
+    }
+    if let Some(state) = state {
+        hold_refused(child, state, r);
     }
 }

@@ -138,7 +138,7 @@ pub fn backend() -> u32 {
 }
 
 #[inline(always)]
-fn stop_with_kfunc() -> bool {
+pub fn stop_with_kfunc() -> bool {
     // SAFETY: as for `backend`.
     unsafe { core::ptr::read_volatile(&raw const STOP_WITH_KFUNC) != 0 }
 }
@@ -517,6 +517,20 @@ pub fn settle(id: u64) -> u32 {
     if let Some(g) = global_counters() {
         g.settled += 1;
     }
+    SETTLE_DONE
+}
+
+/// Removes the record of a gone process (the daemon saw no such pid at two sweeps in a row) if
+/// it still counts no live task. A new process with that pid has a record with a live task
+/// (the fork hook drops the old one first), which stays.
+pub fn settle_process(tgid: u32) -> u32 {
+    let Some(rec) = PROCESSES.get_ptr_mut(&tgid) else {
+        return SETTLE_GONE;
+    };
+    if process_live(rec).load() != 0 {
+        return SETTLE_LIVE;
+    }
+    let _ = PROCESSES.remove(&tgid);
     SETTLE_DONE
 }
 
@@ -958,6 +972,22 @@ pub fn past_max_age(state: *mut InstanceState, type_idx: u32, r: &Report) -> boo
 /// Reports a task let through uncounted because the kernel side could not account for it.
 #[inline(always)]
 pub fn fail_open(reason: u32, r: &Report) {
+    count_failure(reason);
+    emit(EVENT_FAIL_OPEN, reason, r, 0, 0);
+}
+
+/// Reports a task refused because a map it needed (`reason`: `FAIL_PROCESSES_FULL`,
+/// `FAIL_DOOMED_FULL`) was full, in an instance already counted: letting it through would lift
+/// that instance's budget, and agents together can fill a map (DESIGN: no fail-open an agent
+/// can provoke). Counted with that map's fail-opens.
+#[inline(always)]
+pub fn fail_closed(reason: u32, r: &Report) {
+    count_failure(reason);
+    emit(spawnguard_common::EVENT_FAIL_CLOSED, reason, r, 0, 0);
+}
+
+#[inline(always)]
+fn count_failure(reason: u32) {
     if let Some(g) = global_counters() {
         match reason {
             spawnguard_common::FAIL_INSTANCES_FULL => g.instances_full += 1,
@@ -968,7 +998,6 @@ pub fn fail_open(reason: u32, r: &Report) {
             _ => g.read_errors += 1,
         }
     }
-    emit(EVENT_FAIL_OPEN, reason, r, 0, 0);
 }
 
 /// Not inlined: one copy of the ring-buffer write as a BPF subprogram, not one per call site
@@ -1082,17 +1111,18 @@ pub fn needs_doom(thread: bool) -> bool {
     thread || !stop_with_kfunc()
 }
 
-/// Gives back what `task_alloc` charged for a task that will never run.
+/// Gives back what `task_alloc` charged for a task that will never run. Returns whether that
+/// closed its instance (it held no other task).
 #[inline(always)]
-pub fn release_pending(p: &PendingTask) {
+pub fn release_pending(p: &PendingTask) -> bool {
     if p.flags & spawnguard_common::PENDING_COUNTED == 0 {
-        return;
+        return false;
     }
     let Some(state) = INSTANCES.get_ptr_mut(&p.instance) else {
-        return;
+        return false;
     };
     let Some(c) = counters(state, p.type_idx) else {
-        return;
+        return false;
     };
     let thread = p.flags & spawnguard_common::PENDING_THREAD != 0;
     let (threads, processes) = if thread { (1, 0) } else { (0, 1) };
@@ -1108,4 +1138,5 @@ pub fn release_pending(p: &PendingTask) {
         };
         abandon_probe(&r);
     }
+    left.closed
 }

@@ -169,6 +169,18 @@ pub fn describe(ev: &Event, names: &mut Names) -> String {
             comm(ev),
             ev.target_pid
         ),
+        EventKind::FailClosed => {
+            let map = match FailOpen::from_u32(ev.reason) {
+                Some(FailOpen::DoomedFull) => "doomed-task",
+                _ => "process",
+            };
+            format!(
+                "failed closed: {what} of pid {} ({}) in {instance} (type {type_name}) refused \
+                 because the {map} map is full; the instance is counted, so its budget holds",
+                ev.pid,
+                comm(ev)
+            )
+        }
         EventKind::FailOpen => {
             let why = match FailOpen::from_u32(ev.reason) {
                 Some(FailOpen::InstancesFull) => "the instance map is full",
@@ -251,7 +263,8 @@ pub struct EventRecord {
     pub schema: u32,
     /// Wall-clock time of the kernel's decision (RFC 3339, UTC, milliseconds).
     pub time: String,
-    /// denied, audit_denied, admitted, warn, breaker, max_age, fail_open; and `lagged` (a
+    /// denied, audit_denied, admitted, warn, breaker, max_age, fail_open, fail_closed; and
+    /// `lagged` (a
     /// follower too slow for the stream: `usage` events were skipped for it).
     pub kind: String,
     /// The agent type (absent when the task was not placed in a type).
@@ -263,7 +276,8 @@ pub struct EventRecord {
     /// What the kernel saw: fork (new process), thread, migration, exit.
     pub cause: String,
     /// denied/audit_denied/warn: the budget (max_tasks, fork_rate, ...); fail_open: why;
-    /// breaker: what caused the transition.
+    /// fail_closed: the full map (processes_full, doomed_full); breaker: what caused the
+    /// transition.
     pub reason: Option<String>,
     /// Usage and limit of that budget at the moment of the decision (denied, warn, admitted).
     pub usage: Option<u64>,
@@ -357,7 +371,7 @@ impl EventRecord {
                 r.usage = Some(ev.usage);
                 r.limit = Some(ev.limit);
             }
-            Some(EventKind::FailOpen) => {
+            Some(EventKind::FailOpen | EventKind::FailClosed) => {
                 // An unknown code reads as the catch-all.
                 let why = FailOpen::from_u32(ev.reason).unwrap_or(FailOpen::ReadError);
                 r.reason = Some(why.name().to_owned());
@@ -736,5 +750,31 @@ mod tests {
         assert_eq!(v["cause"], "fork");
         assert_eq!(v["instance"], "cgroup id 42");
         assert!(v["time"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn a_refusal_for_a_full_map_names_the_map() {
+        let ev = Event {
+            ts_ns: monotonic_ns(),
+            instance: 42,
+            kind: spawnguard_common::EVENT_FAIL_CLOSED,
+            reason: spawnguard_common::FAIL_PROCESSES_FULL,
+            cause: CAUSE_FORK,
+            pid: 7,
+            tgid: 7,
+            target_pid: 8,
+            backend: BACKEND_KILL,
+            ..Event::default()
+        };
+        let r = EventRecord::from_event(&ev, &mut Names::new(vec![]));
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["kind"], "fail_closed");
+        assert_eq!(v["reason"], "processes_full");
+        let m = v["message"].as_str().unwrap();
+        assert!(
+            m.starts_with("failed closed: ")
+                && m.contains(" refused because the process map is full;"),
+            "{m}"
+        );
     }
 }

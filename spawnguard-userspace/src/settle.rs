@@ -3,9 +3,13 @@
 //! lock (kernels before 5.12: a lock holder's vCPU descheduled), the first task was refused, the
 //! processes moved out — the entry stays. And an exited task's charge is given back when the
 //! kernel frees the task; a few were seen never given back on a loaded host (the cause is not
-//! found). Every `SWEEP` the daemon reads both maps; what it finds at two sweeps in a row — an
-//! entry with no task and none waiting to be released, a charge whose task is gone (reaped, or
-//! its pid taken by a later task) — the kernel program `settle` gives back (run through
+//! found). A process record the free hook should have removed was seen too (after daemon kills
+//! during an install): it holds no count, but an entry of the process map, and a full process
+//! map refuses new processes in counted instances. Every `SWEEP` the daemon reads the instance
+//! and release maps (the process map every `PROCESS_SWEEPS`); what it finds at two sweeps in a
+//! row — an entry with no task and none waiting to be released, a charge whose task is gone
+//! (reaped, or its pid taken by a later task), a record with no live task whose process is
+//! gone — the kernel program `settle` gives back (run through
 //! `BPF_PROG_TEST_RUN`, with the same compare-and-swap as the hooks, so a task entering
 //! meanwhile wins, and removing the parked charge first, so it is never given back twice).
 //! While the daemon is down these wait.
@@ -17,20 +21,25 @@ use std::{
 };
 
 use aya::programs::{ProgramFd, RawTracePoint};
-use spawnguard_common::{InstanceState, SETTLE_BUSY, SETTLE_DONE, SETTLE_INSTANCE, SETTLE_RELEASE};
+use spawnguard_common::{
+    InstanceState, SETTLE_BUSY, SETTLE_DONE, SETTLE_INSTANCE, SETTLE_PROCESS, SETTLE_RELEASE,
+};
 use spawnguard_ebpf::{word_tasks, OPENING, RECLAIMING};
 
 use crate::{condemned, loader, mapbatch, pinned};
 
 /// How often the entries are read.
 const SWEEP: Duration = Duration::from_secs(1);
+/// The process map (up to 65,536 entries) is read every this many sweeps.
+const PROCESS_SWEEPS: u64 = 5;
 
 /// Every `SWEEP`: settles what was left behind at the previous sweep and still is.
 pub async fn watch() -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(SWEEP);
     let (mut empty_before, mut gone_before) = (HashSet::new(), HashSet::new());
+    let mut dead_before = HashSet::new();
     let mut program: Option<SettleProgram> = None;
-    loop {
+    for sweep in 0u64.. {
         tick.tick().await;
         let (empty, gone) = match (empty_entries(), gone_tasks()) {
             (Ok(e), Ok(g)) => (e, g),
@@ -39,7 +48,7 @@ pub async fn watch() -> anyhow::Result<()> {
                 continue;
             }
         };
-        let due: Vec<[u64; 3]> = empty
+        let mut due: Vec<[u64; 3]> = empty
             .intersection(&empty_before)
             .map(|id| [SETTLE_INSTANCE, *id, 0])
             .chain(
@@ -48,6 +57,18 @@ pub async fn watch() -> anyhow::Result<()> {
             )
             .collect();
         (empty_before, gone_before) = (empty, gone);
+        if sweep % PROCESS_SWEEPS == 0 {
+            match dead_processes() {
+                Ok(dead) => {
+                    due.extend(
+                        dead.intersection(&dead_before)
+                            .map(|&tgid| [SETTLE_PROCESS, u64::from(tgid), 0]),
+                    );
+                    dead_before = dead;
+                }
+                Err(e) => tracing::debug!("settle sweep of the process map: {e:#}"),
+            }
+        }
         if due.is_empty() {
             continue;
         }
@@ -61,11 +82,12 @@ pub async fn watch() -> anyhow::Result<()> {
             }
         }
         let Some(p) = &program else { continue };
-        let (mut entries, mut released, mut busy) = (0, 0, 0);
+        let (mut entries, mut released, mut records, mut busy) = (0, 0, 0, 0);
         for args in due {
             let (what, key) = (args[0], args[1]);
             match p.run(args) {
                 Ok(SETTLE_DONE) if what == SETTLE_RELEASE => released += 1,
+                Ok(SETTLE_DONE) if what == SETTLE_PROCESS => records += 1,
                 Ok(SETTLE_DONE) => entries += 1,
                 Ok(SETTLE_BUSY) => busy += 1,
                 Ok(_) => {}
@@ -82,10 +104,32 @@ pub async fn watch() -> anyhow::Result<()> {
                  never released by the kernel's free hook"
             );
         }
+        if records > 0 {
+            tracing::warn!(
+                "removed the records of {records} processes that were gone (no live task) but \
+                 never removed by the kernel's free hook"
+            );
+        }
         if entries + busy > 0 {
             tracing::debug!("settled {entries} empty instance entries ({busy} busy, retried)");
         }
     }
+    Ok(())
+}
+
+/// The tgids of the process records that count no live task and whose process is gone (no
+/// such pid: a zombie keeps its pid, and its record until it is reaped).
+fn dead_processes() -> anyhow::Result<HashSet<u32>> {
+    if !crate::host::in_host_pid_namespace() {
+        // The kernel records host pids: /proc here would name other tasks.
+        return Ok(HashSet::new());
+    }
+    let records = pinned::processes()?;
+    Ok(mapbatch::entries(&records)?
+        .into_iter()
+        .filter(|(tgid, r)| r.live == 0 && !std::path::Path::new(&format!("/proc/{tgid}")).exists())
+        .map(|(tgid, _)| tgid)
+        .collect())
 }
 
 /// The parked charges (task address, start time) whose task is gone: no such pid, or a pid that

@@ -62,18 +62,23 @@ impl Drop for Reaped {
     }
 }
 
-/// `sg-bomb hold MS`, moved into the cgroup `dir` before it execs (it writes its own pid to
-/// `cgroup.procs`, the migration hook counts it), so it is in the instance when this returns.
+/// `sg-bomb hold MS`, in the cgroup `dir` (see `start_in`).
 fn hold_in(dir: &Path, ms: u64) -> Child {
+    let mut cmd = Command::new(bomb_bin());
+    cmd.args(["hold", &ms.to_string()]);
+    start_in(dir, cmd)
+}
+
+/// Starts `cmd` moved into the cgroup `dir` before it execs (it writes its own pid to
+/// `cgroup.procs`, the migration hook counts it), so it is in the instance when this returns.
+fn start_in(dir: &Path, mut cmd: Command) -> Child {
     let procs = CString::new(
         dir.join("cgroup.procs")
             .into_os_string()
             .into_encoded_bytes(),
     )
     .unwrap();
-    let mut cmd = Command::new(bomb_bin());
-    cmd.args(["hold", &ms.to_string()])
-        .stdin(Stdio::null())
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     // SAFETY: between fork and exec the child only calls open, write and close on a path
@@ -93,7 +98,7 @@ fn hold_in(dir: &Path, ms: u64) -> Child {
             Ok(())
         });
     }
-    cmd.spawn().expect("start sg-bomb hold in its cgroup")
+    cmd.spawn().expect("start a process in its cgroup")
 }
 
 /// Removes a cgroup directory, retrying while a task in it is still exiting (EBUSY).
@@ -371,11 +376,12 @@ fn drill_4_instance_map_full() {
     );
 }
 
-/// Drill 4b: the process map full (shrunk to 64 by the test-only knob). A new process runs
-/// uncounted (`processes_full`: a counter and an event); an instance at its budget still
-/// refuses, and a bomb in a counted instance with one slot left is held to it. The price of
-/// failing open is seen too: in a counted instance below its budget, a new process cannot be
-/// recorded, so it runs uncounted (the README says so).
+/// Drill 4b: the process map full (shrunk to 64 by the test-only knob). A new instance's first
+/// process runs uncounted (`processes_full`: a counter and a `fail_open` event); an instance at
+/// its budget still refuses, and a bomb in a counted instance with one slot left is held to it.
+/// In a counted instance below its budget a process that cannot be recorded is refused (a
+/// `fail_closed` event): forked there, or moved in. The budget of an instance already counted
+/// holds, however the map was filled.
 #[test]
 fn drill_4_process_map_full() {
     if !drill_runs() {
@@ -434,11 +440,29 @@ fn drill_4_process_map_full() {
     let one_left_ran = report_value(&one_left, "ran");
     assert_eq!(one_left_ran, 1, "i0 passed its budget: {one_left}");
 
-    // The fail-open's price: i2 loses 2 holders (2 of 4), another instance takes the map's
-    // free entries (i0's storm has ended too), and a storm in i2 can no longer be recorded: it
-    // runs uncounted.
+    // Below its budget with the map full: i2 loses 2 holders (2 of 4) and gains a forker (3 of
+    // 4) that waits on a fifo; other instances take the map's free entries (i0's storm has
+    // ended too). Then a storm moving into i2, and the forker's 6 forks, cannot be recorded:
+    // refused, each of them, where failing open would have let them all run uncounted.
     holders[2].truncate(2);
     wait_state("i2 at 2 tasks", |s| map_use(s, "processes").0 <= CAP - 2);
+    let scratch = std::env::temp_dir().join(format!("sg-drill4b-{}", std::process::id()));
+    fs::create_dir_all(&scratch).unwrap();
+    let (fifo, ran_log) = (scratch.join("go"), scratch.join("ran"));
+    let fifo_c = CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o600) }, 0);
+    let mut forker = Command::new("/bin/sh");
+    forker.args([
+        "-c",
+        // Builtins only until the forks: the read blocks without forking. Each child that
+        // reaches its own code says so, then holds its task for 5 s (bounded).
+        r#"read go < "$1"; i=0; while [ $i -lt 6 ]; do (echo ran >> "$2"; exec sleep 5) & i=$((i+1)); done; wait"#,
+        "forker",
+    ]);
+    forker.arg(&fifo).arg(&ran_log);
+    // In i2 when this returns (it moved itself in before its exec).
+    let mut forker = Reaped(start_in(&tree.root.join("i2"), forker));
     // Holders in other instances (4 each) until the map is full again; a release still on
     // its way (i0's storm) frees one more entry later, so add one at a time.
     let mut added = 0;
@@ -455,29 +479,49 @@ fn drill_4_process_map_full() {
     });
     assert!(filled, "the process map never filled again: {}", status());
     let before = u(&status()["failed_open_by"]["processes_full"]);
-    let below = storm("cp", "i2", 3_000, 20, 200);
-    let below_ran = report_value(&below, "ran");
+    let (moved_in, moved_report) = try_storm("cp", "i2", 3_000, 20, 200);
+    assert!(
+        !moved_in && !moved_report.contains("ran="),
+        "a storm moved into i2 with the process map full: {moved_report}"
+    );
+    fs::write(&fifo, "go\n").unwrap();
+    let forker_done = wait_for(Duration::from_secs(30), || {
+        matches!(forker.0.try_wait(), Ok(Some(_)))
+    });
+    assert!(forker_done, "the forker did not end");
+    let ran = fs::read_to_string(&ran_log)
+        .unwrap_or_default()
+        .lines()
+        .count();
     let s = status();
     let full_after = u(&s["failed_open_by"]["processes_full"]);
+    let closed = find_event(&events, |e| {
+        e["kind"] == "fail_closed" && e["reason"] == "processes_full"
+    })
+    .expect("a fail_closed processes_full event");
+    let _ = fs::remove_dir_all(&scratch);
+    assert_eq!(ran, 0, "forks in i2 ran with the process map full");
     assert!(
-        full_after > before,
-        "uncounted processes without a counter: {s}"
+        full_after >= before + 7,
+        "7 refusals (1 move, 6 forks) not counted: {before} -> {full_after}: {s}"
     );
     println!(
         "drill process map full: capacity {CAP}, {} entries; new process: fail_open \
          processes_full (event: {}); instance at budget 4/4: the storm's process refused \
-         at the migration ({refused} denied); instance at 3/4: \
-         storm ran {one_left_ran}; instance at 2/4 with the map full: storm ran {below_ran} \
-         of 20 uncounted (processes_full {before} -> {full_after})",
+         at the migration ({refused} denied); instance at 3/4: storm ran {one_left_ran}; \
+         instance at 3/4 with the map full: a storm moving in refused, 6 forks refused, {ran} \
+         ran (fail_closed event: {}; processes_full {before} -> {full_after})",
         map_use(&s, "processes").0,
         event["message"].as_str().unwrap_or_default(),
+        closed["message"].as_str().unwrap_or_default(),
     );
     drop(extra);
 }
 
 /// Drill 4c: the doomed map full (one entry, by the test-only knob), under fork storms that
-/// are refused. A refused task that cannot be marked doomed runs uncounted (`doomed_full`: a
-/// counter and an event); the drill reports how far past its budget the storm got.
+/// are refused. A refused process that cannot be marked doomed is condemned all the same (it
+/// needs no mark): `doomed_full` counts it and a `fail_closed` event says so, and no storm
+/// passes its budget.
 #[test]
 fn drill_4_doomed_map_full() {
     if !drill_runs() {
@@ -511,10 +555,14 @@ fn drill_4_doomed_map_full() {
         most_ran = most_ran.max(report_value(&r, "ran"));
     }
     let event = find_event(&events, |e| {
-        e["kind"] == "fail_open" && e["reason"] == "doomed_full"
+        e["kind"] == "fail_closed" && e["reason"] == "doomed_full"
     })
-    .expect("a fail_open doomed_full event");
+    .expect("a fail_closed doomed_full event");
     let s = status();
+    assert!(
+        most_ran <= 4,
+        "a storm passed its budget of 4: {most_ran} ran"
+    );
     println!(
         "drill doomed map full: capacity 1; doomed_full x{} after {rounds} storm(s) in {:.1} s \
          (event: {}); most tasks that ran in one instance (budget 4): {most_ran}",

@@ -78,11 +78,25 @@ pub fn build(root: &Path) -> Result<()> {
     ] {
         cmd.env(var, built_object(root, object)?);
     }
+    // Into a log, not the terminal: `cargo xtask test` builds while its end-to-end suite runs.
+    std::fs::create_dir_all(target_dir(root))?;
+    let log_path = target_dir(root).join("build.log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    cmd.stdout(log.try_clone()?).stderr(log);
     let status = cmd
         .status()
         .context("running cargo fuzz (cargo xtask setup installs it)")?;
     if !status.success() {
-        bail!("building the fuzz targets failed: {status}");
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        for line in tail.into_iter().rev() {
+            eprintln!("{line}");
+        }
+        bail!(
+            "building the fuzz targets failed: {status} (log: {})",
+            log_path.display()
+        );
     }
     println!(
         "fuzz: built {} targets in {:.0} s",

@@ -586,9 +586,24 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         "spawnguard-tests",
     ]));
     // The fuzz targets, CI_SECONDS each (a crash fails the run and prints its input); not
-    // with a test-name filter.
-    let fuzzed = (unit.is_ok() && args.is_empty()).then(|| -> Result<Tally> {
-        let (passed, failed) = fuzz::fuzz(root, &[], fuzz::CI_SECONDS)?;
+    // with a test-name filter. Built and run beside the first end-to-end pass, which mostly
+    // waits on its bombs and daemons: its assertions wait for states, and it passes beside a
+    // CPU hog (`cargo xtask bench --suite-beside-hog`, RELIABILITY.md drill 8).
+    let fuzzing = (unit.is_ok() && args.is_empty()).then(|| {
+        let root = root.to_owned();
+        std::thread::spawn(move || fuzz::fuzz(&root, &[], fuzz::CI_SECONDS))
+    });
+    // End-to-end: real programs, real cgroups, real bombs. One daemon at a time, so serial.
+    // Against the binary that ships (the unit tests' build relinked it).
+    // The Debian package of that binary, for tests/tests/package.rs.
+    let e2e = unit.as_ref().ok().map(|_| {
+        let deb = package::package("1")?;
+        run_tests(e2e_suite(root, &[], args).env("SPAWNGUARD_DEB", deb))
+    });
+    let fuzzed = fuzzing.map(|h| -> Result<Tally> {
+        let (passed, failed) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("the fuzz thread panicked"))??;
         Ok(Tally { passed, failed })
     });
     let fuzz_failed = match &fuzzed {
@@ -599,13 +614,6 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         }
         None => false,
     };
-    // End-to-end: real programs, real cgroups, real bombs. One daemon at a time, so serial.
-    // Against the binary that ships (the unit tests' build relinked it).
-    // The Debian package of that binary, for tests/tests/package.rs.
-    let e2e = unit.as_ref().ok().map(|_| {
-        let deb = package::package("1")?;
-        run_tests(e2e_suite(root, &[], args).env("SPAWNGUARD_DEB", deb))
-    });
     // The files whose outcome depends on the kernel programs' counting, against the programs
     // kernels before 5.12 get (emulated atomics), on this host's real CPUs: in the 5.10 guest
     // both vCPUs share one host thread, races are tamer. The files about packaging, manifests,
