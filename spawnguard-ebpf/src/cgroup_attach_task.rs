@@ -12,9 +12,9 @@ use spawnguard_ebpf::{release_tasks, Admission, Refusal, Request};
 use crate::{
     kernel::{self, Cgroup, Task},
     state::{
-        abandon_probe, admit_task, budget, condemn, counters, doom, fail_closed, fail_open,
-        instance, needs_doom, now, past_max_age, place, record, stop_process, type_counters,
-        Report, INSTANCES, PROCESSES,
+        abandon_probe, admit_task, budget, condemn, counters, doom, fail_open, instance, map_full,
+        needs_doom, now, past_max_age, place, record, stop_process, type_counters, Report,
+        INSTANCES, PROCESSES,
     },
 };
 
@@ -112,26 +112,20 @@ pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
             live,
         };
         if PROCESSES.insert(&tgid, &rec, BPF_ANY as u64).is_err() {
-            if release_tasks(&c, live, live - 1, 1).closed {
-                // It opened the instance: a new instance runs uncounted (as when the instance
-                // map is full).
+            // It opened the instance: a new instance runs uncounted (as when the instance map
+            // is full). An instance already counted stays held: the process is refused as a
+            // move past the budget is (an agent that fills the map must not lift its own
+            // budget).
+            let opened = release_tasks(&c, live, live - 1, 1).closed;
+            if opened {
                 abandon_probe(&report);
-                fail_open(FAIL_PROCESSES_FULL, &report);
-                return 0;
             }
-            // An instance already counted stays held: the process is refused as a move past
-            // the budget is (an agent that fills the map must not lift its own budget).
-            if needs_doom(false)
-                && !doom(task, pid, tgid, p.instance)
-                && !condemn(task, tgid, p.instance)
-            {
-                fail_open(FAIL_PROCESSES_FULL, &report);
-                return 0;
-            }
-            fail_closed(FAIL_PROCESSES_FULL, &report);
-            if !stop_process(task) {
-                fail_open(spawnguard_common::FAIL_KILL, &report);
-            }
+            let stopped = !opened
+                && (!needs_doom(false)
+                    || doom(task, pid, tgid, p.instance)
+                    || condemn(task, tgid, p.instance))
+                && stop_process(task);
+            map_full(FAIL_PROCESSES_FULL, stopped, &report);
             return 0;
         }
         if let Some(tc) = type_counters(p.type_idx) {
@@ -140,11 +134,11 @@ pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
     } else if !adm.contended && needs_doom(false) && !doom(task, pid, tgid, p.instance) {
         // DOOMED is full. A process needs no mark there (its record is gone, so its exit gives
         // back nothing): condemned, it is stopped all the same.
-        if !condemn(task, tgid, p.instance) {
-            fail_open(FAIL_DOOMED_FULL, &report);
+        let condemned = condemn(task, tgid, p.instance);
+        map_full(FAIL_DOOMED_FULL, condemned, &report);
+        if !condemned {
             return 0;
         }
-        fail_closed(FAIL_DOOMED_FULL, &report);
     }
     record(&adm, &b, &c, &report);
     if !adm.counted && !adm.contended && !stop_process(task) {

@@ -15,7 +15,7 @@ use crate::{
     kernel::{self, Task},
     state::{
         abandon_probe, admit_process, admit_thread, admit_thread_anyway, backend, budget, condemn,
-        counters, doom, fail_closed, fail_open, hold_refused, instance, mark_uncounted, needs_doom,
+        counters, doom, fail_open, hold_refused, instance, map_full, mark_uncounted, needs_doom,
         place, process_live, record, release_pending, stop_new_task, stop_with_kfunc,
         type_counters, Report, CONDEMNED, DOOMED, INSTANCES, PENDING, PROCESSES,
     },
@@ -125,14 +125,24 @@ fn settle_pending(p: &PendingTask, child: Task, pid: u32, tgid: u32) -> bool {
         };
         if PROCESSES.insert(&tgid, &rec, BPF_ANY as u64).is_err() {
             // Uncountable at exit, so not counted now.
-            let r = report(CAUSE_FORK, p.type_idx, p.instance, pid);
-            if release_pending(p) {
-                // It opened its instance: a new instance runs uncounted (as when the
-                // instance map is full).
-                fail_open(FAIL_PROCESSES_FULL, &r);
-            } else {
-                refuse_unrecorded(child, pid, tgid, INSTANCES.get_ptr_mut(&p.instance), &r);
+            // It opened its instance: a new instance runs uncounted (as when the instance map
+            // is full). In an instance already counted it is refused.
+            let opened = release_pending(p);
+            let stopped = !opened && stop_unrecorded(child, pid, tgid, p.instance);
+            if stopped {
+                if let Some(state) = INSTANCES.get_ptr_mut(&p.instance) {
+                    hold_refused(
+                        child,
+                        state,
+                        &report(CAUSE_FORK, p.type_idx, p.instance, pid),
+                    );
+                }
             }
+            map_full(
+                FAIL_PROCESSES_FULL,
+                stopped,
+                &report(CAUSE_FORK, p.type_idx, p.instance, pid),
+            );
             return true;
         }
         if let Some(tc) = type_counters(p.type_idx) {
@@ -176,7 +186,7 @@ fn new_thread(child: Task, pid: u32, tgid: u32) {
             }
             charge_tasks(&c, 1, 1, 0);
             process_live(rec).fetch_add(1);
-            fail_closed(FAIL_DOOMED_FULL, &r);
+            map_full(FAIL_DOOMED_FULL, true, &r);
         } else {
             why = FAIL_DOOMED_FULL;
             adm.contended = true;
@@ -236,15 +246,18 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
             live: 1,
         };
         if PROCESSES.insert(&tgid, &rec, BPF_ANY as u64).is_err() {
-            // Uncountable at exit, so not counted now.
-            if release_tasks(&c, 1, 0, 1).closed {
-                // It opened its instance: a new instance runs uncounted (as when the
-                // instance map is full).
+            // Uncountable at exit, so not counted now. It opened its instance: a new instance
+            // runs uncounted (as when the instance map is full). In an instance already
+            // counted it is refused.
+            let opened = release_tasks(&c, 1, 0, 1).closed;
+            if opened {
                 abandon_probe(&r);
-                fail_open(FAIL_PROCESSES_FULL, &r);
-            } else {
-                refuse_unrecorded(child, pid, tgid, Some(state), &r);
             }
+            let stopped = !opened && stop_unrecorded(child, pid, tgid, placement.instance);
+            if stopped {
+                hold_refused(child, state, &r);
+            }
+            map_full(FAIL_PROCESSES_FULL, stopped, &r);
             return;
         }
         if let Some(tc) = type_counters(placement.type_idx) {
@@ -253,11 +266,11 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
     } else if !adm.contended && needs_doom(false) && !doom(child, pid, tgid, placement.instance) {
         // DOOMED is full. A process needs no mark there (it has no record, so its exit gives
         // back nothing): condemned, it is stopped all the same.
-        if !condemn(child, tgid, placement.instance) {
-            fail_open(FAIL_DOOMED_FULL, &r);
+        let condemned = condemn(child, tgid, placement.instance);
+        map_full(FAIL_DOOMED_FULL, condemned, &r);
+        if !condemned {
             return;
         }
-        fail_closed(FAIL_DOOMED_FULL, &r);
     }
     record(&adm, &b, &c, &r);
     if !adm.counted && !adm.contended {
@@ -269,29 +282,12 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
     }
 }
 
-/// A new process in an instance already counted that the full process map cannot record: it is
-/// refused (an agent that fills the map must not lift its own budget), and stopped as a refused
-/// process is. Runs, uncounted, only if it cannot be stopped.
+/// Stops a new process in an instance already counted that the full process map cannot record
+/// (an agent that fills the map must not lift its own budget), as a refused process is stopped.
+/// False when it cannot be: it then runs, uncounted.
 #[inline(always)]
-fn refuse_unrecorded(
-    child: Task,
-    pid: u32,
-    tgid: u32,
-    state: Option<*mut spawnguard_common::InstanceState>,
-    r: &Report,
-) {
+fn stop_unrecorded(child: Task, pid: u32, tgid: u32, instance: u64) -> bool {
     // Without the kfunc `sys_exit` kills it: condemned (a process needs no DOOMED mark).
-    if needs_doom(false) && !doom(child, pid, tgid, r.instance) && !condemn(child, tgid, r.instance)
-    {
-        fail_open(FAIL_PROCESSES_FULL, r);
-        return;
-    }
-    fail_closed(FAIL_PROCESSES_FULL, r);
-    if !stop_new_task(child) {
-        fail_open(spawnguard_common::FAIL_KILL, r);
-        return;
-    }
-    if let Some(state) = state {
-        hold_refused(child, state, r);
-    }
+    (!needs_doom(false) || doom(child, pid, tgid, instance) || condemn(child, tgid, instance))
+        && stop_new_task(child)
 }

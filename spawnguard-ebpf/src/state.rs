@@ -976,14 +976,21 @@ pub fn fail_open(reason: u32, r: &Report) {
     emit(EVENT_FAIL_OPEN, reason, r, 0, 0);
 }
 
-/// Reports a task refused because a map it needed (`reason`: `FAIL_PROCESSES_FULL`,
-/// `FAIL_DOOMED_FULL`) was full, in an instance already counted: letting it through would lift
-/// that instance's budget, and agents together can fill a map (DESIGN: no fail-open an agent
-/// can provoke). Counted with that map's fail-opens.
+/// Reports a task that needed an entry of a full map (`reason`: `FAIL_PROCESSES_FULL`,
+/// `FAIL_DOOMED_FULL`): refused (`closed`), in an instance already counted, since letting it
+/// through would lift that instance's budget and agents together can fill a map (DESIGN: no
+/// fail-open an agent can provoke); or let through uncounted. Counted with that map's
+/// fail-opens either way. One event call for both (each call site of `emit` is verified
+/// again, and 5.10's verifier walks each many times).
 #[inline(always)]
-pub fn fail_closed(reason: u32, r: &Report) {
+pub fn map_full(reason: u32, closed: bool, r: &Report) {
     count_failure(reason);
-    emit(spawnguard_common::EVENT_FAIL_CLOSED, reason, r, 0, 0);
+    let kind = if closed {
+        spawnguard_common::EVENT_FAIL_CLOSED
+    } else {
+        EVENT_FAIL_OPEN
+    };
+    emit(kind, reason, r, 0, 0);
 }
 
 #[inline(always)]
