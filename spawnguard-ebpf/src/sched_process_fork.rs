@@ -125,16 +125,24 @@ fn settle_pending(p: &PendingTask, child: Task, pid: u32, tgid: u32) -> bool {
         };
         if PROCESSES.insert(&tgid, &rec, BPF_ANY as u64).is_err() {
             // Uncountable at exit, so not counted now.
-            if release_pending(p) {
-                // It opened its instance: a new instance runs uncounted (as when the
-                // instance map is full).
-                fail_open(
-                    FAIL_PROCESSES_FULL,
-                    &report(CAUSE_FORK, p.type_idx, p.instance, pid),
-                );
-            } else {
-                refuse_without_entry(child, pid, tgid, p.instance, FAIL_PROCESSES_FULL);
+            // It opened its instance: a new instance runs uncounted (as when the instance map
+            // is full). In an instance already counted it is refused.
+            let opened = release_pending(p);
+            let stopped = !opened && stop_unrecorded(child, pid, tgid, p.instance);
+            if stopped {
+                if let Some(state) = INSTANCES.get_ptr_mut(&p.instance) {
+                    hold_refused(
+                        child,
+                        state,
+                        &report(CAUSE_FORK, p.type_idx, p.instance, pid),
+                    );
+                }
             }
+            map_full(
+                FAIL_PROCESSES_FULL,
+                stopped,
+                &report(CAUSE_FORK, p.type_idx, p.instance, pid),
+            );
             return true;
         }
         if let Some(tc) = type_counters(p.type_idx) {
@@ -238,23 +246,31 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
             live: 1,
         };
         if PROCESSES.insert(&tgid, &rec, BPF_ANY as u64).is_err() {
-            // Uncountable at exit, so not counted now.
-            if release_tasks(&c, 1, 0, 1).closed {
-                // It opened its instance: a new instance runs uncounted (as when the
-                // instance map is full).
+            // Uncountable at exit, so not counted now. It opened its instance: a new instance
+            // runs uncounted (as when the instance map is full). In an instance already
+            // counted it is refused.
+            let opened = release_tasks(&c, 1, 0, 1).closed;
+            if opened {
                 abandon_probe(&r);
-                fail_open(FAIL_PROCESSES_FULL, &r);
-            } else {
-                refuse_without_entry(child, pid, tgid, placement.instance, FAIL_PROCESSES_FULL);
             }
+            let stopped = !opened && stop_unrecorded(child, pid, tgid, placement.instance);
+            if stopped {
+                hold_refused(child, state, &r);
+            }
+            map_full(FAIL_PROCESSES_FULL, stopped, &r);
             return;
         }
         if let Some(tc) = type_counters(placement.type_idx) {
             tc.forks_allowed += 1;
         }
     } else if !adm.contended && needs_doom(false) && !doom(child, pid, tgid, placement.instance) {
-        refuse_without_entry(child, pid, tgid, placement.instance, FAIL_DOOMED_FULL);
-        return;
+        // DOOMED is full. A process needs no mark there (it has no record, so its exit gives
+        // back nothing): condemned, it is stopped all the same.
+        let condemned = condemn(child, tgid, placement.instance);
+        map_full(FAIL_DOOMED_FULL, condemned, &r);
+        if !condemned {
+            return;
+        }
     }
     record(&adm, &b, &c, &r);
     if !adm.counted && !adm.contended {
@@ -266,29 +282,12 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
     }
 }
 
-/// A new process refused after it exists without the entry its refusal needs: the process map
-/// cannot record it (`FAIL_PROCESSES_FULL`, in an instance already counted), or DOOMED cannot
-/// mark it (`FAIL_DOOMED_FULL`, refused by a budget). It is stopped as a refused process is: an
-/// agent that fills a map must not lift its own budget. A process needs no DOOMED mark (it has
-/// no record, so its exit gives back nothing): where the mark fails it is condemned alone. It
-/// runs, uncounted, only if it cannot be stopped. Counted under the map (`map_full`), not as
-/// the budget's denial. Not inlined: a rare path, and 5.10's verifier walked the rest of the
-/// program again after each inlined copy (the fork program nearly doubled there).
-#[inline(never)]
-fn refuse_without_entry(child: Task, pid: u32, tgid: u32, instance: u64, reason: u32) {
-    let state = INSTANCES.get_ptr_mut(&instance);
-    // SAFETY: live map value, plain read.
-    let type_idx = state.map_or(0, |s| unsafe { (*s).type_idx });
-    let r = report(CAUSE_FORK, type_idx, instance, pid);
-    // Without the kfunc `sys_exit` kills it: marked and condemned, or condemned alone.
-    let marked = !needs_doom(false)
-        || (reason == FAIL_PROCESSES_FULL && doom(child, pid, tgid, instance))
-        || condemn(child, tgid, instance);
-    let stopped = marked && stop_new_task(child);
-    if stopped {
-        if let Some(state) = state {
-            hold_refused(child, state, &r);
-        }
-    }
-    map_full(reason, stopped, &r);
+/// Stops a new process in an instance already counted that the full process map cannot record
+/// (an agent that fills the map must not lift its own budget), as a refused process is stopped.
+/// False when it cannot be: it then runs, uncounted.
+#[inline(always)]
+fn stop_unrecorded(child: Task, pid: u32, tgid: u32, instance: u64) -> bool {
+    // Without the kfunc `sys_exit` kills it: condemned (a process needs no DOOMED mark).
+    (!needs_doom(false) || doom(child, pid, tgid, instance) || condemn(child, tgid, instance))
+        && stop_new_task(child)
 }
