@@ -847,6 +847,7 @@ mod tests {
             EVENT_MAX_AGE,
             EVENT_BREAKER,
             EVENT_ADMITTED,
+            EVENT_FAIL_CLOSED,
         ];
         named_exactly(&kinds, EventKind::from_u32, EventKind::name, EventKind::ALL);
         for k in kinds {
