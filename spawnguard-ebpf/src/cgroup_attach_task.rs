@@ -12,9 +12,9 @@ use spawnguard_ebpf::{release_tasks, Admission, Refusal, Request};
 use crate::{
     kernel::{self, Cgroup, Task},
     state::{
-        abandon_probe, admit_task, budget, condemn, counters, doom, fail_open, instance, map_full,
-        needs_doom, now, past_max_age, place, record, stop_process, type_counters, Report,
-        INSTANCES, PROCESSES,
+        abandon_probe, admit_task, budget, condemn, condemn_refused_process, counters, doom,
+        fail_open, instance, map_full, needs_doom, now, past_max_age, place, record, stop_process,
+        type_counters, Report, INSTANCES, PROCESSES,
     },
 };
 
@@ -121,9 +121,7 @@ pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
                 abandon_probe(&report);
             }
             let stopped = !opened
-                && (!needs_doom(false)
-                    || doom(task, pid, tgid, p.instance)
-                    || condemn(task, tgid, p.instance))
+                && condemn_refused_process(task, pid, tgid, p.instance)
                 && stop_process(task);
             map_full(FAIL_PROCESSES_FULL, stopped, &report);
             return 0;

@@ -15,9 +15,9 @@ use crate::{
     kernel::{self, Task},
     state::{
         abandon_probe, admit_process, admit_thread, admit_thread_anyway, backend, budget, condemn,
-        counters, doom, fail_open, hold_refused, instance, map_full, mark_uncounted, needs_doom,
-        place, process_live, record, release_pending, stop_new_task, stop_with_kfunc,
-        type_counters, Report, CONDEMNED, DOOMED, INSTANCES, PENDING, PROCESSES,
+        condemn_refused_process, counters, doom, fail_open, hold_refused, instance, map_full,
+        mark_uncounted, needs_doom, place, process_live, record, release_pending, stop_new_task,
+        stop_with_kfunc, type_counters, Report, CONDEMNED, DOOMED, INSTANCES, PENDING, PROCESSES,
     },
 };
 
@@ -287,7 +287,5 @@ fn new_process(child: Task, pid: u32, tgid: u32) {
 /// False when it cannot be: it then runs, uncounted.
 #[inline(always)]
 fn stop_unrecorded(child: Task, pid: u32, tgid: u32, instance: u64) -> bool {
-    // Without the kfunc `sys_exit` kills it: condemned (a process needs no DOOMED mark).
-    (!needs_doom(false) || doom(child, pid, tgid, instance) || condemn(child, tgid, instance))
-        && stop_new_task(child)
+    condemn_refused_process(child, pid, tgid, instance) && stop_new_task(child)
 }

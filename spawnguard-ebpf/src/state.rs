@@ -1118,6 +1118,15 @@ pub fn needs_doom(thread: bool) -> bool {
     thread || !stop_with_kfunc()
 }
 
+/// Readies a refused process for `stop_new_task`/`stop_process`, even with DOOMED full: without
+/// the kfunc `sys_exit` kills it, so it is marked and condemned, or condemned alone (a process
+/// needs no DOOMED mark: it has no record, so its exit gives back nothing). False when even
+/// CONDEMNED is full: it then runs, uncounted.
+#[inline(always)]
+pub fn condemn_refused_process(task: Task, pid: u32, tgid: u32, instance: u64) -> bool {
+    !needs_doom(false) || doom(task, pid, tgid, instance) || condemn(task, tgid, instance)
+}
+
 /// Gives back what `task_alloc` charged for a task that will never run. Returns whether that
 /// closed its instance (it held no other task).
 #[inline(always)]
